@@ -1,0 +1,180 @@
+"""The inventory: the one typed, versioned contract between infra/ (who creates) and cluster/ (who uses)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cluster import state
+from cluster.errors import TrainrigError
+
+SCHEMA_VERSION = 1
+HOSTNAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataDisk(Strict):
+    device: str = Field(pattern=r"^/dev/[a-z0-9/]+$")
+    size_gb: int = Field(gt=0)
+
+
+class Node(Strict):
+    name: str = Field(pattern=HOSTNAME)
+    role: Literal["gpu", "storage"]
+    public_address: str = Field(min_length=1, description="address the operator's SSH reaches")
+    private_address: IPv4Address
+    ssh_port: int = Field(ge=1, le=65535)
+    host_key: str = Field(pattern=r"^(ssh-ed25519|ecdsa-sha2-nistp256|ssh-rsa) [A-Za-z0-9+/=]+$")
+    gpu_count: int = Field(ge=0)
+    gpu_model: str | None = None
+    cpus: int = Field(ge=1)
+    data_disks: list[DataDisk] = []
+    hourly_price_usd: float = Field(ge=0)
+
+
+class SharedStorage(Strict):
+    server: str = Field(description="name of the storage node that serves the share")
+    export: str = Field(pattern=r"^/")
+    mount_point: str = Field(pattern=r"^/")
+
+
+class Network(Strict):
+    name: str
+    cidr: IPv4Network
+
+
+class Retained(Strict):
+    """Something kept on purpose after `down` (data outlives compute)."""
+
+    kind: Literal["volume", "disk", "instance"]
+    name: str
+    hourly_price_usd: float = 0.0
+
+
+class Inventory(Strict):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    cluster: str = Field(pattern=state.CLUSTER_NAME.pattern)
+    cloud: Literal["local", "aws", "ibm"]
+    ssh_user: str = Field(min_length=1)
+    ssh_private_key: Path
+    nodes: list[Node] = []
+    storage: SharedStorage | None = None
+    network: Network | None = None
+    retained: list[Retained] = []
+    updated_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Inventory:
+        names = [n.name for n in self.nodes]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"node names must be unique, repeated: {', '.join(dupes)}")
+        if self.storage and self.nodes:
+            server = next((n for n in self.nodes if n.name == self.storage.server), None)
+            if server is None or server.role != "storage":
+                raise ValueError(f"storage.server {self.storage.server!r} is not a storage node")
+        if self.network:
+            outside = [n.name for n in self.nodes if n.private_address not in self.network.cidr]
+            if outside:
+                raise ValueError(f"nodes outside network {self.network.cidr}: {', '.join(outside)}")
+        return self
+
+    @property
+    def running(self) -> bool:
+        return bool(self.nodes)
+
+    @property
+    def gpu_nodes(self) -> list[Node]:
+        return [n for n in self.nodes if n.role == "gpu"]
+
+    @property
+    def storage_node(self) -> Node | None:
+        if self.storage is None:
+            return None
+        return next((n for n in self.nodes if n.name == self.storage.server), None)
+
+    def node(self, name: str) -> Node:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise TrainrigError(f"cluster {self.cluster!r} has no node {name!r}")
+
+    def known_hosts_lines(self) -> list[str]:
+        """Pinned host keys as the operator's ssh sees the nodes (public address and port)."""
+        return [f"{_host_pattern(n.public_address, n.ssh_port)} {n.host_key}" for n in self.nodes]
+
+    def hourly_cost_usd(self) -> float:
+        return sum(n.hourly_price_usd for n in self.nodes) + sum(r.hourly_price_usd for r in self.retained)
+
+
+def _host_pattern(address: str, port: int) -> str:
+    return address if port == 22 else f"[{address}]:{port}"
+
+
+def describe_errors(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{where}: {first['msg']}{more}"
+
+
+def parse(text: str, source: str) -> Inventory:
+    try:
+        return Inventory.model_validate_json(text)
+    except ValidationError as exc:
+        raise TrainrigError(f"invalid inventory {source}: {describe_errors(exc)}") from exc
+
+
+def path_for(cluster: str) -> Path:
+    return state.cluster_dir(cluster) / "inventory.json"
+
+
+def load(cluster: str) -> Inventory:
+    """The inventory of a named cluster, or a one-line error that says how to get one."""
+    path = path_for(cluster)
+    if not path.is_file():
+        known = state.known_clusters()
+        hint = f"known clusters: {', '.join(known)}" if known else "no clusters exist yet"
+        raise TrainrigError(f"no cluster named {cluster!r} ({hint}); create it with: fab up --name {cluster}")
+    return parse(path.read_text(), str(path))
+
+
+def load_file(path: Path) -> Inventory:
+    if not path.is_file():
+        raise TrainrigError(f"inventory file {path} does not exist")
+    return parse(path.read_text(), str(path))
+
+
+def save(inv: Inventory) -> Path:
+    path = path_for(inv.cluster)
+    state.write_atomic(path, inv.model_dump_json(indent=2) + "\n")
+    write_known_hosts(inv)
+    return path
+
+
+def write_known_hosts(inv: Inventory) -> Path:
+    path = known_hosts_path(inv.cluster)
+    state.write_atomic(path, "".join(line + "\n" for line in inv.known_hosts_lines()))
+    return path
+
+
+def known_hosts_path(cluster: str) -> Path:
+    return state.cluster_dir(cluster) / "known_hosts"
+
+
+def require_running(inv: Inventory) -> Inventory:
+    if not inv.running:
+        raise TrainrigError(f"cluster {inv.cluster!r} has no nodes running; start it with: fab up --name {inv.cluster}")
+    return inv
+
+
+def dumps(inv: Inventory) -> str:
+    return json.dumps(inv.model_dump(mode="json"), indent=2)

@@ -1,0 +1,50 @@
+"""Clouds behind one small interface, and the registry that picks one by name.
+
+Every backend implements the same five verbs:
+    create(request, board)   make the cluster's nodes, storage and network; return its inventory
+    wait_ready(inv, board)   block until every node answers SSH with its pinned host key
+    describe(cluster)        the inventory as the cloud sees it now
+    destroy(inv, purge)      remove compute (and storage when purge); return what remains
+    billable(cluster)        what the cloud's own listing still holds for the cluster
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cluster.errors import TrainrigError
+from cluster.inventory import Inventory
+from cluster.state import CLUSTER_NAME
+
+
+class ClusterRequest(BaseModel):
+    """What `up` asks a backend for; clouds add their own settings in later versions."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(pattern=CLUSTER_NAME.pattern)
+    cloud: str = "local"
+    gpu_nodes: int = Field(ge=1, le=16)
+    data_disk_gb: int = Field(default=2, ge=1, le=64)
+
+
+class Backend(Protocol):
+    name: str
+    capabilities: frozenset[str]
+
+    def create(self, request: ClusterRequest, board) -> Inventory: ...
+    def wait_ready(self, inv: Inventory, board) -> None: ...
+    def describe(self, cluster: str) -> Inventory: ...
+    def destroy(self, inv: Inventory, purge: bool) -> Inventory | None: ...
+    def billable(self, cluster: str) -> list[str]: ...
+
+
+REGISTRY = {"local": "infra.backends.local"}
+
+
+def get(cloud: str) -> Backend:
+    if cloud not in REGISTRY:
+        raise TrainrigError(f"cloud {cloud!r} is not supported by this version; choose one of: {', '.join(REGISTRY)}")
+    return importlib.import_module(REGISTRY[cloud]).BACKEND

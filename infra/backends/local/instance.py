@@ -1,0 +1,233 @@
+"""Local nodes as containers on a private Docker network of the cluster's own."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+from cluster import inventory as inventory_mod
+from cluster import keys, ssh, state
+from cluster.commands import run, wait_until
+from cluster.errors import TrainrigError
+from cluster.inventory import DataDisk, Inventory, Network, Node, Retained, SharedStorage
+from infra.backends import ClusterRequest
+from infra.backends.local import engine, image
+
+LABEL = "trainrig.cluster"
+SHARED_MOUNT = "/data"
+DISK_DEVICE = "/dev/xvdc"
+STORAGE_NODE = "storage"
+READY_TIMEOUT = 120
+
+# What lets systemd, loop devices and Docker-in-Docker work in a node without --privileged
+# (which this sandbox refuses): see shared/ENVIRONMENT.md.
+VM_OPTIONS = [
+    "--cap-add", "ALL", "--cap-drop", "SYS_RESOURCE",
+    "--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined",
+    "--security-opt", "systempaths=unconfined", "--cgroupns", "host",
+    "-v", "/sys/fs/cgroup:/sys/fs/cgroup:rw",
+    "--tmpfs", "/run", "--tmpfs", "/run/lock", "--stop-signal", "SIGRTMIN+3",
+]
+
+
+def network_name(cluster: str) -> str:
+    return f"trainrig-{cluster}"
+
+
+def volume_name(cluster: str) -> str:
+    return f"trainrig-{cluster}-shared"
+
+
+def container_name(cluster: str, node: str) -> str:
+    return f"trainrig-{cluster}-{node}"
+
+
+def disk_file(cluster: str, node: str) -> Path:
+    return state.cluster_dir(cluster) / "disks" / f"{node}.img"
+
+
+class LocalBackend:
+    name = "local"
+    capabilities = frozenset({"data_disk", "shared_storage", "ssh_mesh"})
+
+    # -- create -------------------------------------------------------------------------
+    def create(self, request: ClusterRequest, board) -> Inventory:
+        engine.ensure()
+        cluster = request.name
+        existing = inventory_mod.path_for(cluster)
+        if existing.is_file() and inventory_mod.load(cluster).running:
+            raise TrainrigError(f"cluster {cluster!r} is already up; use it, or remove it first with: fab down --name {cluster}")
+        node_image = image.ensure_image()
+        cdir = state.cluster_dir(cluster)
+        login_pub = keys.ensure_login_key(cdir / "id_ed25519", f"trainrig-{cluster}")
+        names = [f"node{i}" for i in range(request.gpu_nodes)] + [STORAGE_NODE]
+        created_volume = not self._exists("volume", volume_name(cluster))
+        try:
+            self._create_network(cluster)
+            if created_volume:
+                run(["docker", "volume", "create", "--label", f"{LABEL}={cluster}", volume_name(cluster)], what="creating the shared volume")
+            cidr = self._network_cidr(cluster)
+            nodes = ssh.on_nodes_by_name(
+                names,
+                lambda n: self._create_node(cluster, n, node_image, login_pub, request.data_disk_gb, board),
+            )
+        except BaseException:
+            self._remove_compute(cluster)
+            if created_volume:
+                run(["docker", "volume", "rm", "-f", volume_name(cluster)], check=False)
+            raise
+        inv = Inventory(
+            cluster=cluster,
+            cloud="local",
+            ssh_user="root",
+            ssh_private_key=cdir / "id_ed25519",
+            nodes=[nodes[n] for n in names],
+            storage=SharedStorage(server=STORAGE_NODE, export=SHARED_MOUNT, mount_point=SHARED_MOUNT),
+            network=Network(name=network_name(cluster), cidr=cidr),
+        )
+        inventory_mod.save(inv)
+        return inv
+
+    def _create_network(self, cluster: str) -> None:
+        if not self._exists("network", network_name(cluster)):
+            run(["docker", "network", "create", "--driver", "bridge", "--label", f"{LABEL}={cluster}", network_name(cluster)],
+                what="creating the cluster network")
+
+    def _network_cidr(self, cluster: str) -> str:
+        out = run(["docker", "network", "inspect", network_name(cluster)], what="reading the cluster network").stdout
+        return json.loads(out)[0]["IPAM"]["Config"][0]["Subnet"]
+
+    def _create_node(self, cluster: str, node: str, node_image: str, login_pub: str, disk_gb: int, board) -> Node:
+        board.update(node, "attaching data disk")
+        loop = self._attach_disk(cluster, node, disk_gb)
+        host_key = keys.generate(f"root@{node}")
+        role = "storage" if node == STORAGE_NODE else "gpu"
+        board.update(node, "creating container")
+        run(["docker", "create", "--name", container_name(cluster, node), "--hostname", node,
+             "--network", network_name(cluster), "--label", f"{LABEL}={cluster}", "--label", f"trainrig.role={role}",
+             *VM_OPTIONS, "--device", f"{loop}:{DISK_DEVICE}",
+             "-v", f"{volume_name(cluster)}:{SHARED_MOUNT}", "-p", "127.0.0.1::22", node_image],
+            what=f"creating node {node}")
+        # Keys go in before first boot, so the node's identity is known (and pinned) from the start.
+        run(["docker", "cp", "-", f"{container_name(cluster, node)}:/"],
+            input=_first_boot_files(host_key, login_pub), what=f"writing keys into {node}")
+        board.update(node, "booting")
+        run(["docker", "start", container_name(cluster, node)], what=f"starting node {node}")
+        address, port = self._addresses(cluster, node)
+        return Node(
+            name=node, role=role, public_address="127.0.0.1", private_address=address, ssh_port=port,
+            host_key=keys.bare(host_key.public_openssh), gpu_count=0, gpu_model=None, cpus=os.cpu_count() or 1,
+            data_disks=[DataDisk(device=DISK_DEVICE, size_gb=disk_gb)], hourly_price_usd=0.0,
+        )
+
+    def _attach_disk(self, cluster: str, node: str, size_gb: int) -> str:
+        """A sparse file as a block device; an existing file (kept by `down`) keeps its data."""
+        path = disk_file(cluster, node)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            with open(path, "wb") as fh:
+                fh.truncate(size_gb * 1024**3)
+        for loop in self._loops_of(path):
+            return loop
+        return run(["losetup", "--find", "--show", path], what=f"attaching the data disk of {node} (needs root and /dev/loop-control)").stdout.strip()
+
+    def _loops_of(self, path: Path) -> list[str]:
+        out = run(["losetup", "--associated", path, "--noheadings", "--output", "NAME"], check=False).stdout
+        return out.split()
+
+    def _addresses(self, cluster: str, node: str) -> tuple[str, int]:
+        info = json.loads(run(["docker", "inspect", container_name(cluster, node)]).stdout)[0]
+        address = info["NetworkSettings"]["Networks"][network_name(cluster)]["IPAddress"]
+        binding = info["NetworkSettings"]["Ports"]["22/tcp"][0]
+        return address, int(binding["HostPort"])
+
+    # -- wait, describe ------------------------------------------------------------------
+    def wait_ready(self, inv: Inventory, board) -> None:
+        def ready(node: Node) -> None:
+            board.update(node.name, "waiting for sshd")
+            wait_until(lambda: ssh.reachable(inv, node), timeout=READY_TIMEOUT, interval=0.5,
+                       what=f"{node.name} to answer SSH with its pinned host key")
+            with ssh.open_checked(inv, node) as conn:
+                board.update(node.name, "waiting for systemd")
+                state_ = ssh.run(conn, ["systemctl", "is-system-running", "--wait"], timeout=READY_TIMEOUT, check=False)
+            board.update(node.name, f"[green]ready[/] ({state_.stdout.strip()})")
+
+        ssh.on_nodes(inv.nodes, ready)
+
+    def describe(self, cluster: str) -> Inventory:
+        return inventory_mod.load(cluster)
+
+    # -- destroy, billable ---------------------------------------------------------------
+    def destroy(self, inv: Inventory, purge: bool) -> Inventory | None:
+        engine.ensure()
+        cluster = inv.cluster
+        self._remove_compute(cluster)
+        disks = sorted(state.cluster_dir(cluster).glob("disks/*.img"))
+        if purge:
+            run(["docker", "volume", "rm", "-f", volume_name(cluster)], check=False)
+            for path in disks:
+                path.unlink()
+            leftovers = self.billable(cluster)
+            if leftovers:
+                raise TrainrigError(f"purge of {cluster!r} left: {', '.join(leftovers)}")
+            return None
+        kept = [Retained(kind="disk", name=str(p)) for p in disks]
+        if self._exists("volume", volume_name(cluster)):
+            kept.append(Retained(kind="volume", name=volume_name(cluster)))
+        remaining = inv.model_copy(update={"nodes": [], "network": None, "retained": kept})
+        inventory_mod.save(remaining)
+        return remaining
+
+    def _remove_compute(self, cluster: str) -> None:
+        containers = self._listing("container", cluster)
+        if containers:
+            run(["docker", "rm", "-f", *containers], check=False, timeout=120, what="removing nodes")
+        for path in state.cluster_dir(cluster).glob("disks/*.img"):
+            for loop in self._loops_of(path):
+                run(["losetup", "--detach", loop], check=False)
+        if self._exists("network", network_name(cluster)):
+            run(["docker", "network", "rm", network_name(cluster)], check=False, what="removing the cluster network")
+
+    def billable(self, cluster: str) -> list[str]:
+        """Everything Docker still lists for this cluster, plus attached loop devices."""
+        found = [f"container {c}" for c in self._listing("container", cluster)]
+        found += [f"network {n}" for n in self._listing("network", cluster)]
+        found += [f"volume {v}" for v in self._listing("volume", cluster)]
+        for path in state.cluster_dir(cluster).glob("disks/*.img"):
+            found += [f"loop device {loop}" for loop in self._loops_of(path)]
+        return found
+
+    def _listing(self, kind: str, cluster: str) -> list[str]:
+        name_field = "{{.Names}}" if kind == "container" else "{{.Name}}"
+        every = ["--all"] if kind == "container" else []
+        argv = ["docker", kind, "ls", *every, "--filter", f"label={LABEL}={cluster}", "--format", name_field]
+        return run(argv, what=f"listing {kind}s").stdout.split()
+
+    def _exists(self, kind: str, name: str) -> bool:
+        return run(["docker", kind, "inspect", name], check=False).returncode == 0
+
+
+def _first_boot_files(host_key: keys.KeyPair, login_pub: str) -> bytes:
+    """A tar stream of the node's host key and authorized_keys, for `docker cp -`."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        _add(tar, "root/.ssh", None, 0o700)
+        _add(tar, "root/.ssh/authorized_keys", login_pub + "\n", 0o600)
+        _add(tar, "etc/ssh/ssh_host_ed25519_key", host_key.private_openssh, 0o600)
+        _add(tar, "etc/ssh/ssh_host_ed25519_key.pub", host_key.public_openssh + "\n", 0o644)
+    return buf.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, text: str | None, mode: int) -> None:
+    info = tarfile.TarInfo(name)
+    info.mode = mode
+    if text is None:
+        info.type = tarfile.DIRTYPE
+        tar.addfile(info)
+    else:
+        data = text.encode()
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
