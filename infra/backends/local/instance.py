@@ -174,7 +174,7 @@ class LocalBackend:
             if leftovers:
                 raise TrainrigError(f"purge of {cluster!r} left: {', '.join(leftovers)}")
             return None
-        kept = [Retained(kind="disk", name=str(p)) for p in disks]
+        kept = [Retained(kind="disk", name=p.name) for p in disks]
         if self._exists("volume", volume_name(cluster)):
             kept.append(Retained(kind="volume", name=volume_name(cluster)))
         remaining = inv.model_copy(update={"nodes": [], "network": None, "retained": kept})

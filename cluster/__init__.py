@@ -1,0 +1,1 @@
+"""trainrig's library: inventory, provisioning, job launch, monitoring, results and teardown."""

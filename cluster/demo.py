@@ -1,0 +1,63 @@
+"""`fab demo`: up, provision, train, monitor, fetch, down in one go, with a closing summary."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rich.table import Table
+
+from cluster import inventory as inventory_mod
+from cluster import jobs, lifecycle, monitor, provision, results, runs, ui
+from cluster.errors import TrainrigError
+
+DEFAULT_JOB = Path(__file__).resolve().parent.parent / "training_jobs" / "dp-mlp.yaml"
+
+
+def demo(name: str, gpu_nodes: int, job_path: Path = DEFAULT_JOB, keep: bool = False) -> Path:
+    job = jobs.load(job_path)
+    timings: dict[str, float] = {}
+    started = time.monotonic()
+    if inventory_mod.path_for(name).is_file():
+        ui.console.print(f"removing the earlier {name!r} cluster first")
+        lifecycle.down(inventory_mod.load(name), purge=True)
+    inv = None
+    try:
+        with ui.timed("up", timings):
+            inv = lifecycle.up(name, gpu_nodes, data_disk_gb=2)
+        with ui.timed("provision", timings):
+            provision.provision(inv)
+        with ui.timed("train", timings):
+            record = runs.launch(inv, job)
+            ui.console.print(f"run {record.id}: {record.ranks} ranks on {job.spec.nodes} nodes")
+        with ui.timed("monitor", timings):
+            view = monitor.monitor(inv, record)
+        if view.state != "succeeded":
+            raise TrainrigError(f"run {record.id} {view.state}; see: fab logs {record.id} --name {name}")
+        with ui.timed("fetch", timings):
+            dest = results.fetch(inv, record)
+    finally:
+        if inv is not None and not keep:
+            with ui.timed("down", timings):
+                lifecycle.down(inv, purge=True)
+    _summary(inv, job, view, dest, timings, time.monotonic() - started)
+    return dest
+
+
+def _summary(inv, job, view, dest: Path, timings: dict[str, float], total: float) -> None:
+    table = Table(title="demo summary", title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("nodes", f"{len(inv.gpu_nodes)} GPU-role + 1 storage ({', '.join(n.name for n in inv.nodes)})")
+    table.add_row("job", f"{job.spec.name}: {view.record.ranks} ranks, {view.last.get('step', 0)} steps")
+    losses = view.losses()
+    if losses:
+        table.add_row("loss", f"{losses[0]:.4f} -> {losses[-1]:.4f}  {monitor.sparkline(losses)}")
+    for phase, seconds in timings.items():
+        table.add_row(f"{phase} time", f"{seconds:.1f}s")
+    table.add_row("total", f"{total:.1f}s")
+    table.add_row("results", str(dest))
+    checkpoints = sorted(dest.glob("checkpoints/*.npz"))
+    if checkpoints:
+        table.add_row("checkpoint", str(checkpoints[-1]))
+    ui.console.print(table)

@@ -1,0 +1,64 @@
+"""Up, status and down of a cluster: the backend picked by the inventory's cloud, nothing half-made."""
+
+from __future__ import annotations
+
+from rich import box
+from rich.table import Table
+
+from cluster import inventory as inventory_mod
+from cluster import ssh, state, ui
+from cluster.errors import TrainrigError
+from cluster.inventory import Inventory
+from infra import backends
+from infra.backends import ClusterRequest
+
+
+def up(name: str, gpu_nodes: int, data_disk_gb: int, cloud: str = "local") -> Inventory:
+    request = _request(name=name, cloud=cloud, gpu_nodes=gpu_nodes, data_disk_gb=data_disk_gb)
+    backend = backends.get(cloud)
+    fresh = not state.cluster_dir(name).exists()
+    names = [f"node{i}" for i in range(gpu_nodes)] + ["storage"]
+    with ui.NodeBoard(f"creating cluster {name} ({cloud})", names) as board:
+        inv = backend.create(request, board)
+        try:
+            backend.wait_ready(inv, board)
+        except BaseException:
+            backend.destroy(inv, purge=fresh)
+            raise
+    return inv
+
+
+def _request(**fields) -> ClusterRequest:
+    from pydantic import ValidationError
+
+    try:
+        return ClusterRequest(**fields)
+    except ValidationError as exc:
+        raise TrainrigError(f"invalid cluster request: {inventory_mod.describe_errors(exc)}") from exc
+
+
+def down(inv: Inventory, purge: bool) -> Inventory | None:
+    """Remove compute (and storage with purge); verified against the backend's own listing."""
+    backend = backends.get(inv.cloud)
+    remaining = backend.destroy(inv, purge)
+    if purge:
+        import shutil
+
+        shutil.rmtree(state.cluster_dir(inv.cluster), ignore_errors=True)
+    return remaining
+
+
+def status_table(inv: Inventory) -> Table:
+    reachable = ssh.on_nodes(inv.nodes, lambda n: ssh.reachable(inv, n))
+    table = Table(title=f"cluster {inv.cluster} ({inv.cloud})", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("node", "role", "private", "ssh", "gpus", "data disk", "$/h", "reachable"):
+        table.add_column(column)
+    for n in inv.nodes:
+        gpus = f"{n.gpu_count} x {n.gpu_model}" if n.gpu_count else "-"
+        disks = ", ".join(f"{d.device.removeprefix('/dev/')} {d.size_gb}G" for d in n.data_disks) or "-"
+        ok = "[green]yes[/]" if reachable[n.name] else "[red]no[/]"
+        table.add_row(n.name, n.role, str(n.private_address), f"{n.public_address}:{n.ssh_port}", gpus, disks,
+                      f"{n.hourly_price_usd:.2f}", ok)
+    for r in inv.retained:
+        table.add_row(f"[dim]{r.name}[/]", f"kept {r.kind}", "", "", "", "", f"{r.hourly_price_usd:.2f}", "")
+    return table

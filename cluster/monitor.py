@@ -1,0 +1,169 @@
+"""Follow a run live (step, loss, samples/s, elapsed) and print or follow its log."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+
+from cluster import runs, ssh, ui
+from cluster.errors import TrainrigError
+from cluster.inventory import Inventory
+from cluster.runs import FINAL_STATES, RunRecord
+
+SPARK = "▁▂▃▄▅▆▇█"
+UNIT_CHECK_EVERY = 5.0
+
+
+@dataclass
+class RunView:
+    """What we know of a run so far, built from its metrics.jsonl and status.json."""
+
+    record: RunRecord
+    metrics: list[dict] = field(default_factory=list)
+    status: dict | None = None
+    partial: bytes = b""
+
+    def feed(self, chunk: bytes) -> list[dict]:
+        data = self.partial + chunk
+        *lines, self.partial = data.split(b"\n")
+        new = [json.loads(line) for line in lines if line.strip()]
+        self.metrics += new
+        return new
+
+    @property
+    def state(self) -> str:
+        return (self.status or {}).get("state", "starting")
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINAL_STATES
+
+    @property
+    def elapsed(self) -> float:
+        if not self.status:
+            return 0.0
+        return (self.status.get("ended_at") or time.time()) - self.status["started_at"]
+
+    @property
+    def last(self) -> dict:
+        return self.metrics[-1] if self.metrics else {}
+
+    def losses(self) -> list[float]:
+        return [m["loss"] for m in self.metrics if "loss" in m]
+
+
+def sparkline(values: list[float], width: int = 40) -> str:
+    if not values:
+        return ""
+    step = max(1, len(values) // width)
+    sample = values[::step][-width:]
+    low, high = min(sample), max(sample)
+    span = (high - low) or 1.0
+    return "".join(SPARK[int((v - low) / span * (len(SPARK) - 1))] for v in sample)
+
+
+def render(view: RunView) -> Table:
+    last = view.last
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    color = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(view.state, "cyan")
+    table.add_row("run", f"{view.record.id}  [{color}]{view.state}[/]  ({view.record.ranks} ranks)")
+    step, total = last.get("step", 0), view.record.max_steps
+    if total:
+        table.add_row("step", ProgressBar(total=total, completed=min(step, total), width=40))
+        table.add_row("", f"{step}/{total}")
+    else:
+        table.add_row("step", str(step))
+    losses = view.losses()
+    if losses:
+        table.add_row("loss", f"{losses[-1]:.4f}  (first {losses[0]:.4f}, min {min(losses):.4f})  {sparkline(losses)}")
+    if "throughput" in last:
+        table.add_row("samples/s", f"{last['throughput']:,.1f}")
+    table.add_row("elapsed", f"{view.elapsed:.1f}s")
+    return table
+
+
+def plain_line(view: RunView, metric: dict) -> str:
+    total = f"/{view.record.max_steps}" if view.record.max_steps else ""
+    parts = [f"step {metric['step']}{total}"]
+    if "loss" in metric:
+        parts.append(f"loss {metric['loss']:.4f}")
+    if "throughput" in metric:
+        parts.append(f"samples/s {metric['throughput']:,.1f}")
+    return f"[{metric.get('time', view.elapsed):6.1f}s] " + "  ".join(parts)
+
+
+def monitor(inv: Inventory, record: RunRecord, *, interval: float = 1.0, timeout: float | None = None) -> RunView:
+    """Poll the run until it ends (or timeout passes); live view on a terminal, lines otherwise."""
+    view = RunView(record)
+    node = runs.reader_node(inv, record)
+    deadline = time.monotonic() + timeout if timeout else None
+    with ssh.open_checked(inv, node) as conn:
+        sftp = conn.sftp()
+        offset, last_unit_check = 0, time.monotonic()
+        live = Live(render(view), console=ui.console, refresh_per_second=4) if ui.console.is_terminal else None
+        with live or _nothing():
+            while True:
+                chunk = runs.read_from(sftp, f"{record.run_dir}/metrics.jsonl", offset)
+                offset += len(chunk)
+                new = view.feed(chunk)
+                view.status = runs.read_status(sftp, record) or view.status
+                if live:
+                    live.update(render(view))
+                else:
+                    for metric in new:
+                        ui.console.print(plain_line(view, metric))
+                if view.finished:
+                    break
+                if time.monotonic() - last_unit_check > UNIT_CHECK_EVERY and node.name == record.node:
+                    last_unit_check = time.monotonic()
+                    if _vanished(conn, record, sftp):
+                        view.status = {**(view.status or {"started_at": time.time()}), "state": "failed",
+                                       "reason": "the run's supervisor stopped without reporting"}
+                        break
+                if deadline and time.monotonic() > deadline:
+                    raise TrainrigError(f"run {record.id} still {view.state} after {timeout:.0f}s (it keeps running)")
+                time.sleep(interval)
+    return view
+
+
+def _vanished(conn, record: RunRecord, sftp) -> bool:
+    active = ssh.run(conn, ["systemctl", "is-active", "--quiet", record.unit], check=False).exited == 0
+    # Re-read status: the unit may have finished between our two looks.
+    return not active and (runs.read_status(sftp, record) or {}).get("state") not in FINAL_STATES
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def logs(inv: Inventory, record: RunRecord, *, follow: bool = False, interval: float = 1.0, out=None) -> None:
+    """Print the run's log; with follow, keep printing new lines until the run ends."""
+    out = out or sys.stdout
+    node = runs.reader_node(inv, record)
+    with ssh.open_checked(inv, node) as conn:
+        sftp = conn.sftp()
+        offset = 0
+        while True:
+            status = runs.read_status(sftp, record)
+            chunk = runs.read_from(sftp, f"{record.run_dir}/train.log", offset)
+            offset += len(chunk)
+            out.write(chunk.decode(errors="replace"))
+            out.flush()
+            if not follow or (status or {}).get("state") in FINAL_STATES:
+                if follow:
+                    # One last read: lines written between the status read and the log read.
+                    out.write(runs.read_from(sftp, f"{record.run_dir}/train.log", offset).decode(errors="replace"))
+                return
+            time.sleep(interval)

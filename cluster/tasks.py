@@ -1,0 +1,149 @@
+"""The `fab` tasks: each parses its flags, loads the inventory, calls one library function, prints."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from invoke import Collection, task
+from invoke.exceptions import Exit
+
+from cluster import demo as demo_mod
+from cluster import inventory as inventory_mod
+from cluster import jobs, lifecycle, monitor as monitor_mod, provision as provision_mod, results, runs, ui
+from cluster.errors import TrainrigError
+
+NAME_HELP = "cluster name (default: trainrig.cluster in Fabric config, 'dev')"
+
+
+def friendly(body):
+    """User errors become one line on stderr and a non-zero exit, never a traceback."""
+
+    @functools.wraps(body)
+    def wrapper(c, *args, **kwargs):
+        try:
+            return body(c, *args, **kwargs)
+        except TrainrigError as exc:
+            raise Exit(f"error: {exc}", code=exc.exit_code) from None
+        except KeyboardInterrupt:
+            raise Exit("interrupted", code=130) from None
+
+    return wrapper
+
+
+def _name(c, name: str | None) -> str:
+    return name or c.config.trainrig.cluster
+
+
+def _inventory(c, name: str | None):
+    return inventory_mod.load(_name(c, name))
+
+
+@task(help={"name": NAME_HELP, "nodes": "number of GPU-role nodes (default 2)", "disk_gb": "data disk size per node, GB"})
+@friendly
+def up(c, name=None, nodes=None, disk_gb=None):
+    """Create a local cluster: N GPU-role nodes and one storage node as Docker 'VMs'."""
+    cfg = c.config.trainrig
+    inv = lifecycle.up(_name(c, name), int(nodes or cfg.nodes), int(disk_gb or cfg.data_disk_gb))
+    ui.console.print(lifecycle.status_table(inv))
+    ui.console.print(f"inventory: {inventory_mod.path_for(inv.cluster)}")
+
+
+@task(help={"name": NAME_HELP})
+@friendly
+def status(c, name=None):
+    """Show the cluster's nodes, addresses and whether each answers SSH."""
+    inv = _inventory(c, name)
+    ui.console.print(lifecycle.status_table(inv))
+    if not inv.running:
+        ui.console.print(f"no nodes running; start them with: fab up --name {inv.cluster}")
+
+
+@task(help={"name": NAME_HELP, "tags": "run only these playbook tags (e.g. ssh_mesh)",
+            "retry_failed": "re-run only the hosts that failed or were unreachable last time",
+            "playbook": "playbook under playbooks/ (default site.yml)"})
+@friendly
+def provision(c, name=None, tags=None, retry_failed=False, playbook="site.yml"):
+    """Run the Ansible playbooks on every node in parallel, with a per-host recap."""
+    provision_mod.provision(_inventory(c, name), playbook=playbook, tags=tags, retry_failed=retry_failed)
+
+
+@task(help={"job": "job spec, e.g. training_jobs/dp-mlp.yaml", "name": NAME_HELP,
+            "follow": "monitor the run until it ends (exit status = the run's)"})
+@friendly
+def train(c, job, name=None, follow=False):
+    """Launch a training job across the cluster, detached; prints the run id."""
+    spec = jobs.load(job)
+    inv = inventory_mod.require_running(_inventory(c, name))
+    record = runs.launch(inv, spec)
+    ui.console.print(f"started run [bold]{record.id}[/] ({record.ranks} ranks) in {record.run_dir}")
+    if follow:
+        _follow(inv, record)
+    else:
+        ui.console.print(f"follow it with: fab monitor {record.id} --name {inv.cluster}")
+
+
+@task(help={"run": "run id or prefix (default: the latest)", "name": NAME_HELP,
+            "timeout": "give up watching after this many seconds (the run goes on)"})
+@friendly
+def monitor(c, run=None, name=None, timeout=None):
+    """Follow a run live (step, loss, samples/s); exits with the run's success or failure."""
+    inv = _inventory(c, name)
+    _follow(inv, runs.find(inv.cluster, run), float(timeout) if timeout else None)
+
+
+def _follow(inv, record, timeout=None):
+    view = monitor_mod.monitor(inv, record, timeout=timeout)
+    losses = view.losses()
+    summary = f"run {record.id} {view.state} after {view.elapsed:.1f}s"
+    if losses:
+        summary += f", loss {losses[0]:.4f} -> {losses[-1]:.4f}"
+    if view.state != "succeeded":
+        raise Exit(f"{summary}; see: fab logs {record.id} --name {inv.cluster}", code=1)
+    ui.console.print(summary)
+
+
+@task(help={"run": "run id or prefix (default: the latest)", "name": NAME_HELP, "follow": "keep printing until the run ends"})
+@friendly
+def logs(c, run=None, name=None, follow=False):
+    """Print a run's log, or follow it."""
+    inv = _inventory(c, name)
+    monitor_mod.logs(inv, runs.find(inv.cluster, run), follow=follow)
+
+
+@task(help={"run": "run id or prefix (default: the latest)", "name": NAME_HELP, "dest": "local folder (default ./runs)"})
+@friendly
+def fetch(c, run=None, name=None, dest="runs"):
+    """Copy a run's checkpoints, log and metrics to ./runs/<cluster>/<run-id>/."""
+    inv = inventory_mod.require_running(_inventory(c, name))
+    path = results.fetch(inv, runs.find(inv.cluster, run), Path(dest))
+    ui.console.print(f"results in {path}")
+
+
+@task(help={"name": NAME_HELP, "purge": "also delete storage: the shared volume, data disks, keys and inventory"})
+@friendly
+def down(c, name=None, purge=False):
+    """Remove the nodes and network; storage is kept unless --purge. Safe to run twice."""
+    cluster = _name(c, name)
+    if not inventory_mod.path_for(cluster).is_file():
+        ui.console.print(f"cluster {cluster!r} does not exist: nothing to remove")
+        return
+    remaining = lifecycle.down(inventory_mod.load(cluster), purge=purge)
+    if remaining is None:
+        ui.console.print(f"cluster {cluster!r} removed, storage included")
+        return
+    kept = ", ".join(r.name for r in remaining.retained) or "nothing"
+    ui.console.print(f"compute of {cluster!r} removed; kept: {kept}")
+    ui.console.print(f"remove storage too with: fab down --name {cluster} --purge")
+
+
+@task(help={"name": "cluster name for the demo (default 'demo')", "nodes": "GPU-role nodes (default 2)",
+            "job": "job spec (default training_jobs/dp-mlp.yaml)", "keep": "leave the cluster up afterwards"})
+@friendly
+def demo(c, name="demo", nodes=2, job=None, keep=False):
+    """Up, provision, train, monitor, fetch and down in one command, with a summary."""
+    demo_mod.demo(name, int(nodes), Path(job) if job else demo_mod.DEFAULT_JOB, keep=keep)
+
+
+namespace = Collection(up, status, provision, train, monitor, logs, fetch, down, demo)
+namespace.configure({"trainrig": {"cluster": "dev", "nodes": 2, "data_disk_gb": 2}})

@@ -1,0 +1,3 @@
+"""Entry point for `fab`: the tasks live in cluster/tasks.py."""
+
+from cluster.tasks import namespace  # noqa: F401
