@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+
+from pydantic import ValidationError
 from rich import box
 from rich.table import Table
 
@@ -28,13 +31,16 @@ def up(name: str, gpu_nodes: int, data_disk_gb: int, cloud: str = "local") -> In
     return inv
 
 
-def _request(**fields) -> ClusterRequest:
-    from pydantic import ValidationError
+FLAGS = {"name": "--name", "gpu_nodes": "--nodes", "data_disk_gb": "--disk-gb", "cloud": "cloud"}
 
+
+def _request(**fields) -> ClusterRequest:
     try:
         return ClusterRequest(**fields)
     except ValidationError as exc:
-        raise TrainrigError(f"invalid cluster request: {inventory_mod.describe_errors(exc)}") from exc
+        first = exc.errors()[0]
+        flag = FLAGS.get(str(first["loc"][0]), str(first["loc"][0]))
+        raise TrainrigError(f"{flag} {fields.get(first['loc'][0])!r}: {first['msg']}") from exc
 
 
 def down(inv: Inventory, purge: bool) -> Inventory | None:
@@ -42,8 +48,6 @@ def down(inv: Inventory, purge: bool) -> Inventory | None:
     backend = backends.get(inv.cloud)
     remaining = backend.destroy(inv, purge)
     if purge:
-        import shutil
-
         shutil.rmtree(state.cluster_dir(inv.cluster), ignore_errors=True)
     return remaining
 

@@ -1,0 +1,73 @@
+"""The inventory contract: validation that names the field, round trips, pinned host keys."""
+
+import json
+
+import pytest
+
+from cluster import inventory
+from cluster.errors import TrainrigError
+from tests.helpers import make_inventory
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRAINRIG_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def test_round_trip_and_known_hosts(home):
+    inv = make_inventory()
+    inventory.save(inv)
+    loaded = inventory.load("unit")
+    assert loaded == inv
+    lines = (home / "clusters" / "unit" / "known_hosts").read_text().splitlines()
+    assert lines[0].startswith("[127.0.0.1]:2200 ssh-ed25519 ")
+    assert len(lines) == 3
+
+
+def test_cost_adds_nodes_and_kept_storage():
+    assert make_inventory(gpu_nodes=2).hourly_cost_usd() == pytest.approx(3.2)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d.update(cloud="gcp"), "cloud: Input should be 'local', 'aws' or 'ibm'"),
+    (lambda d: d["nodes"][0].update(ssh_port=0), "nodes.0.ssh_port: Input should be greater than or equal to 1"),
+    (lambda d: d["nodes"][1].update(name="node0"), "node names must be unique, repeated: node0"),
+    (lambda d: d["nodes"][0].update(host_key="not-a-key"), "nodes.0.host_key: String should match pattern"),
+    (lambda d: d["nodes"][0].update(private_address="192.168.1.1"), "nodes outside network 10.9.0.0/24: node0"),
+    (lambda d: d["storage"].update(server="node0"), "storage.server 'node0' is not a storage node"),
+    (lambda d: d.update(schema_version=2), "schema_version: Input should be 1"),
+    (lambda d: d["nodes"][0].update(role="gpu", rack=3), "nodes.0.rack: Extra inputs are not permitted"),
+])
+def test_invalid_inventory_names_the_field(tmp_path, mutate, message):
+    data = json.loads(inventory.dumps(make_inventory()))
+    mutate(data)
+    path = tmp_path / "inv.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(TrainrigError) as err:
+        inventory.load_file(path)
+    assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_unknown_cluster_lists_the_known_ones():
+    inventory.save(make_inventory(cluster="alpha"))
+    with pytest.raises(TrainrigError, match=r"no cluster named 'beta' \(known clusters: alpha\); create it with: fab up --name beta"):
+        inventory.load("beta")
+
+
+def test_invalid_cluster_name():
+    with pytest.raises(TrainrigError, match="cluster name 'Bad Name' is invalid"):
+        inventory.load("Bad Name")
+
+
+def test_stopped_cluster_is_not_running():
+    inv = make_inventory().model_copy(update={"nodes": []})
+    with pytest.raises(TrainrigError, match="has no nodes running; start it with: fab up --name unit"):
+        inventory.require_running(inv)
+
+
+def test_secret_files_are_owner_only(home):
+    from cluster import keys
+
+    keys.ensure_login_key(home / "k" / "id_ed25519", "c")
+    assert (home / "k" / "id_ed25519").stat().st_mode & 0o777 == 0o600
