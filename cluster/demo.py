@@ -33,7 +33,7 @@ def demo(name: str, gpu_nodes: int, job_path: Path = DEFAULT_JOB, keep: bool = F
         with ui.timed("monitor", timings):
             view = monitor.monitor(inv, record)
         if view.state != "succeeded":
-            raise TrainrigError(f"run {record.id} {view.state}; see: fab logs {record.id} --name {name}")
+            raise TrainrigError(f"run {record.id} {view.state}; see: fab logs --run {record.id} --name {name}")
         with ui.timed("fetch", timings):
             dest = results.fetch(inv, record)
     finally:

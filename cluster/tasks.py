@@ -80,7 +80,7 @@ def train(c, job, name=None, follow=False):
     if follow:
         _follow(inv, record)
     else:
-        ui.console.print(f"follow it with: fab monitor {record.id} --name {inv.cluster}")
+        ui.console.print(f"follow it with: fab monitor --run {record.id} --name {inv.cluster}")
 
 
 @task(help={"run": "run id or prefix (default: the latest)", "name": NAME_HELP,
@@ -99,7 +99,7 @@ def _follow(inv, record, timeout=None):
     if losses:
         summary += f", loss {losses[0]:.4f} -> {losses[-1]:.4f}"
     if view.state != "succeeded":
-        raise Exit(f"{summary}; see: fab logs {record.id} --name {inv.cluster}", code=1)
+        raise Exit(f"{summary}; see: fab logs --run {record.id} --name {inv.cluster}", code=1)
     ui.console.print(summary)
 
 

@@ -1,0 +1,188 @@
+"""A real local cluster end to end: VM-like nodes, provisioning, MPI training, fetch, teardown."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from cluster import inventory, jobs, keys, lifecycle, monitor, provision, results, runs, ssh
+from cluster.errors import TrainrigError
+from infra import backends
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+FAB = Path(sys.executable).parent / "fab"
+
+
+def on(inv, name, *argv, check=True):
+    with ssh.open_checked(inv, inv.node(name)) as conn:
+        return ssh.run(conn, list(argv), check=check, timeout=120)
+
+
+def fab(*args):
+    return subprocess.run([str(FAB), *args], cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=300)
+
+
+# -- nodes behave like VMs ---------------------------------------------------------------
+
+def test_nodes_are_vm_like(cluster):
+    assert [n.name for n in cluster.nodes] == ["node0", "node1", "storage"]
+    for node in cluster.nodes:
+        assert on(cluster, node.name, "hostname").stdout.strip() == node.name
+        assert on(cluster, node.name, "systemctl", "is-system-running", check=False).stdout.strip() in ("running", "degraded")
+        assert on(cluster, node.name, "systemctl", "is-active", "ssh").stdout.strip() == "active"
+        # A blank data disk the node could format, like a fresh cloud volume.
+        assert on(cluster, node.name, "blockdev", "--getsize64", "/dev/xvdc").stdout.strip() == str(1024**3)
+        assert on(cluster, node.name, "blkid", "/dev/xvdc", check=False).exited == 2
+        assert str(node.private_address) in on(cluster, node.name, "hostname", "-I").stdout
+
+
+def test_ssh_is_published_on_loopback_only(cluster):
+    for node in cluster.nodes:
+        assert node.public_address == "127.0.0.1"
+        ports = subprocess.run(["docker", "port", f"trainrig-{cluster.cluster}-{node.name}", "22/tcp"],
+                               capture_output=True, text=True).stdout.split()
+        assert ports == [f"127.0.0.1:{node.ssh_port}"]
+
+
+def test_shared_storage_is_the_same_on_every_node(cluster):
+    on(cluster, "node0", "sh", "-c", "echo from-node0 > /data/shared-check")
+    for name in ("node1", "storage"):
+        assert on(cluster, name, "cat", "/data/shared-check").stdout.strip() == "from-node0"
+
+
+def test_a_different_host_key_is_refused(cluster):
+    impostor = keys.bare(keys.generate().public_openssh)
+    nodes = [n.model_copy(update={"host_key": impostor}) if n.name == "node0" else n for n in cluster.nodes]
+    tampered = cluster.model_copy(update={"nodes": nodes})
+    with pytest.raises(TrainrigError, match="node0: host key does not match the pinned key"):
+        ssh.open_checked(tampered, tampered.node("node0"))
+
+
+# -- provisioning ------------------------------------------------------------------------
+
+def test_provision_succeeds_then_changes_nothing(cluster, provisioned):
+    assert provisioned.failed_hosts == []
+    assert all(r.ok > 0 for r in provisioned.hosts.values())
+    again = provision.provision(cluster)
+    assert {h: r.changed for h, r in again.hosts.items()} == {"node0": 0, "node1": 0, "storage": 0}
+
+
+def test_etc_hosts_lists_every_node(cluster, provisioned):
+    hosts = on(cluster, "node1", "cat", "/etc/hosts").stdout
+    for node in cluster.nodes:
+        assert f"{node.private_address} {node.name}" in hosts
+
+
+def test_ssh_mesh_by_name_and_address_with_pinned_keys(cluster, provisioned):
+    for src in cluster.nodes:
+        for dst in cluster.nodes:
+            assert on(cluster, src.name, "ssh", dst.name, "hostname").stdout.strip() == dst.name
+    assert on(cluster, "node0", "ssh", str(cluster.node("node1").private_address), "hostname").stdout.strip() == "node1"
+    # Without the pinned keys the same hop is refused: nothing is trusted on first use.
+    refused = on(cluster, "node0", "ssh", "-o", "GlobalKnownHostsFile=/dev/null", "-o", "UserKnownHostsFile=/dev/null",
+                 "node1", "true", check=False)
+    assert refused.exited != 0 and "Host key verification failed" in refused.stderr
+
+
+# -- training ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def finished_run(cluster, provisioned):
+    record = runs.launch(cluster, jobs.load(ROOT / "training_jobs" / "dp-mlp.yaml"))
+    view = monitor.monitor(cluster, record, timeout=300)
+    return record, view
+
+
+def test_training_across_nodes_lowers_the_loss(cluster, finished_run):
+    record, view = finished_run
+    assert view.state == "succeeded", on(cluster, "node0", "cat", f"{record.run_dir}/train.log").stdout
+    log = on(cluster, "storage", "cat", f"{record.run_dir}/train.log").stdout
+    ranks_line = next(line for line in log.splitlines() if line.startswith("ranks:"))
+    hosts = {entry.split("@")[1] for entry in ranks_line.split()[1:]}
+    assert hosts == {"node0", "node1"}, ranks_line
+    assert "world_size: 4" in log
+    losses = view.losses()
+    assert view.last["step"] == 300
+    assert losses[-1] < losses[0] / 2
+    assert view.last["throughput"] > 0
+
+
+def test_run_is_detached_under_systemd(cluster, finished_run):
+    record, _ = finished_run
+    # The unit ran on the launch node, not in our SSH session (which closed before monitoring).
+    journal = on(cluster, "node0", "journalctl", "--no-pager", "-u", record.unit, check=False).stdout
+    assert record.id in journal or "Started" in journal
+
+
+def test_fetch_brings_checkpoint_log_and_metrics_home(cluster, finished_run, tmp_path):
+    record, view = finished_run
+    dest = results.fetch(cluster, record, tmp_path / "runs")
+    assert dest == tmp_path / "runs" / cluster.cluster / record.id
+    latest = (dest / "checkpoints" / "latest").read_text().strip()
+    checkpoint = np.load(dest / "checkpoints" / latest)
+    assert int(checkpoint["step"]) == 300
+    assert "final loss" in (dest / "train.log").read_text()
+    steps = [json.loads(line)["step"] for line in (dest / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 300 and steps == sorted(steps)
+
+
+def test_cli_status_logs_and_monitor(cluster, finished_run):
+    record, _ = finished_run
+    status = fab("status", "--name", cluster.cluster)
+    assert status.returncode == 0 and status.stdout.count("yes") == 3
+    logs = fab("logs", "--run", record.id, "--name", cluster.cluster)
+    assert logs.returncode == 0 and logs.stdout.startswith("ranks:")
+    watched = fab("monitor", "--name", cluster.cluster)
+    assert watched.returncode == 0 and f"run {record.id} succeeded" in watched.stdout
+
+
+def test_failing_job_fails_the_monitor(cluster, provisioned, tmp_path):
+    job = tmp_path / "fails.yaml"
+    job.write_text(yaml.safe_dump({"name": "fails", "nodes": 2, "max_steps": 5,
+                                   "command": ["python3", "-c", "import sys; print('step 1 loss 1.0'); sys.exit(4)"]}))
+    result = fab("train", "--job", str(job), "--name", cluster.cluster, "--follow")
+    assert result.returncode == 1
+    assert "failed" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_job_bigger_than_the_cluster_is_refused(cluster, provisioned, tmp_path):
+    before = runs.records(cluster.cluster)
+    job = tmp_path / "big.yaml"
+    job.write_text(yaml.safe_dump({"name": "big", "nodes": 3, "command": ["hostname"]}))
+    result = fab("train", "--job", str(job), "--name", cluster.cluster)
+    assert result.returncode != 0
+    assert "asks for 3 nodes but cluster 'pytest-it' has 2 GPU nodes" in result.stderr
+    assert runs.records(cluster.cluster) == before
+
+
+# -- teardown ----------------------------------------------------------------------------
+
+def test_down_keeps_storage_and_purge_removes_everything(home):
+    name = "pytest-down"
+    backend = backends.get("local")
+    inv = lifecycle.up(name, gpu_nodes=1, data_disk_gb=1)
+    try:
+        on(inv, "node0", "sh", "-c", "echo kept > /data/survives")
+        lifecycle.down(inv, purge=False)
+        assert backend.billable(name) == [f"volume trainrig-{name}-shared"]
+        kept = inventory.load(name)
+        assert not kept.running and {r.kind for r in kept.retained} == {"disk", "volume"}
+        assert fab("down", "--name", name).returncode == 0  # twice is fine
+
+        # Data outlives compute: a new cluster of the same name sees it.
+        inv = lifecycle.up(name, gpu_nodes=1, data_disk_gb=1)
+        assert on(inv, "node0", "cat", "/data/survives").stdout.strip() == "kept"
+    finally:
+        result = fab("down", "--name", name, "--purge")
+    assert result.returncode == 0, result.stderr
+    assert backend.billable(name) == []
+    assert not (home / "clusters" / name).exists()
+    leftover = subprocess.run(["docker", "ps", "-a", "--filter", f"label=trainrig.cluster={name}", "-q"],
+                              capture_output=True, text=True).stdout
+    assert leftover == ""
