@@ -27,10 +27,10 @@ def demo(name: str, gpu_nodes: int, job_path: Path = DEFAULT_JOB, keep: bool = F
             inv = lifecycle.up(name, gpu_nodes, data_disk_gb=2)
         with ui.timed("provision", timings):
             provision.provision(inv)
-        with ui.timed("train", timings):
+        with ui.timed("launch", timings):
             record = runs.launch(inv, job)
             ui.console.print(f"run {record.id}: {record.ranks} ranks on {job.spec.nodes} nodes")
-        with ui.timed("monitor", timings):
+        with ui.timed("train", timings):
             view = monitor.monitor(inv, record)
         if view.state != "succeeded":
             raise TrainrigError(f"run {record.id} {view.state}; see: fab logs --run {record.id} --name {name}")
@@ -47,7 +47,7 @@ def demo(name: str, gpu_nodes: int, job_path: Path = DEFAULT_JOB, keep: bool = F
 def _summary(inv, job, view, dest: Path, timings: dict[str, float], total: float) -> None:
     table = Table(title="demo summary", title_justify="left", show_header=False)
     table.add_column(style="bold")
-    table.add_column()
+    table.add_column(overflow="fold")
     table.add_row("nodes", f"{len(inv.gpu_nodes)} GPU-role + 1 storage ({', '.join(n.name for n in inv.nodes)})")
     table.add_row("job", f"{job.spec.name}: {view.record.ranks} ranks, {view.last.get('step', 0)} steps")
     losses = view.losses()
