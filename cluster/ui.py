@@ -13,9 +13,23 @@ from rich.table import Table
 console = Console(highlight=False)
 
 
+PLAIN_EVERY = 10.0
+
+
 @contextmanager
 def status(message: str) -> Iterator[callable]:
-    """A spinner with a message that the caller may update with the latest output line."""
+    """A spinner with the latest output line; without a terminal (CI), that line every 10 s."""
+    if not console.is_terminal:
+        console.print(f"{message} ...")
+        last = [time.monotonic()]
+
+        def show(detail: str) -> None:
+            if time.monotonic() - last[0] >= PLAIN_EVERY:
+                last[0] = time.monotonic()
+                console.print(f"  {message}: {detail[:100]}")
+
+        yield show
+        return
     with console.status(message) as live:
         yield lambda detail: live.update(f"{message} [dim]{detail[:100]}[/dim]")
 

@@ -38,13 +38,3 @@ def ensure(start: bool = True, timeout: float = 90) -> None:
         subprocess.Popen([dockerd], stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     wait_until(answering, timeout=timeout, interval=1, what=f"the Docker engine to start (log: {log_path})")
 
-
-if __name__ == "__main__":
-    import sys
-
-    try:
-        ensure()
-        print("Docker engine is running")
-    except TrainrigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)

@@ -89,12 +89,3 @@ def _import_rootfs(rootfs: Path, image: str) -> None:
     if imported.returncode != 0 or tar.returncode != 0:
         raise TrainrigError(f"docker import of the node root file system failed: {imported.stderr.strip()}")
 
-
-if __name__ == "__main__":
-    import sys
-
-    try:
-        print(ensure_image())
-    except TrainrigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)

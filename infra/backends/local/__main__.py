@@ -1,0 +1,18 @@
+"""`python -m infra.backends.local engine|image`: the Makefile's set-up steps for the local cloud."""
+
+import sys
+
+from cluster.errors import TrainrigError
+from infra.backends.local import engine, image
+
+STEPS = {"engine": lambda: engine.ensure() or "Docker engine is running", "image": image.ensure_image}
+
+if __name__ == "__main__":
+    step = sys.argv[1] if len(sys.argv) > 1 else ""
+    if step not in STEPS:
+        sys.exit(f"usage: python -m infra.backends.local {'|'.join(STEPS)}")
+    try:
+        print(STEPS[step]())
+    except TrainrigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
