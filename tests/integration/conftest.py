@@ -8,7 +8,8 @@ import pytest
 from cluster import inventory, lifecycle, provision
 from infra.backends.local.instance import LABEL
 
-CLUSTER = "pytest-it"
+# Distinct names let two test sessions share one Docker engine.
+CLUSTER = os.environ.get("TRAINRIG_TEST_CLUSTER", "pytest-it")
 
 
 def remove_leftovers(cluster: str) -> None:

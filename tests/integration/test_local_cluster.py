@@ -13,6 +13,7 @@ import yaml
 from cluster import inventory, jobs, keys, lifecycle, monitor, provision, results, runs, ssh
 from cluster.errors import TrainrigError
 from infra import backends
+from tests.integration.conftest import CLUSTER
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -157,14 +158,14 @@ def test_job_bigger_than_the_cluster_is_refused(cluster, provisioned, tmp_path):
     job.write_text(yaml.safe_dump({"name": "big", "nodes": 3, "command": ["hostname"]}))
     result = fab("train", "--job", str(job), "--name", cluster.cluster)
     assert result.returncode != 0
-    assert "asks for 3 nodes but cluster 'pytest-it' has 2 GPU nodes" in result.stderr
+    assert f"asks for 3 nodes but cluster '{CLUSTER}' has 2 GPU nodes" in result.stderr
     assert runs.records(cluster.cluster) == before
 
 
 # -- teardown ----------------------------------------------------------------------------
 
 def test_down_keeps_storage_and_purge_removes_everything(home):
-    name = "pytest-down"
+    name = f"{CLUSTER}-down"
     backend = backends.get("local")
     inv = lifecycle.up(name, gpu_nodes=1, data_disk_gb=1)
     try:
