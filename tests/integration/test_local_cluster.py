@@ -187,3 +187,17 @@ def test_down_keeps_storage_and_purge_removes_everything(home):
     leftover = subprocess.run(["docker", "ps", "-a", "--filter", f"label=trainrig.cluster={name}", "-q"],
                               capture_output=True, text=True).stdout
     assert leftover == ""
+
+
+def test_failed_up_leaves_nothing_behind(home, tmp_path):
+    # No losetup on PATH: node creation fails after the network and volume exist; all rolled back.
+    name = f"{CLUSTER}-fail"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").symlink_to(subprocess.run(["which", "docker"], capture_output=True, text=True).stdout.strip())
+    result = subprocess.run([str(FAB), "up", "--name", name], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PATH": str(bin_dir)})
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "losetup is not installed" in result.stderr
+    assert backends.get("local").billable(name) == []
+    assert not inventory.path_for(name).parent.exists()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -62,6 +64,7 @@ class LocalBackend:
             raise TrainrigError(f"cluster {cluster!r} is already up; use it, or remove it first with: fab down --name {cluster}")
         node_image = image.ensure_image()
         cdir = state.cluster_dir(cluster)
+        fresh = not cdir.exists()
         login_pub = keys.ensure_login_key(cdir / "id_ed25519", f"trainrig-{cluster}")
         names = [f"node{i}" for i in range(request.gpu_nodes)] + [STORAGE_NODE]
         created_volume = not self._exists("volume", volume_name(cluster))
@@ -75,9 +78,13 @@ class LocalBackend:
                 lambda n: self._create_node(cluster, n, node_image, login_pub, request.data_disk_gb, board),
             )
         except BaseException:
-            self._remove_compute(cluster)
+            # Roll back whatever this call made; the original error is the one the user sees.
+            with contextlib.suppress(TrainrigError):
+                self._remove_compute(cluster)
             if created_volume:
                 run(["docker", "volume", "rm", "-f", volume_name(cluster)], check=False)
+            if fresh:
+                shutil.rmtree(cdir, ignore_errors=True)
             raise
         inv = Inventory(
             cluster=cluster,
@@ -135,6 +142,8 @@ class LocalBackend:
         return run(["losetup", "--find", "--show", path], what=f"attaching the data disk of {node} (needs root and /dev/loop-control)").stdout.strip()
 
     def _loops_of(self, path: Path) -> list[str]:
+        if shutil.which("losetup") is None:
+            return []  # nothing can have been attached without it
         out = run(["losetup", "--associated", path, "--noheadings", "--output", "NAME"], check=False).stdout
         return out.split()
 
