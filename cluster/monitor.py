@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -109,7 +110,7 @@ def monitor(inv: Inventory, record: RunRecord, *, interval: float = 1.0, timeout
         sftp = conn.sftp()
         offset, last_unit_check = 0, time.monotonic()
         live = Live(render(view), console=ui.console, refresh_per_second=4) if ui.console.is_terminal else None
-        with live or _nothing():
+        with live or contextlib.nullcontext():
             while True:
                 chunk = runs.read_from(sftp, f"{record.run_dir}/metrics.jsonl", offset)
                 offset += len(chunk)
@@ -138,14 +139,6 @@ def _vanished(conn, record: RunRecord, sftp) -> bool:
     active = ssh.run(conn, ["systemctl", "is-active", "--quiet", record.unit], check=False).exited == 0
     # Re-read status: the unit may have finished between our two looks.
     return not active and (runs.read_status(sftp, record) or {}).get("state") not in FINAL_STATES
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def logs(inv: Inventory, record: RunRecord, *, follow: bool = False, interval: float = 1.0, out=None) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -17,7 +17,7 @@ PLAIN_EVERY = 10.0
 
 
 @contextmanager
-def status(message: str) -> Iterator[callable]:
+def status(message: str) -> Iterator[Callable[[str], None]]:
     """A spinner with the latest output line; without a terminal (CI), that line every 10 s."""
     if not console.is_terminal:
         console.print(f"{message} ...")
