@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 
 from cluster import jobs, ssh, state
+from cluster.commands import wait_until
 from cluster.errors import TrainrigError
 from cluster.inventory import Inventory, Node, require_running
 
@@ -173,3 +174,18 @@ def reader_node(inv: Inventory, record: RunRecord) -> Node:
     if inv.storage_node:
         return inv.storage_node
     raise TrainrigError(f"no node of {inv.cluster!r} is up to read run {record.id} from; start it with fab up")
+
+
+def cancel(inv: Inventory, record: RunRecord, timeout: float = 60) -> dict:
+    """Stop a run: systemd signals the supervisor, which ends mpirun and every rank with it."""
+    node = inv.node(record.node)
+    with ssh.open_checked(inv, node) as conn:
+        sftp = conn.sftp()
+        status = read_status(sftp, record) or {}
+        if status.get("state") in FINAL_STATES:
+            return status
+        ssh.run(conn, ["systemctl", "stop", record.unit], check=False, timeout=timeout, what="stopping the run")
+        return wait_until(
+            lambda: (s := read_status(sftp, record)) and s.get("state") in FINAL_STATES and s,
+            timeout=timeout, interval=0.5, what=f"run {record.id} to stop",
+        )

@@ -111,6 +111,16 @@ def logs(c, run=None, name=None, follow=False):
     monitor_mod.logs(inv, runs.find(inv.cluster, run), follow=follow)
 
 
+@task(help={"run": "run id or prefix (default: the latest)", "name": NAME_HELP})
+@friendly
+def cancel(c, run=None, name=None):
+    """Stop a run on every node; its log, metrics and checkpoints stay on shared storage."""
+    inv = inventory_mod.require_running(_inventory(c, name))
+    record = runs.find(inv.cluster, run)
+    status = runs.cancel(inv, record)
+    ui.console.print(f"run {record.id} {status['state']}")
+
+
 @task(help={"run": "run id or prefix (default: the latest)", "name": NAME_HELP, "dest": "local folder (default ./runs)"})
 @friendly
 def fetch(c, run=None, name=None, dest="runs"):
@@ -145,5 +155,5 @@ def demo(c, name="demo", nodes=2, job=None, keep=False):
     demo_mod.demo(name, int(nodes), Path(job) if job else demo_mod.DEFAULT_JOB, keep=keep)
 
 
-namespace = Collection(up, status, provision, train, monitor, logs, fetch, down, demo)
+namespace = Collection(up, status, provision, train, monitor, logs, cancel, fetch, down, demo)
 namespace.configure({"trainrig": {"cluster": "dev", "nodes": 2, "data_disk_gb": 2}})

@@ -201,3 +201,18 @@ def test_failed_up_leaves_nothing_behind(home, tmp_path):
     assert "losetup is not installed" in result.stderr
     assert backends.get("local").billable(name) == []
     assert not inventory.path_for(name).parent.exists()
+
+
+def test_cancel_stops_every_rank(cluster, provisioned, tmp_path):
+    job = tmp_path / "long.yaml"
+    spec = yaml.safe_load((ROOT / "training_jobs" / "dp-mlp.yaml").read_text())
+    spec.update(code=str(ROOT / "training_jobs" / "dp_mlp"), max_steps=1_000_000)
+    job.write_text(yaml.safe_dump(spec))
+    record = runs.launch(cluster, jobs.load(job))
+    with pytest.raises(TrainrigError, match="still running"):
+        monitor.monitor(cluster, record, timeout=4)  # it is training: steps arrive, the run goes on
+    result = fab("cancel", "--run", record.id, "--name", cluster.cluster)
+    assert result.returncode == 0 and f"run {record.id} cancelled" in result.stdout
+    for name in ("node0", "node1"):
+        assert on(cluster, name, "pgrep", "-f", "train.py", check=False).exited == 1, f"ranks left on {name}"
+    assert fab("monitor", "--run", record.id, "--name", cluster.cluster).returncode == 1
