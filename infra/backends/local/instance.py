@@ -127,7 +127,9 @@ class LocalBackend:
         return Node(
             name=node, role=role, public_address="127.0.0.1", private_address=address, ssh_port=port,
             host_key=keys.bare(host_key.public_openssh), gpu_count=0, gpu_model=None, cpus=os.cpu_count() or 1,
-            data_disks=[DataDisk(device=DISK_DEVICE, size_gb=disk_gb)], hourly_price_usd=0.0,
+            # A kept disk keeps its size, whatever this `up` asked for.
+            data_disks=[DataDisk(device=DISK_DEVICE, size_gb=disk_file(cluster, node).stat().st_size // 1024**3)],
+            hourly_price_usd=0.0,
         )
 
     def _attach_disk(self, cluster: str, node: str, size_gb: int) -> str:
