@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.table import Table
 
 from cluster import inventory as inventory_mod
-from cluster import jobs, lifecycle, monitor, provision, results, runs, ui
+from cluster import jobs, lifecycle, monitor, plot, provision, results, runs, ui
 from cluster.errors import TrainrigError
 
 DEFAULT_JOB = Path(__file__).resolve().parent.parent / "training_jobs" / "dp-mlp.yaml"
@@ -36,15 +36,16 @@ def demo(name: str, gpu_nodes: int, job_path: Path = DEFAULT_JOB, keep: bool = F
             raise TrainrigError(f"run {record.id} {view.state}; see: fab logs --run {record.id} --name {name}")
         with ui.timed("fetch", timings):
             dest = results.fetch(inv, record)
+            curves = plot.plot_run(dest, f"{job.spec.name}: {record.ranks} ranks on {job.spec.nodes} nodes")
     finally:
         if inv is not None and not keep:
             with ui.timed("down", timings):
                 lifecycle.down(inv, purge=True)
-    _summary(inv, job, view, dest, timings, time.monotonic() - started)
+    _summary(inv, job, view, dest, curves, timings, time.monotonic() - started)
     return dest
 
 
-def _summary(inv, job, view, dest: Path, timings: dict[str, float], total: float) -> None:
+def _summary(inv, job, view, dest: Path, curves: Path, timings: dict[str, float], total: float) -> None:
     table = Table(title="demo summary", title_justify="left", show_header=False)
     table.add_column(style="bold")
     table.add_column(overflow="fold")
@@ -57,6 +58,7 @@ def _summary(inv, job, view, dest: Path, timings: dict[str, float], total: float
         table.add_row(f"{phase} time", f"{seconds:.1f}s")
     table.add_row("total", f"{total:.1f}s")
     table.add_row("results", str(dest))
+    table.add_row("curves", str(curves))
     checkpoints = sorted(dest.glob("checkpoints/*.npz"))
     if checkpoints:
         table.add_row("checkpoint", str(checkpoints[-1]))
