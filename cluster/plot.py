@@ -5,12 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display on clusters or in CI
-import matplotlib.pyplot as plt  # noqa: E402
-
-from cluster.errors import TrainrigError  # noqa: E402
+from cluster.errors import TrainrigError
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -21,6 +16,12 @@ def read_metrics(path: Path) -> list[dict]:
 
 def plot_run(run_dir: Path, title: str) -> Path:
     """Write <run_dir>/curves.png from <run_dir>/metrics.jsonl and return its path."""
+    # Imported here: matplotlib costs most of a second, which every other `fab` task would pay.
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on clusters or in CI
+    import matplotlib.pyplot as plt
+
     metrics = read_metrics(run_dir / "metrics.jsonl")
     losses = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
     rates = [(m["step"], m["throughput"]) for m in metrics if "throughput" in m]
