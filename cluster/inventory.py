@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from datetime import datetime, timezone
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -151,6 +152,63 @@ def load_file(path: Path) -> Inventory:
     if not path.is_file():
         raise TrainrigError(f"inventory file {path} does not exist")
     return parse(path.read_text(), str(path))
+
+
+STACK_SOURCE = "stack"
+
+
+def from_stack_output(text: str, source: str) -> Inventory:
+    """`pulumi stack output --json` -> Inventory (the output named 'inventory'; the rest, e.g. the price, is ignored)."""
+    try:
+        outputs = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise TrainrigError(f"invalid stack output {source}: not JSON ({exc.msg})") from None
+    if not isinstance(outputs, dict) or not isinstance(outputs.get("inventory"), dict):
+        raise TrainrigError(f"stack output {source} has no 'inventory'; run: pulumi up")
+    return parse(json.dumps(outputs["inventory"]), source)
+
+
+def load_stack(stack: str | None = None) -> Inventory:
+    """The inventory of a Pulumi stack (the selected one unless named), read with the Pulumi CLI."""
+    from cluster.commands import run
+
+    argv = ["pulumi", "stack", "output", "--json", *(["--stack", stack] if stack else [])]
+    text = run(argv, what="reading the stack's outputs (pulumi stack output --json)").stdout
+    return from_stack_output(text, f"of stack {stack or '(selected)'}")
+
+
+def for_task(name: str | None, default_name: str, source: str | None) -> Inventory:
+    """The inventory a fab task works on.
+
+    With a source ('stack', 'stack:NAME' or a file) it comes from there. Without one: the saved
+    inventory of the cluster (--name, else the default); when there is none and the Pulumi CLI
+    is installed beside a Pulumi.yaml, the selected stack's outputs, so `pulumi up` then
+    `fab provision` needs no extra step.
+    """
+    if not source and not path_for(name or default_name).is_file() and shutil.which("pulumi") and Path("Pulumi.yaml").is_file():
+        source = STACK_SOURCE
+    if not source:
+        return load(name or default_name)
+    inv = resolve(source)
+    if name and inv.cluster != name:
+        raise TrainrigError(f"the inventory from {source} is for cluster {inv.cluster!r}, not {name!r}")
+    return inv
+
+
+def resolve(source: str) -> Inventory:
+    """An inventory from 'stack', 'stack:NAME' (the Pulumi stack's outputs) or a saved file (stack output or
+    inventory.json). It is saved under the cluster's state directory with its pinned host keys, so SSH
+    and later tasks by name use it."""
+    if source == STACK_SOURCE or source.startswith(STACK_SOURCE + ":"):
+        inv = load_stack(source.partition(":")[2] or None)
+    else:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise TrainrigError(f"inventory file {path} does not exist")
+        text = path.read_text()
+        inv = from_stack_output(text, str(path)) if '"inventory"' in text[:200] else parse(text, str(path))
+    save(inv)
+    return inv
 
 
 def save(inv: Inventory) -> Path:

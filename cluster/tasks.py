@@ -14,6 +14,8 @@ from cluster import jobs, lifecycle, monitor as monitor_mod, provision as provis
 from cluster.errors import TrainrigError
 
 NAME_HELP = "cluster name (default: trainrig.cluster in Fabric config, 'dev')"
+INVENTORY_HELP = ("where the inventory comes from: 'stack' (pulumi stack output), 'stack:NAME', or a saved file "
+                  "(default: trainrig.inventory, else the cluster's own)")
 
 
 def friendly(body):
@@ -35,8 +37,8 @@ def _name(c, name: str | None) -> str:
     return name or c.config.trainrig.cluster
 
 
-def _inventory(c, name: str | None):
-    return inventory_mod.load(_name(c, name))
+def _inventory(c, name: str | None, inventory: str | None = None):
+    return inventory_mod.for_task(name, c.config.trainrig.cluster, inventory or c.config.trainrig.inventory)
 
 
 @task(help={"name": NAME_HELP, "nodes": "number of GPU-role nodes (default 2)", "disk_gb": "data disk size per node, GB"})
@@ -49,11 +51,11 @@ def up(c, name=None, nodes=None, disk_gb=None):
     ui.console.print(f"inventory: {inventory_mod.path_for(inv.cluster)}")
 
 
-@task(help={"name": NAME_HELP})
+@task(help={"name": NAME_HELP, "inventory": INVENTORY_HELP})
 @friendly
-def status(c, name=None):
+def status(c, name=None, inventory=None):
     """Show the cluster's nodes, addresses and whether each answers SSH."""
-    inv = _inventory(c, name)
+    inv = _inventory(c, name, inventory)
     ui.console.print(lifecycle.status_table(inv))
     if not inv.running:
         ui.console.print(f"no nodes running; start them with: fab up --name {inv.cluster}")
@@ -61,20 +63,20 @@ def status(c, name=None):
 
 @task(help={"name": NAME_HELP, "tags": "run only these playbook tags (e.g. ssh_mesh)",
             "retry_failed": "re-run only the hosts that failed or were unreachable last time",
-            "playbook": "playbook under playbooks/ (default site.yml)"})
+            "playbook": "playbook under playbooks/ (default site.yml)", "inventory": INVENTORY_HELP})
 @friendly
-def provision(c, name=None, tags=None, retry_failed=False, playbook="site.yml"):
+def provision(c, name=None, tags=None, retry_failed=False, playbook="site.yml", inventory=None):
     """Run the Ansible playbooks on every node in parallel, with a per-host recap."""
-    provision_mod.provision(_inventory(c, name), playbook=playbook, tags=tags, retry_failed=retry_failed)
+    provision_mod.provision(_inventory(c, name, inventory), playbook=playbook, tags=tags, retry_failed=retry_failed)
 
 
 @task(help={"job": "job spec, e.g. training_jobs/dp-mlp.yaml", "name": NAME_HELP,
-            "follow": "monitor the run until it ends (exit status = the run's)"})
+            "follow": "monitor the run until it ends (exit status = the run's)", "inventory": INVENTORY_HELP})
 @friendly
-def train(c, job, name=None, follow=False):
+def train(c, job, name=None, follow=False, inventory=None):
     """Launch a training job across the cluster, detached; prints the run id."""
     spec = jobs.load(job)
-    inv = inventory_mod.require_running(_inventory(c, name))
+    inv = inventory_mod.require_running(_inventory(c, name, inventory))
     record = runs.launch(inv, spec)
     ui.console.print(f"started run [bold]{record.id}[/] ({record.ranks} ranks) in {record.run_dir}")
     if follow:
@@ -84,11 +86,11 @@ def train(c, job, name=None, follow=False):
 
 
 @task(help={"run": "run id or prefix (default: the latest)", "name": NAME_HELP,
-            "timeout": "give up watching after this many seconds (the run goes on)"})
+            "timeout": "give up watching after this many seconds (the run goes on)", "inventory": INVENTORY_HELP})
 @friendly
-def monitor(c, run=None, name=None, timeout=None):
+def monitor(c, run=None, name=None, timeout=None, inventory=None):
     """Follow a run live (step, loss, samples/s); exits with the run's success or failure."""
-    inv = _inventory(c, name)
+    inv = _inventory(c, name, inventory)
     _follow(inv, runs.find(inv.cluster, run), float(timeout) if timeout else None)
 
 
@@ -103,29 +105,29 @@ def _follow(inv, record, timeout=None):
     ui.console.print(summary)
 
 
-@task(help={"run": "run id or prefix (default: the latest)", "name": NAME_HELP, "follow": "keep printing until the run ends"})
+@task(help={"run": "run id or prefix (default: the latest)", "name": NAME_HELP, "follow": "keep printing until the run ends", "inventory": INVENTORY_HELP})
 @friendly
-def logs(c, run=None, name=None, follow=False):
+def logs(c, run=None, name=None, follow=False, inventory=None):
     """Print a run's log, or follow it."""
-    inv = _inventory(c, name)
+    inv = _inventory(c, name, inventory)
     monitor_mod.logs(inv, runs.find(inv.cluster, run), follow=follow)
 
 
-@task(help={"run": "run id or prefix (default: the latest)", "name": NAME_HELP})
+@task(help={"run": "run id or prefix (default: the latest)", "name": NAME_HELP, "inventory": INVENTORY_HELP})
 @friendly
-def cancel(c, run=None, name=None):
+def cancel(c, run=None, name=None, inventory=None):
     """Stop a run on every node; its log, metrics and checkpoints stay on shared storage."""
-    inv = inventory_mod.require_running(_inventory(c, name))
+    inv = inventory_mod.require_running(_inventory(c, name, inventory))
     record = runs.find(inv.cluster, run)
     status = runs.cancel(inv, record)
     ui.console.print(f"run {record.id} {status['state']}")
 
 
-@task(help={"run": "run id or prefix (default: the latest)", "name": NAME_HELP, "dest": "local folder (default ./runs)"})
+@task(help={"run": "run id or prefix (default: the latest)", "name": NAME_HELP, "dest": "local folder (default ./runs)", "inventory": INVENTORY_HELP})
 @friendly
-def fetch(c, run=None, name=None, dest="runs"):
+def fetch(c, run=None, name=None, dest="runs", inventory=None):
     """Copy a run's checkpoints, log and metrics to ./runs/<cluster>/<run-id>/."""
-    inv = inventory_mod.require_running(_inventory(c, name))
+    inv = inventory_mod.require_running(_inventory(c, name, inventory))
     path = results.fetch(inv, runs.find(inv.cluster, run), Path(dest))
     ui.console.print(f"results in {path}")
 
@@ -147,6 +149,15 @@ def down(c, name=None, purge=False):
     ui.console.print(f"remove storage too with: fab down --name {cluster} --purge")
 
 
+@task(help={"stack": "stack name (stacks/Pulumi.<stack>.yaml) or a stack file (default: trainrig.stack)"})
+@friendly
+def plan(c, stack=None):
+    """Print the nodes, flavors, disks and $/hour a stack will create (no Pulumi CLI needed)."""
+    from infra import stacks
+
+    ui.console.print(stacks.plan_table(stack or c.config.trainrig.stack))
+
+
 @task(help={"name": "cluster name for the demo (default 'demo')", "nodes": "GPU-role nodes (default 2)",
             "job": "job spec (default training_jobs/dp-mlp.yaml)", "keep": "leave the cluster up afterwards"})
 @friendly
@@ -155,5 +166,5 @@ def demo(c, name="demo", nodes=2, job=None, keep=False):
     demo_mod.demo(name, int(nodes), Path(job) if job else demo_mod.DEFAULT_JOB, keep=keep)
 
 
-namespace = Collection(up, status, provision, train, monitor, logs, cancel, fetch, down, demo)
-namespace.configure({"trainrig": {"cluster": "dev", "nodes": 2, "data_disk_gb": 2}})
+namespace = Collection(up, status, provision, train, monitor, logs, cancel, fetch, down, demo, plan)
+namespace.configure({"trainrig": {"cluster": "dev", "nodes": 2, "data_disk_gb": 2, "stack": None, "inventory": None}})

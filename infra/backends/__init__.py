@@ -43,8 +43,18 @@ class Backend(Protocol):
 
 REGISTRY = {"local": "infra.backends.local"}
 
+# The Pulumi program's module for each cloud (see infra/program.py for what one implements).
+PROGRAMS = {"local": "infra.backends.local_program", "aws": "infra.backends.aws", "ibm": "infra.backends.ibm"}
+
 
 def get(cloud: str) -> Backend:
     if cloud not in REGISTRY:
         raise TrainrigError(f"cloud {cloud!r} is not supported by this version; choose one of: {', '.join(REGISTRY)}")
     return importlib.import_module(REGISTRY[cloud]).BACKEND
+
+
+def program(cloud: str):
+    """The Pulumi program module that builds a cluster on this cloud."""
+    if cloud not in PROGRAMS:
+        raise TrainrigError(f"trainrig:cloud: {cloud!r} has no Pulumi program; set trainrig:cloud to one of: {', '.join(PROGRAMS)}")
+    return importlib.import_module(PROGRAMS[cloud])

@@ -1,0 +1,13 @@
+"""The Pulumi program (Pulumi.yaml: main: infra/): validate the stack's config, build one GpuCluster, export the inventory."""
+
+import pulumi
+from pulumi.runtime import config as runtime_config
+
+from infra import config
+from infra.component import GpuCluster, GpuClusterArgs
+
+settings = config.from_pulumi_config({**runtime_config.get_config_env(), **runtime_config.CONFIG.get()})
+config.check_credentials(settings)
+cluster = GpuCluster(settings.cluster, GpuClusterArgs(settings))
+pulumi.export("inventory", cluster.inventory)
+pulumi.export("hourly_cost_usd", cluster.hourly_cost_usd)

@@ -1,0 +1,139 @@
+"""AWS for the Pulumi program (pulumi_aws): network, security group, placement group, key pair, GPU instances, NFS storage node.
+
+Reachable from outside: SSH (tcp/22) from admin_cidr, nothing else. Members of the cluster's
+security group reach each other on everything (MPI, NCCL, NFS). The storage instance and its
+EBS volume are protected and do not depend on the GPU nodes, so gpu_nodes=0 keeps them.
+"""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Network
+
+import pulumi
+import pulumi_aws as aws
+
+from infra import program
+from infra.config import StackConfig
+from infra.plan import STORAGE_NODE, Plan
+
+DLAMI_NAME = "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) *"
+UBUNTU_NAME = "ubuntu/images/hvm-ssd*/ubuntu-jammy-22.04-amd64-server-*"
+CANONICAL = "099720109477"
+EBS_DEVICE_NAME = "/dev/sdf"
+XEN_FAMILIES = ("p2", "p3", "i3", "g3")  # instance families that show an EBS volume as /dev/xvdX, not NVMe
+ROOT_DISK_GB = 100
+
+
+def data_device(instance_type: str) -> str:
+    family = instance_type.split(".")[0]
+    return "/dev/xvdf" if family in XEN_FAMILIES else "/dev/nvme1n1"
+
+
+def build(parent: pulumi.ComponentResource, name: str, cfg: StackConfig, plan: Plan) -> pulumi.Output:
+    tags = {**cfg.tags, "trainrig:cluster": cfg.cluster}
+    provider = aws.Provider(f"{name}-aws", region=cfg.region, default_tags={"tags": tags}, opts=program.child(parent))
+    opts = program.child(parent, provider=provider)
+    invoke = pulumi.InvokeOptions(provider=provider, parent=parent)
+
+    vpc_id, vpc_cidr, subnet_id = _network(name, cfg, opts, invoke)
+    group = aws.ec2.SecurityGroup(f"{name}-sg", vpc_id=vpc_id, description=f"trainrig cluster {cfg.cluster}",
+                                  tags={"Name": f"{name}-sg"}, opts=opts)
+    aws.vpc.SecurityGroupIngressRule(f"{name}-ssh-admin", security_group_id=group.id, ip_protocol="tcp",
+                                     from_port=22, to_port=22, cidr_ipv4=str(cfg.admin_cidr),
+                                     description="SSH from the operator", opts=opts)
+    aws.vpc.SecurityGroupIngressRule(f"{name}-members", security_group_id=group.id, ip_protocol="-1",
+                                     referenced_security_group_id=group.id,
+                                     description="everything between cluster members (MPI, NCCL, NFS)", opts=opts)
+    aws.vpc.SecurityGroupEgressRule(f"{name}-egress", security_group_id=group.id, ip_protocol="-1",
+                                    cidr_ipv4="0.0.0.0/0", description="outbound", opts=opts)
+    key = aws.ec2.KeyPair(f"{name}-key", key_name=f"trainrig-{cfg.cluster}", public_key=cfg.ssh_public_key, opts=opts)
+
+    # Storage first, on its own: protected, and nothing of it depends on the GPU nodes.
+    storage_key = program.HostKey(f"{name}-{STORAGE_NODE}-hostkey", STORAGE_NODE, opts=program.child(parent, protect=True))
+    storage = aws.ec2.Instance(
+        f"{name}-{STORAGE_NODE}", instance_type=cfg.storage_flavor, ami=_ubuntu_ami(invoke), subnet_id=subnet_id,
+        vpc_security_group_ids=[group.id], key_name=key.key_name,
+        root_block_device={"volume_size": 30, "volume_type": "gp3", "encrypted": True},
+        user_data=program.cloud_init(storage_key, cfg, "", firewall=False), user_data_replace_on_change=False,
+        tags={"Name": f"{cfg.cluster}-{STORAGE_NODE}", "trainrig:role": "storage"},
+        opts=program.child(parent, provider=provider, protect=True))
+    volume = aws.ebs.Volume(f"{name}-{STORAGE_NODE}-data", availability_zone=storage.availability_zone,
+                            size=cfg.storage_disk_gb, type="gp3", encrypted=True,
+                            tags={"Name": f"{cfg.cluster}-{STORAGE_NODE}-data", "trainrig:role": "storage"},
+                            opts=program.child(parent, provider=provider, protect=True))
+    aws.ec2.VolumeAttachment(f"{name}-{STORAGE_NODE}-data-attach", device_name=EBS_DEVICE_NAME, volume_id=volume.id,
+                             instance_id=storage.id, opts=program.child(parent, provider=provider, protect=True))
+
+    placement = None
+    if cfg.gpu_nodes > 1:
+        placement = aws.ec2.PlacementGroup(f"{name}-placement", strategy="cluster", opts=opts)
+    ami = cfg.image or _deep_learning_ami(invoke)
+    records = []
+    for planned in plan.nodes:
+        if planned.role != "gpu":
+            continue
+        host_key = program.HostKey(f"{name}-{planned.name}-hostkey", planned.name, opts=program.child(parent))
+        market = {"market_type": "spot", "spot_options": {"instance_interruption_behavior": "terminate"}} if cfg.spot else None
+        instance = aws.ec2.Instance(
+            f"{name}-{planned.name}", instance_type=cfg.flavor, ami=ami, subnet_id=subnet_id,
+            vpc_security_group_ids=[group.id], key_name=key.key_name,
+            placement_group=placement.name if placement else None, instance_market_options=market,
+            root_block_device={"volume_size": ROOT_DISK_GB, "volume_type": "gp3", "encrypted": True},
+            ebs_block_devices=[{"device_name": EBS_DEVICE_NAME, "volume_size": planned.data_disk_gb, "volume_type": "gp3",
+                                "encrypted": True, "delete_on_termination": True}],
+            user_data=program.cloud_init(host_key, cfg, "", firewall=False),
+            tags={"Name": f"{cfg.cluster}-{planned.name}", "trainrig:role": "gpu"}, opts=opts)
+        records.append(program.node_record(planned, instance.public_ip, instance.private_ip, host_key.public_key,
+                                           data_device(cfg.flavor)))
+    records.append(program.node_record(plan.node(STORAGE_NODE), storage.public_ip, storage.private_ip,
+                                       storage_key.public_key, data_device(cfg.storage_flavor)))
+    return program.inventory(cfg, records, pulumi.Output.from_input(vpc_id), vpc_cidr)
+
+
+def _network(name: str, cfg: StackConfig, opts: pulumi.ResourceOptions, invoke: pulumi.InvokeOptions):
+    """(vpc id, vpc cidr, subnet id): the region's default VPC, or a new VPC with one public subnet."""
+    if cfg.vpc == "default":
+        vpc = aws.ec2.get_vpc_output(default=True, opts=invoke)
+        filters = [{"name": "vpc-id", "values": [vpc.id]}, {"name": "default-for-az", "values": ["true"]}]
+        if cfg.zone:
+            filters.append({"name": "availability-zone", "values": [cfg.zone]})
+        subnets = aws.ec2.get_subnets_output(filters=filters, opts=invoke)
+        return vpc.id, vpc.cidr_block, subnets.ids.apply(lambda ids: sorted(ids)[0])
+    vpc = aws.ec2.Vpc(f"{name}-vpc", cidr_block=str(cfg.vpc_cidr), enable_dns_hostnames=True,
+                      tags={"Name": f"trainrig-{cfg.cluster}"}, opts=opts)
+    gateway = aws.ec2.InternetGateway(f"{name}-igw", vpc_id=vpc.id, opts=opts)
+    subnet_cidr = next(IPv4Network(cfg.vpc_cidr).subnets(new_prefix=max(cfg.vpc_cidr.prefixlen, 20)))
+    subnet = aws.ec2.Subnet(f"{name}-subnet", vpc_id=vpc.id, cidr_block=str(subnet_cidr), availability_zone=cfg.zone,
+                            map_public_ip_on_launch=True, opts=opts)
+    routes = aws.ec2.RouteTable(f"{name}-routes", vpc_id=vpc.id,
+                                routes=[{"cidr_block": "0.0.0.0/0", "gateway_id": gateway.id}], opts=opts)
+    aws.ec2.RouteTableAssociation(f"{name}-routes-subnet", subnet_id=subnet.id, route_table_id=routes.id, opts=opts)
+    return vpc.id, vpc.cidr_block, subnet.id
+
+
+def _deep_learning_ami(invoke: pulumi.InvokeOptions) -> pulumi.Output[str]:
+    return aws.ec2.get_ami_output(most_recent=True, owners=["amazon"],
+                                  filters=[{"name": "name", "values": [DLAMI_NAME]}], opts=invoke).id
+
+
+def _ubuntu_ami(invoke: pulumi.InvokeOptions) -> pulumi.Output[str]:
+    return aws.ec2.get_ami_output(most_recent=True, owners=[CANONICAL],
+                                  filters=[{"name": "name", "values": [UBUNTU_NAME]}], opts=invoke).id
+
+
+def billable(cluster: str, region: str, endpoint_url: str | None = None) -> list[str]:
+    """What AWS's own listings still hold for a cluster (instances not terminated, volumes, VPCs, groups)."""
+    import boto3
+
+    ec2 = boto3.client("ec2", region_name=region, endpoint_url=endpoint_url)
+    tag = [{"Name": "tag:trainrig:cluster", "Values": [cluster]}]
+    found = []
+    for reservation in ec2.describe_instances(Filters=tag)["Reservations"]:
+        for inst in reservation["Instances"]:
+            if inst["State"]["Name"] not in ("terminated", "shutting-down"):
+                found.append(f"instance {inst['InstanceId']} ({inst['InstanceType']}, {inst['State']['Name']})")
+    found += [f"volume {v['VolumeId']} ({v['Size']} GB)" for v in ec2.describe_volumes(Filters=tag)["Volumes"]]
+    found += [f"vpc {v['VpcId']}" for v in ec2.describe_vpcs(Filters=tag)["Vpcs"]]
+    found += [f"security group {g['GroupId']}" for g in ec2.describe_security_groups(Filters=tag)["SecurityGroups"]]
+    found += [f"key pair {k['KeyName']}" for k in ec2.describe_key_pairs(Filters=tag)["KeyPairs"]]
+    return found

@@ -1,0 +1,69 @@
+"""IBM Cloud classic for the Pulumi program: an SSH key and virtual servers (dynamic providers over the softlayer SDK).
+
+Classic virtual servers have no security group here: each node's cloud-init turns on ufw with
+SSH only from admin_cidr and everything from the private network (10.0.0.0/8, IBM's private
+VLANs). The NFS server VM (with its SAN data disk) is protected and independent of the GPU nodes.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pulumi
+from pulumi.dynamic import Resource
+
+from infra import catalog, program
+from infra.backends.ibm_provider import SshKeyProvider, VirtualServerProvider
+from infra.config import StackConfig
+from infra.plan import STORAGE_NODE, Plan, PlannedNode
+
+PRIVATE_NETWORK = "10.0.0.0/8"
+BOOT_DISK_GB = 100
+DATA_DEVICE = "/dev/xvdc"
+OS_CODE = re.compile(r"^[A-Z][A-Z0-9_]+$")
+
+
+class SshKey(Resource, module="ibm", name="SshKey"):
+    key_id: pulumi.Output[int]
+
+    def __init__(self, name: str, key: str, label: str, opts: pulumi.ResourceOptions | None = None):
+        super().__init__(SshKeyProvider(), name, {"key": key, "label": label, "key_id": None}, opts)
+
+
+class VirtualServer(Resource, module="ibm", name="VirtualServer"):
+    public_ip: pulumi.Output[str]
+    private_ip: pulumi.Output[str]
+    guest_id: pulumi.Output[int]
+
+    def __init__(self, name: str, props: dict, opts: pulumi.ResourceOptions | None = None):
+        sizes = {k: (m.cpus, m.memory_gb) for k, m in catalog.load().ibm.flavors.items()}
+        super().__init__(VirtualServerProvider(flavor_sizes=sizes), name,
+                         {**props, "public_ip": None, "private_ip": None, "guest_id": None}, opts)
+
+
+def build(parent: pulumi.ComponentResource, name: str, cfg: StackConfig, plan: Plan) -> pulumi.Output:
+    key = SshKey(f"{name}-key", cfg.ssh_public_key, f"trainrig-{cfg.cluster}", opts=program.child(parent, protect=True))
+    records = []
+    for planned in plan.nodes:  # GPU nodes, then the storage node
+        storage = planned.role == "storage"
+        host_key = program.HostKey(f"{name}-{planned.name}-hostkey", planned.name,
+                                   opts=program.child(parent, protect=storage))
+        server = VirtualServer(f"{name}-{planned.name}", _server_props(cfg, planned, key, host_key),
+                               opts=program.child(parent, protect=storage, additional_secret_outputs=["user_data"]))
+        records.append(program.node_record(planned, server.public_ip, server.private_ip, host_key.public_key, DATA_DEVICE))
+    return program.inventory(cfg, records, f"{cfg.cluster}-private", PRIVATE_NETWORK)
+
+
+def _server_props(cfg: StackConfig, planned: PlannedNode, key: SshKey, host_key: program.HostKey) -> dict:
+    image = {"os_code": cfg.image or "UBUNTU_22_64", "image_id": None}
+    if cfg.image and not OS_CODE.match(cfg.image):
+        image = {"os_code": None, "image_id": cfg.image}
+    return {
+        "hostname": planned.name, "domain": f"{cfg.cluster}.{cfg.domain}", "datacenter": cfg.datacenter,
+        "flavor": planned.flavor, **image, "hourly": cfg.hourly, "local_disk": False,
+        "disks": [BOOT_DISK_GB, planned.data_disk_gb], "nic_speed": cfg.nic_speed,
+        "ssh_key_ids": [key.key_id], "private_vlan": cfg.private_vlan,
+        "tags": sorted([f"trainrig-cluster:{cfg.cluster}", f"trainrig-role:{planned.role}",
+                        *(f"{k}:{v}" for k, v in cfg.tags.items())]),
+        "user_data": program.cloud_init(host_key, cfg, PRIVATE_NETWORK, firewall=True),
+    }

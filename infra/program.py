@@ -1,0 +1,99 @@
+"""What every cloud module of the Pulumi program implements, and the pieces they share (host keys, cloud-init, node records).
+
+A cloud module exposes one function:
+    build(parent, name, cfg, plan) -> pulumi.Output[dict]
+It creates the cluster's storage (protected: it survives gpu_nodes=0 and `fab down`) and its
+compute as children of `parent`, named f"{name}-...", and returns the inventory as a plain
+dict (cluster/inventory.py's schema) once the cloud has answered.
+"""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Network
+from typing import Any, Protocol
+
+import pulumi
+import yaml
+from pulumi.dynamic import CreateResult, DiffResult, Resource, ResourceProvider
+
+from cluster import keys
+from infra.config import StackConfig
+from infra.plan import NFS_EXPORT, STORAGE_NODE, Plan, PlannedNode
+
+
+class ClusterProgram(Protocol):
+    def build(self, parent: pulumi.ComponentResource, name: str, cfg: StackConfig, plan: Plan) -> pulumi.Output: ...
+
+
+class HostKeyProvider(ResourceProvider):
+    """A node's SSH host key, made once, so it is pinned before the node first boots."""
+
+    def create(self, props: dict[str, Any]) -> CreateResult:
+        pair = keys.generate(props.get("comment", ""))
+        return CreateResult(props["node"], {**props, "public_key": keys.bare(pair.public_openssh),
+                                            "private_key": pair.private_openssh})
+
+    def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
+        return DiffResult(changes=olds.get("node") != news.get("node"), replaces=["node"] if olds.get("node") != news.get("node") else [])
+
+
+class HostKey(Resource, module="trainrig", name="HostKey"):
+    public_key: pulumi.Output[str]
+    private_key: pulumi.Output[str]
+
+    def __init__(self, name: str, node: str, opts: pulumi.ResourceOptions | None = None):
+        opts = pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(additional_secret_outputs=["private_key"]))
+        super().__init__(HostKeyProvider(), name, {"node": node, "comment": f"root@{node}", "public_key": None,
+                                                   "private_key": None}, opts)
+
+
+def cloud_init(host_key: HostKey, cfg: StackConfig, private_cidr: str, firewall: bool) -> pulumi.Output[str]:
+    """User data: the pinned host key; with firewall, SSH only from admin_cidr and everything from the private network."""
+
+    def render(private_key: str, public_key: str) -> str:
+        doc: dict[str, Any] = {"ssh_keys": {"ed25519_private": private_key, "ed25519_public": public_key},
+                               "ssh_deletekeys": True, "ssh_genkeytypes": []}
+        if firewall:
+            doc["runcmd"] = [
+                ["ufw", "default", "deny", "incoming"],
+                ["ufw", "allow", "from", str(cfg.admin_cidr), "to", "any", "port", "22", "proto", "tcp"],
+                ["ufw", "allow", "from", private_cidr],
+                ["ufw", "--force", "enable"],
+            ]
+        return "#cloud-config\n" + yaml.safe_dump(doc, sort_keys=True)
+
+    return pulumi.Output.secret(pulumi.Output.all(host_key.private_key, host_key.public_key).apply(lambda kv: render(*kv)))
+
+
+def node_record(planned: PlannedNode, public_ip, private_ip, host_key, device: str) -> pulumi.Output[dict]:
+    """One inventory node, once the cloud has given it addresses."""
+
+    def record(values) -> dict:
+        public, private, key = values
+        return {
+            "name": planned.name, "role": planned.role, "public_address": public or private, "private_address": private,
+            "ssh_port": 22, "host_key": key, "gpu_count": planned.gpus, "gpu_model": planned.gpu_model,
+            "cpus": planned.cpus, "data_disks": [{"device": device, "size_gb": planned.data_disk_gb}],
+            "hourly_price_usd": round(planned.usd_per_hour, 4),
+        }
+
+    return pulumi.Output.all(public_ip, private_ip, host_key).apply(record)
+
+
+def inventory(cfg: StackConfig, nodes: list[pulumi.Output], network_name, network_cidr) -> pulumi.Output[dict]:
+    """The whole inventory: storage node last, shared storage served from it over NFS."""
+
+    def assemble(values) -> dict:
+        *records, net_name, cidr = values
+        return {
+            "schema_version": 1, "cluster": cfg.cluster, "cloud": cfg.cloud, "ssh_user": cfg.login_user,
+            "ssh_private_key": str(cfg.private_key_path), "nodes": records,
+            "storage": {"server": STORAGE_NODE, "export": NFS_EXPORT, "mount_point": NFS_EXPORT},
+            "network": {"name": net_name, "cidr": str(IPv4Network(cidr))},
+        }
+
+    return pulumi.Output.all(*nodes, network_name, network_cidr).apply(assemble)
+
+
+def child(parent: pulumi.Resource, **extra) -> pulumi.ResourceOptions:
+    return pulumi.ResourceOptions(parent=parent, **extra)

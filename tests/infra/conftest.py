@@ -1,0 +1,79 @@
+"""Pulumi's own mocks for the program's tests: every registered resource is recorded with its options."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pulumi
+import pytest
+from pulumi.runtime.mocks import MockMonitor
+
+from cluster import keys
+
+ROOT = Path(__file__).resolve().parents[2]
+STACKS = sorted((ROOT / "stacks").glob("Pulumi.*.yaml"))
+
+
+@dataclass
+class Registered:
+    type: str
+    name: str
+    inputs: dict
+    protect: bool
+    parent: str
+
+
+@dataclass
+class CloudMocks(pulumi.runtime.Mocks):
+    """Answers like a cloud would: ids, addresses inside the cluster's network, a host key per HostKey."""
+
+    private_prefix: str = "10.42.0."
+    resources: list[Registered] = field(default_factory=list)
+    counter: itertools.count = field(default_factory=lambda: itertools.count(10))
+
+    def new_resource(self, args: pulumi.runtime.MockResourceArgs):
+        n = next(self.counter)
+        state = dict(args.inputs)
+        if args.typ == "aws:ec2/instance:Instance":
+            state.update(publicIp=f"203.0.113.{n}", privateIp=f"{self.private_prefix}{n}", availabilityZone="us-east-1a")
+        elif args.typ == "aws:ec2/placementGroup:PlacementGroup":
+            state.setdefault("name", args.name)
+        elif args.typ.endswith("trainrig:HostKey"):
+            state.update(public_key=keys.bare(keys.generate().public_openssh), private_key="PRIVATE")
+        elif args.typ.endswith("ibm:VirtualServer"):
+            state.update(public_ip=f"169.45.0.{n}", private_ip=f"10.45.19.{n}", guest_id=n)
+        elif args.typ.endswith("local:Cluster"):
+            state.update(inventory={"cluster": args.inputs["cluster"], "cloud": "local", "ssh_user": "root",
+                                    "ssh_private_key": "/tmp/id_ed25519", "nodes": []})
+        elif args.typ.endswith("ibm:SshKey"):
+            state.update(key_id=n)
+        return f"{args.name}-id", state
+
+    def call(self, args: pulumi.runtime.MockCallArgs):
+        answers = {
+            "aws:ec2/getAmi:getAmi": {"id": "ami-0dlami"},
+            "aws:ec2/getVpc:getVpc": {"id": "vpc-default", "cidrBlock": "10.42.0.0/16"},
+            "aws:ec2/getSubnets:getSubnets": {"ids": ["subnet-b", "subnet-a"]},
+        }
+        return answers.get(args.token, {})
+
+    def of_type(self, suffix: str) -> list[Registered]:
+        return [r for r in self.resources if r.type.endswith(suffix)]
+
+
+class RecordingMonitor(MockMonitor):
+    def RegisterResource(self, request):
+        response = super().RegisterResource(request)
+        if request.type != "pulumi:pulumi:Stack":
+            self.mocks.resources.append(Registered(request.type, request.name, self.resources[response.urn].state,
+                                                   bool(request.protect), request.parent))
+        return response
+
+
+@pytest.fixture
+def mocks():
+    m = CloudMocks()
+    pulumi.runtime.set_mocks(m, project="trainrig", stack="test", preview=False, monitor=RecordingMonitor(m))
+    yield m

@@ -1,0 +1,45 @@
+"""AWS calls trainrig makes itself (billable: teardown verified against the cloud's listing), against moto's server on loopback."""
+
+from __future__ import annotations
+
+import boto3
+import pytest
+
+from infra.backends import aws
+
+moto_server = pytest.importorskip("moto.server")
+
+
+@pytest.fixture(scope="module")
+def endpoint():
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def fake_credentials(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+
+
+def test_billable_lists_what_is_left_and_nothing_once_gone(endpoint):
+    ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=endpoint)
+    tags = [{"Key": "trainrig:cluster", "Value": "imagenet"}]
+    ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    instance = ec2.run_instances(ImageId=ami, InstanceType="p2.16xlarge", MinCount=1, MaxCount=1,
+                                 TagSpecifications=[{"ResourceType": "instance", "Tags": tags}])["Instances"][0]
+    volume = ec2.create_volume(AvailabilityZone="us-east-1a", Size=2000,
+                               TagSpecifications=[{"ResourceType": "volume", "Tags": tags}])
+    other = ec2.create_volume(AvailabilityZone="us-east-1a", Size=10,
+                              TagSpecifications=[{"ResourceType": "volume", "Tags": [{"Key": "trainrig:cluster", "Value": "x"}]}])
+    left = aws.billable("imagenet", "us-east-1", endpoint_url=endpoint)
+    assert f"instance {instance['InstanceId']} (p2.16xlarge, running)" in left
+    assert f"volume {volume['VolumeId']} (2000 GB)" in left
+    assert not any(other["VolumeId"] in item for item in left)
+
+    ec2.terminate_instances(InstanceIds=[instance["InstanceId"]])
+    ec2.delete_volume(VolumeId=volume["VolumeId"])
+    assert aws.billable("imagenet", "us-east-1", endpoint_url=endpoint) == []

@@ -1,0 +1,132 @@
+"""The Pulumi program under Pulumi's mocks: for every sample stack, the resources, rules, protection and outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pulumi
+import pytest
+
+from cluster.inventory import Inventory
+from infra import config
+from infra.component import GpuCluster, GpuClusterArgs
+from tests.infra.conftest import STACKS
+
+CLOUD_STACKS = [p for p in STACKS if "local" not in p.name]
+
+
+def build(path, **overrides):
+    cfg = config.load_stack_file(path)
+    if overrides:
+        cfg = config.StackConfig.model_validate({**cfg.model_dump(exclude_unset=True), **overrides})
+    return cfg, GpuCluster(cfg.cluster, GpuClusterArgs(cfg))
+
+
+def outputs(cluster: GpuCluster):
+    return pulumi.Output.all(cluster.inventory, cluster.hourly_cost_usd)
+
+
+@pytest.mark.parametrize("path", CLOUD_STACKS, ids=lambda p: p.stem)
+def test_outputs_are_an_inventory_and_a_price(mocks, path):
+    cfg, cluster = build(path)
+
+    @pulumi.runtime.test
+    def check():
+        def verify(values):
+            inventory, cost = values
+            inv = Inventory.model_validate_json(json.dumps(inventory))
+            assert [n.name for n in inv.gpu_nodes] == cfg.gpu_node_names()
+            assert all(n.gpu_count == cfg.gpus for n in inv.gpu_nodes)
+            assert inv.storage_node is not None and inv.storage.export == "/data"
+            assert all(n.data_disks[0].size_gb == cfg.data_disk_gb for n in inv.gpu_nodes)
+            assert inv.storage_node.data_disks[0].size_gb == cfg.storage_disk_gb
+            assert cost["total"] == pytest.approx(cost["compute"] + cost["storage"], abs=1e-3)
+            assert cost["compute"] == pytest.approx(round(inv.hourly_cost_usd() - inv.storage_node.hourly_price_usd, 4), abs=1e-3)
+        return outputs(cluster).apply(verify)
+
+    check()
+    # Every resource is a child of the component (directly or through the provider), named after it.
+    component = mocks.of_type("GpuCluster")[0]
+    assert all(r.name.startswith(f"{cfg.cluster}-") for r in mocks.resources if r is not component)
+
+
+@pytest.mark.parametrize("path", [p for p in CLOUD_STACKS if "aws" in p.name], ids=lambda p: p.stem)
+def test_aws_graph(mocks, path):
+    cfg, cluster = build(path)
+    pulumi.runtime.test(lambda: outputs(cluster))()
+    instances = mocks.of_type("aws:ec2/instance:Instance")
+    gpu = [i for i in instances if i.inputs["tags"]["trainrig:role"] == "gpu"]
+    storage = [i for i in instances if i.inputs["tags"]["trainrig:role"] == "storage"]
+    assert len(gpu) == cfg.gpu_nodes and {i.inputs["instanceType"] for i in gpu} == {cfg.flavor}
+    assert len(storage) == 1 and storage[0].inputs["instanceType"] == cfg.storage_flavor
+    assert all(i.inputs["ebsBlockDevices"][0]["volumeSize"] == cfg.data_disk_gb for i in gpu)
+    assert all(i.inputs["ami"] == "ami-0dlami" for i in gpu), "Deep Learning AMI by lookup"
+    assert all(i.inputs["placementGroup"] for i in gpu)
+    assert [v.inputs["size"] for v in mocks.of_type("aws:ebs/volume:Volume")] == [cfg.storage_disk_gb]
+    assert len(mocks.of_type("aws:ec2/placementGroup:PlacementGroup")) == 1
+    assert mocks.of_type("aws:ec2/placementGroup:PlacementGroup")[0].inputs["strategy"] == "cluster"
+    assert len(mocks.of_type("aws:ec2/keyPair:KeyPair")) == 1
+    if cfg.vpc == "new":
+        assert len(mocks.of_type("aws:ec2/vpc:Vpc")) == 1 and len(mocks.of_type("aws:ec2/subnet:Subnet")) == 1
+
+
+@pytest.mark.parametrize("path", [p for p in CLOUD_STACKS if "aws" in p.name], ids=lambda p: p.stem)
+def test_aws_only_ssh_from_admin_reaches_in(mocks, path):
+    cfg, cluster = build(path)
+    pulumi.runtime.test(lambda: outputs(cluster))()
+    groups = mocks.of_type("aws:ec2/securityGroup:SecurityGroup")
+    assert len(groups) == 1 and not groups[0].inputs.get("ingress"), "no inline rules"
+    group_id = f"{groups[0].name}-id"
+    ingress = mocks.of_type("aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule")
+    from_outside = [r.inputs for r in ingress if "referencedSecurityGroupId" not in r.inputs]
+    assert from_outside == [{**from_outside[0], "ipProtocol": "tcp", "fromPort": 22, "toPort": 22,
+                             "cidrIpv4": str(cfg.admin_cidr)}]
+    inside = [r.inputs for r in ingress if "referencedSecurityGroupId" in r.inputs]
+    assert inside and all(r["referencedSecurityGroupId"] == group_id for r in inside), "NFS and MPI only from members"
+    for instance in mocks.of_type("aws:ec2/instance:Instance"):
+        assert instance.inputs["vpcSecurityGroupIds"] == [group_id]
+
+
+@pytest.mark.parametrize("path", [p for p in CLOUD_STACKS if "ibm" in p.name], ids=lambda p: p.stem)
+def test_ibm_graph(mocks, path):
+    cfg, cluster = build(path)
+    pulumi.runtime.test(lambda: outputs(cluster))()
+    servers = mocks.of_type("ibm:VirtualServer")
+    gpu = [s for s in servers if s.inputs["hostname"].startswith("node")]
+    storage = [s for s in servers if s.inputs["hostname"] == "storage"]
+    assert len(gpu) == cfg.gpu_nodes and {s.inputs["flavor"] for s in gpu} == {cfg.flavor}
+    assert storage[0].inputs["flavor"] == cfg.storage_flavor
+    assert all(s.inputs["disks"] == [100, cfg.data_disk_gb] for s in gpu)
+    assert storage[0].inputs["disks"] == [100, cfg.storage_disk_gb]
+    for s in servers:
+        assert s.inputs["datacenter"] == cfg.datacenter and s.inputs["hourly"] is True
+        assert s.inputs["local_disk"] is False, "SAN disks, as the seeds ordered"
+        assert s.inputs["nic_speed"] == 1000 and s.inputs["os_code"] == cfg.image
+        assert f"trainrig-cluster:{cfg.cluster}" in s.inputs["tags"]
+    assert len(mocks.of_type("ibm:SshKey")) == 1
+
+
+@pytest.mark.parametrize("path", CLOUD_STACKS, ids=lambda p: p.stem)
+def test_storage_is_protected_and_compute_is_not(mocks, path):
+    cfg, cluster = build(path)
+    pulumi.runtime.test(lambda: outputs(cluster))()
+    storage = [r for r in mocks.resources if "storage" in r.name]
+    assert storage and all(r.protect for r in storage), [r.name for r in storage if not r.protect]
+    compute = [r for r in mocks.resources if "-node" in r.name]
+    assert compute and not any(r.protect for r in compute)
+
+
+@pytest.mark.parametrize("path", CLOUD_STACKS, ids=lambda p: p.stem)
+def test_zero_gpu_nodes_keeps_storage(mocks, path):
+    cfg, cluster = build(path, gpu_nodes=0)
+
+    @pulumi.runtime.test
+    def check():
+        def verify(inventory):
+            inv = Inventory.model_validate_json(json.dumps(inventory))
+            assert [n.name for n in inv.nodes] == ["storage"]
+        return cluster.inventory.apply(verify)
+
+    check()
+    assert not [r for r in mocks.resources if "-node" in r.name]
+    assert [r for r in mocks.resources if "storage" in r.name and r.protect]

@@ -1,0 +1,86 @@
+"""Stack configuration: every sample stack validates and prices; bad input is one line naming the key (cases as data)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.errors import TrainrigError
+from infra import catalog, config, plan, stacks
+from tests.infra.conftest import ROOT, STACKS
+
+CASES = yaml.safe_load((Path(__file__).parent / "cases" / "stack_config_errors.yaml").read_text())
+CREDENTIALS = {"SL_USERNAME": "u", "SL_API_KEY": "k", "AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b", "HOME": "/nonexistent"}
+
+
+@pytest.mark.parametrize("path", STACKS, ids=lambda p: p.stem)
+def test_every_sample_stack_validates_and_prices(path):
+    cfg = config.load_stack_file(path)
+    config.check_credentials(cfg, CREDENTIALS)
+    p = plan.plan(cfg)
+    assert len(p.nodes) == cfg.gpu_nodes + 1
+    assert p.total_usd_per_hour == pytest.approx(p.compute_usd_per_hour + p.storage_usd_per_hour)
+    if cfg.cloud != "local":
+        assert p.compute_usd_per_hour > 0 and p.storage_usd_per_hour > 0
+
+
+def test_seed_clusters():
+    dal10 = config.load_stack_file(config.stack_file("ibm-dal10-v100", ROOT))
+    assert (dal10.datacenter, dal10.flavor, dal10.gpus, dal10.data_disk_gb, dal10.storage_disk_gb) == ("dal10", "AC2_8X60X100", 1, 2000, 2000)
+    syd04 = config.load_stack_file(config.stack_file("ibm-syd04-dual-v100", ROOT))
+    assert (syd04.datacenter, syd04.flavor, syd04.gpu_nodes, syd04.gpus, syd04.data_disk_gb) == ("syd04", "AC2_16X120X100", 2, 2, 2000)
+    aws = config.load_stack_file(config.stack_file("aws-16-gpu", ROOT))
+    assert (aws.gpu_nodes, aws.flavor, aws.gpus) == (16, "p2.16xlarge", 16)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c["error"][:60])
+def test_bad_config_is_one_line_naming_the_key(case, tmp_path):
+    doc = yaml.safe_load(config.stack_file(case["base"], ROOT).read_text())
+    for key, value in case["set"].items():
+        if value is None:
+            doc["config"].pop(f"trainrig:{key}", None)
+        else:
+            doc["config"][f"trainrig:{key}"] = value
+    path = tmp_path / "Pulumi.case.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(TrainrigError) as err:
+        config.load_stack_file(path)
+    message = str(err.value)
+    assert message.startswith(case["error"]), message
+    assert "\n" not in message
+
+
+def test_the_program_reads_the_same_keys_from_the_engine():
+    doc = yaml.safe_load(config.stack_file("ibm-syd04-dual-v100", ROOT).read_text())["config"]
+    engine = {k: v if isinstance(v, str) else json.dumps(v) for k, v in doc.items()}  # as the engine hands them over
+    engine["trainrig:tags"] = '{"a": "b"}'
+    cfg = config.from_pulumi_config({**engine, "aws:region": "ignored"})
+    assert cfg.gpu_nodes == 2 and cfg.hourly is True and cfg.tags == {"a": "b"}
+
+
+@pytest.mark.parametrize("stack, env, error", [
+    ("ibm-dal10-v100", {"HOME": "/nonexistent"}, "SL_USERNAME/SL_API_KEY: IBM Cloud classic credentials are missing; export SL_USERNAME"),
+    ("aws-16-gpu", {"HOME": "/nonexistent"}, "AWS_ACCESS_KEY_ID: AWS credentials are missing; export AWS_ACCESS_KEY_ID"),
+])
+def test_missing_credentials(stack, env, error):
+    with pytest.raises(TrainrigError, match=error):
+        stacks.load(stack, ROOT, env)
+
+
+def test_credentials_as_stack_secrets_are_enough(tmp_path):
+    doc = yaml.safe_load(config.stack_file("ibm-dal10-v100", ROOT).read_text())
+    doc["config"]["trainrig:sl_username"] = {"secure": "v1:abc"}
+    doc["config"]["trainrig:sl_api_key"] = {"secure": "v1:def"}
+    path = tmp_path / "Pulumi.x.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    stacks.load(str(path), ROOT, {"HOME": "/nonexistent"})
+
+
+def test_price_table_is_dated_sourced_and_knows_gpu_counts():
+    prices = catalog.load()
+    assert prices.as_of.year >= 2024 and prices.currency == "USD"
+    assert prices.ibm.source and prices.aws.source
+    assert prices.ibm.flavors["AC2_16X120X100"].gpus == 2 and prices.aws.instance_types["p2.16xlarge"].gpus == 16

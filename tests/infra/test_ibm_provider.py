@@ -1,0 +1,176 @@
+"""The IBM Cloud classic dynamic provider against the softlayer SDK's own test transport (fixtures + mocks)."""
+
+from __future__ import annotations
+
+import pickle
+
+import dill
+import pytest
+import SoftLayer
+from pulumi.dynamic import ConfigureRequest
+from pulumi.dynamic.config import Config
+from pulumi.dynamic.dynamic import serialize_provider
+from SoftLayer.testing import MockableTransport
+
+from infra.backends.ibm_provider import IbmError, SshKeyProvider, VirtualServerProvider
+
+READY = {"id": 100, "provisionDate": "2025-06-01T10:00:00", "primaryIpAddress": "169.45.0.7",
+         "primaryBackendIpAddress": "10.45.19.37", "hostname": "node0", "billingItem": {"id": 6327}}
+NOT_READY = {"id": 100, "activeTransaction": {"id": 1}, "billingItem": {"id": 6327}}
+GONE = SoftLayer.SoftLayerAPIError("SoftLayer_Exception_ObjectNotFound", "Unable to find object with id of '100'.")
+SIZES = {"AC2_8X60X100": (8, 60), "AC2_16X120X100": (16, 120), "B1_2X8X100": (2, 8)}
+PROPS = {"hostname": "node0", "domain": "nmt.example.com", "datacenter": "syd04", "flavor": "AC2_8X60X100",
+         "os_code": "UBUNTU_22_64", "image_id": None, "hourly": True, "local_disk": False, "disks": [100, 2000],
+         "nic_speed": 1000, "ssh_key_ids": [1234], "private_vlan": None, "tags": ["trainrig-cluster:nmt"],
+         "user_data": "#cloud-config\n"}
+
+
+@pytest.fixture
+def transport():
+    return MockableTransport(SoftLayer.FixtureTransport())
+
+
+def provider(transport, **kw):
+    return VirtualServerProvider(ready_timeout_s=kw.pop("timeout", 2), poll_interval_s=0.01, flavor_sizes=SIZES,
+                                 transport=transport)
+
+
+def calls(transport, method):
+    return [c for c in transport.calls if c.method == method]
+
+
+def test_create_orders_what_the_seed_ordered_and_waits_until_ready(transport):
+    transport.set_mock("SoftLayer_Virtual_Guest", "getObject").side_effect = [NOT_READY, NOT_READY, READY]
+    result = provider(transport).create(dict(PROPS))
+    assert result.id == "100"
+    assert result.outs["public_ip"] == "169.45.0.7" and result.outs["private_ip"] == "10.45.19.37"
+    order = calls(transport, "createObject")[0].args[0]
+    assert order["datacenter"] == {"name": "syd04"} and order["hourlyBillingFlag"] is True
+    assert order["supplementalCreateObjectOptions"]["flavorKeyName"] == "AC2_8X60X100"
+    assert order["operatingSystemReferenceCode"] == "UBUNTU_22_64" and order["localDiskFlag"] is False
+    assert [d["diskImage"]["capacity"] for d in order["blockDevices"]] == [100, 2000]
+    assert order["networkComponents"] == [{"maxSpeed": 1000}] and order["sshKeys"] == [{"id": 1234}]
+    assert order["userData"] == [{"value": "#cloud-config\n"}]
+    assert calls(transport, "setTags")[0].args[0] == "trainrig-cluster:nmt"
+    assert len(calls(transport, "getObject")) == 3
+
+
+def test_rejected_order_is_one_clear_error_and_nothing_to_cancel(transport):
+    transport.set_mock("SoftLayer_Virtual_Guest", "createObject").side_effect = SoftLayer.SoftLayerAPIError(
+        "SoftLayer_Exception_Public", "Unable to place order: out of stock in syd04")
+    with pytest.raises(IbmError, match=r"refused to order server node0 \(AC2_8X60X100 in syd04\): Unable to place order"):
+        provider(transport).create(dict(PROPS))
+    assert not calls(transport, "deleteObject")
+
+
+def test_never_ready_within_the_deadline_cancels_and_confirms_gone(transport):
+    state = {"cancelled": False}
+
+    def get_object(call):
+        if state["cancelled"]:
+            raise GONE
+        return NOT_READY
+
+    def delete_object(call):
+        state["cancelled"] = True
+        return True
+
+    transport.set_mock("SoftLayer_Virtual_Guest", "getObject").side_effect = get_object
+    transport.set_mock("SoftLayer_Virtual_Guest", "deleteObject").side_effect = delete_object
+    with pytest.raises(IbmError, match=r"node0 \(id 100\) was not ready within 0s; the order was cancelled"):
+        provider(transport, timeout=0.05).create(dict(PROPS))
+    assert calls(transport, "deleteObject")[0].identifier == 100
+
+
+def test_read_returns_addresses_and_notices_a_server_that_is_gone(transport):
+    transport.set_mock("SoftLayer_Virtual_Guest", "getObject").return_value = READY
+    assert provider(transport).read("100", dict(PROPS)).outs["private_ip"] == "10.45.19.37"
+    transport.set_mock("SoftLayer_Virtual_Guest", "getObject").side_effect = GONE
+    assert provider(transport).read("100", dict(PROPS)).id is None
+
+
+@pytest.mark.parametrize("change, replaces", [
+    ({"flavor": "AC2_16X120X100"}, []),              # bigger flavor: in-place upgrade
+    ({"disks": [100, 2000, 2000]}, []),              # added disk: in-place upgrade
+    ({"nic_speed": 10000}, []),
+    ({"tags": ["a:b"]}, []),
+    ({"flavor": "B1_2X8X100"}, ["flavor"]),           # smaller flavor: a new server
+    ({"disks": [100]}, ["disks"]),                    # removed disk
+    ({"datacenter": "dal10"}, ["datacenter"]),
+    ({"os_code": "UBUNTU_20_64"}, ["os_code"]),
+    ({"user_data": "#cloud-config\nx: 1\n"}, ["user_data"]),
+    ({"hostname": "node9"}, ["hostname"]),
+])
+def test_diff_tells_upgrades_from_replacements(change, replaces):
+    diff = VirtualServerProvider(flavor_sizes=SIZES).diff("100", {**PROPS, "public_ip": "1.2.3.4"}, {**PROPS, **change})
+    assert diff.changes is True and diff.replaces == replaces
+
+
+def test_no_change_is_no_diff():
+    assert VirtualServerProvider(flavor_sizes=SIZES).diff("100", dict(PROPS), dict(PROPS)).changes is False
+
+
+def test_update_upgrades_flavor_and_adds_a_disk_through_the_sdk(transport, monkeypatch):
+    transport.set_mock("SoftLayer_Virtual_Guest", "getObject").return_value = {
+        **READY, "billingItem": {"id": 1, "package": {"keyName": "PUBLIC_CLOUD_SERVER"}, "children": []}}
+    upgrades = []
+    monkeypatch.setattr(SoftLayer.VSManager, "upgrade", lambda self, guest_id, **kw: upgrades.append((guest_id, kw)) or True)
+    result = provider(transport).update("100", dict(PROPS), {**PROPS, "flavor": "AC2_16X120X100", "disks": [100, 2000, 500]})
+    assert upgrades == [(100, {"preset": "AC2_16X120X100", "nic_speed": None, "disk": [{"capacity": 500, "number": 0}]})]
+    assert result.outs["flavor"] == "AC2_16X120X100"
+
+
+def test_update_places_an_upgrade_order(transport):
+    """The SDK's own upgrade path on its fixtures (which price a 1 Gbps port): the change becomes a Product_Order."""
+    transport.set_mock("SoftLayer_Virtual_Guest", "getObject").return_value = {
+        **READY, "billingItem": {"id": 1, "package": {"keyName": "PUBLIC_CLOUD_SERVER"},
+                                 "children": [{"categoryCode": "guest_disk1"}]}}
+    provider(transport).update("100", {**PROPS, "nic_speed": 100}, dict(PROPS))
+    order = calls(transport, "placeOrder")[0].args[0]
+    assert order["virtualGuests"] == [{"id": 100}] and order["prices"]
+
+
+def test_delete_cancels_and_waits_until_gone(transport):
+    transport.set_mock("SoftLayer_Virtual_Guest", "getObject").side_effect = [READY, {"id": 100}]
+    provider(transport).delete("100", dict(PROPS))
+    assert calls(transport, "deleteObject")[0].identifier == 100
+    assert len(calls(transport, "getObject")) == 2
+
+
+def test_delete_of_a_server_already_gone_is_fine(transport):
+    transport.set_mock("SoftLayer_Virtual_Guest", "deleteObject").side_effect = GONE
+    provider(transport).delete("100", dict(PROPS))
+
+
+def test_ssh_key_create_and_delete(transport):
+    keys = SshKeyProvider(transport=transport)
+    created = keys.create({"key": "ssh-ed25519 AAAA op@laptop", "label": "trainrig-nmt", "key_id": None})
+    assert created.id == "1234" and created.outs["key_id"] == 1234
+    keys.delete("1234", {})
+    assert calls(transport, "deleteObject")[0].identifier == 1234
+
+
+def test_missing_credentials_is_one_line_naming_what_to_set(monkeypatch, tmp_path):
+    monkeypatch.delenv("SL_USERNAME", raising=False)
+    monkeypatch.delenv("SL_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(IbmError, match="SL_USERNAME/SL_API_KEY: IBM Cloud classic credentials are missing; export"):
+        VirtualServerProvider().create(dict(PROPS))
+
+
+def test_round_trip_through_pulumis_pickling_keeps_no_credentials(monkeypatch):
+    secret = "sl-api-key-that-must-not-be-pickled"
+    monkeypatch.setenv("SL_API_KEY", secret)
+    original = VirtualServerProvider(ready_timeout_s=5, flavor_sizes=SIZES)
+    original.configure(ConfigureRequest(Config({"trainrig:sl_username": "me", "trainrig:sl_api_key": secret}, "trainrig")))
+    assert original._stack_credentials == ("me", secret)
+    serialized = serialize_provider(original)  # what Pulumi stores in state (base64 of dill)
+    import base64
+
+    raw = base64.b64decode(serialized)
+    assert secret.encode() not in raw
+    restored = dill.loads(raw)
+    assert isinstance(restored, VirtualServerProvider)
+    assert restored.ready_timeout_s == 5 and restored.flavor_sizes == SIZES
+    assert restored._stack_credentials is None
+    assert pickle.loads(pickle.dumps(restored)).flavor_sizes == SIZES
