@@ -43,3 +43,13 @@ def _walk(sftp, top: str):
             yield from _walk(sftp, path)
         else:
             yield path, entry.st_size
+
+
+def fetch_metrics(inv: Inventory, record: RunRecord, root: Path = Path("runs")) -> Path:
+    """Just the run's metrics.jsonl (small; fine to repeat while the run goes on)."""
+    dest = destination(inv, record, root)
+    dest.mkdir(parents=True, exist_ok=True)
+    node = inv.storage_node or runs.reader_node(inv, record)
+    with ssh.open_checked(inv, node) as conn:
+        conn.sftp().get(f"{record.run_dir}/metrics.jsonl", str(dest / "metrics.jsonl"))
+    return dest

@@ -10,7 +10,7 @@ from invoke.exceptions import Exit
 
 from cluster import demo as demo_mod
 from cluster import inventory as inventory_mod
-from cluster import jobs, lifecycle, monitor as monitor_mod, provision as provision_mod, results, runs, ui
+from cluster import jobs, lifecycle, monitor as monitor_mod, plot as plot_mod, provision as provision_mod, results, runs, ui
 from cluster.errors import TrainrigError
 
 NAME_HELP = "cluster name (default: trainrig.cluster in Fabric config, 'dev')"
@@ -132,6 +132,19 @@ def fetch(c, run=None, name=None, dest="runs", inventory=None):
     ui.console.print(f"results in {path}")
 
 
+@task(help={"run": "run id or prefix (default: the latest)", "name": NAME_HELP, "dest": "local folder (default ./runs)",
+            "inventory": INVENTORY_HELP})
+@friendly
+def plot(c, run=None, name=None, dest="runs", inventory=None):
+    """Draw a run's loss and samples/s curves to ./runs/<cluster>/<run-id>/curves.png."""
+    inv = _inventory(c, name, inventory)
+    record = runs.find(inv.cluster, run)
+    local = results.destination(inv, record, Path(dest))
+    if inv.running:  # fresh metrics, even mid-run; after `down` the fetched copy is what there is
+        local = results.fetch_metrics(inv, record, Path(dest))
+    ui.console.print(f"curves in {plot_mod.plot_run(local, f'{record.job}: {record.id} ({record.ranks} ranks)')}")
+
+
 @task(help={"name": NAME_HELP, "purge": "also delete storage: the shared volume, data disks, keys and inventory"})
 @friendly
 def down(c, name=None, purge=False):
@@ -166,5 +179,5 @@ def demo(c, name="demo", nodes=2, job=None, keep=False):
     demo_mod.demo(name, int(nodes), Path(job) if job else demo_mod.DEFAULT_JOB, keep=keep)
 
 
-namespace = Collection(up, status, provision, train, monitor, logs, cancel, fetch, down, demo, plan)
+namespace = Collection(up, status, provision, train, monitor, logs, cancel, fetch, plot, down, demo, plan)
 namespace.configure({"trainrig": {"cluster": "dev", "nodes": 2, "data_disk_gb": 2, "stack": None, "inventory": None}})

@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FAB = Path(sys.executable).parent / "fab"
-TASKS = ["cancel", "demo", "down", "fetch", "logs", "monitor", "provision", "status", "train", "up"]
+TASKS = ["cancel", "demo", "down", "fetch", "logs", "monitor", "plan", "plot", "provision", "status", "train", "up"]
 
 
 def fab(*args, home: Path, path: str | None = None):

@@ -133,12 +133,15 @@ def test_fetch_brings_checkpoint_log_and_metrics_home(cluster, finished_run, tmp
     assert steps[-1] == 300 and steps == sorted(steps)
 
 
-def test_cli_status_logs_and_monitor(cluster, finished_run):
+def test_cli_status_logs_plot_and_monitor(cluster, finished_run, tmp_path):
     record, _ = finished_run
     status = fab("status", "--name", cluster.cluster)
     assert status.returncode == 0 and status.stdout.count("yes") == 3
     logs = fab("logs", "--run", record.id, "--name", cluster.cluster)
     assert logs.returncode == 0 and logs.stdout.startswith("ranks:")
+    curves = fab("plot", "--run", record.id, "--name", cluster.cluster, "--dest", str(tmp_path))
+    assert curves.returncode == 0, curves.stderr
+    assert (tmp_path / cluster.cluster / record.id / "curves.png").read_bytes()[:4] == b"\x89PNG"
     watched = fab("monitor", "--name", cluster.cluster)
     assert watched.returncode == 0 and f"run {record.id} succeeded" in watched.stdout
 
