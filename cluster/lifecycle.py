@@ -43,9 +43,9 @@ def _request(**fields) -> ClusterRequest:
         raise TrainrigError(f"{flag} {fields.get(first['loc'][0])!r}: {first['msg']}") from exc
 
 
-def down(inv: Inventory, purge: bool) -> Inventory | None:
+def down(inv: Inventory, purge: bool, stack: str | None = None) -> Inventory | None:
     """Remove compute (and storage with purge); verified against the backend's own listing."""
-    backend = backends.get(inv.cloud)
+    backend = backends.get(inv.cloud, stack)
     remaining = backend.destroy(inv, purge)
     if purge:
         shutil.rmtree(state.cluster_dir(inv.cluster), ignore_errors=True)

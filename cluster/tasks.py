@@ -145,20 +145,22 @@ def plot(c, run=None, name=None, dest="runs", inventory=None):
     ui.console.print(f"curves in {plot_mod.plot_run(local, f'{record.job}: {record.id} ({record.ranks} ranks)')}")
 
 
-@task(help={"name": NAME_HELP, "purge": "also delete storage: the shared volume, data disks, keys and inventory"})
+@task(help={"name": NAME_HELP, "purge": "also delete storage: the shared volume or NFS server, data disks, keys and inventory",
+            "stack": "Pulumi stack of an aws/ibm cluster (default: trainrig.stack, else the selected stack)"})
 @friendly
-def down(c, name=None, purge=False):
-    """Remove the nodes and network; storage is kept unless --purge. Safe to run twice."""
+def down(c, name=None, purge=False, stack=None):
+    """Remove compute; storage is kept unless --purge. Checked against the cloud's listing; safe twice."""
     cluster = _name(c, name)
     if not inventory_mod.path_for(cluster).is_file():
         ui.console.print(f"cluster {cluster!r} does not exist: nothing to remove")
         return
-    remaining = lifecycle.down(inventory_mod.load(cluster), purge=purge)
+    remaining = lifecycle.down(inventory_mod.load(cluster), purge=purge, stack=stack or c.config.trainrig.stack)
     if remaining is None:
         ui.console.print(f"cluster {cluster!r} removed, storage included")
         return
-    kept = ", ".join(r.name for r in remaining.retained) or "nothing"
-    ui.console.print(f"compute of {cluster!r} removed; kept: {kept}")
+    kept = [f"{n.name} ({n.role} node, ${n.hourly_price_usd:.2f}/h)" for n in remaining.nodes]
+    kept += [r.name for r in remaining.retained]
+    ui.console.print(f"compute of {cluster!r} removed; kept: {', '.join(kept) or 'nothing'}")
     ui.console.print(f"remove storage too with: fab down --name {cluster} --purge")
 
 

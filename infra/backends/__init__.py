@@ -47,9 +47,18 @@ REGISTRY = {"local": "infra.backends.local"}
 PROGRAMS = {"local": "infra.backends.local_program", "aws": "infra.backends.aws", "ibm": "infra.backends.ibm"}
 
 
-def get(cloud: str) -> Backend:
+# Clouds whose clusters live in a Pulumi stack: `pulumi up` makes them, `fab down` takes compute away.
+STACK_CLOUDS = ("aws", "ibm")
+
+
+def get(cloud: str, stack: str | None = None) -> Backend:
+    """The backend for a cloud; stack names the Pulumi stack of a stack cloud (None: the selected one)."""
+    if cloud in STACK_CLOUDS:
+        from infra.backends.stack import PulumiStack
+
+        return PulumiStack(cloud, stack)
     if cloud not in REGISTRY:
-        raise TrainrigError(f"cloud {cloud!r} is not supported by this version; choose one of: {', '.join(REGISTRY)}")
+        raise TrainrigError(f"cloud {cloud!r} is not supported; choose one of: {', '.join([*REGISTRY, *STACK_CLOUDS])}")
     return importlib.import_module(REGISTRY[cloud]).BACKEND
 
 

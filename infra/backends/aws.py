@@ -121,17 +121,18 @@ def _ubuntu_ami(invoke: pulumi.InvokeOptions) -> pulumi.Output[str]:
                                   filters=[{"name": "name", "values": [UBUNTU_NAME]}], opts=invoke).id
 
 
-def billable(cluster: str, region: str, endpoint_url: str | None = None) -> list[str]:
+def billable(cluster: str, cfg: StackConfig, endpoint_url: str | None = None) -> list[str]:
     """What AWS's own listings still hold for a cluster (instances not terminated, volumes, VPCs, groups)."""
     import boto3
 
-    ec2 = boto3.client("ec2", region_name=region, endpoint_url=endpoint_url)
+    ec2 = boto3.client("ec2", region_name=cfg.region, endpoint_url=endpoint_url)
     tag = [{"Name": "tag:trainrig:cluster", "Values": [cluster]}]
     found = []
     for reservation in ec2.describe_instances(Filters=tag)["Reservations"]:
         for inst in reservation["Instances"]:
             if inst["State"]["Name"] not in ("terminated", "shutting-down"):
-                found.append(f"instance {inst['InstanceId']} ({inst['InstanceType']}, {inst['State']['Name']})")
+                role = next((t["Value"] for t in inst.get("Tags", []) if t["Key"] == "trainrig:role"), "?")
+                found.append(f"instance {inst['InstanceId']} ({inst['InstanceType']}, {inst['State']['Name']}, {role})")
     found += [f"volume {v['VolumeId']} ({v['Size']} GB)" for v in ec2.describe_volumes(Filters=tag)["Volumes"]]
     found += [f"vpc {v['VpcId']}" for v in ec2.describe_vpcs(Filters=tag)["Vpcs"]]
     found += [f"security group {g['GroupId']}" for g in ec2.describe_security_groups(Filters=tag)["SecurityGroups"]]

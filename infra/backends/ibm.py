@@ -13,7 +13,7 @@ import pulumi
 from pulumi.dynamic import Resource
 
 from infra import catalog, program
-from infra.backends.ibm_provider import SshKeyProvider, VirtualServerProvider
+from infra.backends.ibm_provider import Listing, SshKeyProvider, VirtualServerProvider
 from infra.config import StackConfig
 from infra.plan import STORAGE_NODE, Plan, PlannedNode
 
@@ -67,3 +67,8 @@ def _server_props(cfg: StackConfig, planned: PlannedNode, key: SshKey, host_key:
                         *(f"{k}:{v}" for k, v in cfg.tags.items())]),
         "user_data": program.cloud_init(host_key, cfg, PRIVATE_NETWORK, firewall=True),
     }
+
+
+def billable(cluster: str, cfg: StackConfig, transport=None) -> list[str]:
+    """What the account still lists for the cluster: one line per server, named by hostname."""
+    return Listing(transport).servers(cluster)

@@ -222,3 +222,18 @@ def _order(props: dict[str, Any]) -> dict[str, Any]:
 def _outputs(props: dict[str, Any], guest: dict[str, Any]) -> dict[str, Any]:
     return {**props, "guest_id": int(guest["id"]), "public_ip": guest.get("primaryIpAddress"),
             "private_ip": guest.get("primaryBackendIpAddress")}
+
+
+class Listing(_Credentials):
+    """The account's own list of a cluster's servers (what still bills), by the tag every server carries."""
+
+    def __init__(self, transport=None):
+        self.transport = transport  # tests only: the SDK's fixture transport
+
+    def servers(self, cluster: str) -> list[str]:
+        try:
+            guests = SoftLayer.VSManager(self.client()).list_instances(
+                tags=[f"trainrig-cluster:{cluster}"], mask="id,hostname")
+        except SoftLayer.SoftLayerAPIError as exc:
+            raise _api_error(f"list the servers of cluster {cluster}", exc) from None
+        return [f"virtual server {g['id']} ({g['hostname']})" for g in guests]

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import urllib.request
+from types import SimpleNamespace
+
 import boto3
 import pytest
 
 from infra.backends import aws
 
 moto_server = pytest.importorskip("moto.server")
+REGION = SimpleNamespace(region="us-east-1")  # the one field of the stack config that billable reads
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +30,8 @@ def fake_credentials(monkeypatch):
 
 
 def test_billable_lists_what_is_left_and_nothing_once_gone(endpoint):
+    # moto keeps one in-process account for every server: start from an empty one.
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=10)
     ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=endpoint)
     tags = [{"Key": "trainrig:cluster", "Value": "imagenet"}]
     ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
@@ -35,11 +41,11 @@ def test_billable_lists_what_is_left_and_nothing_once_gone(endpoint):
                                TagSpecifications=[{"ResourceType": "volume", "Tags": tags}])
     other = ec2.create_volume(AvailabilityZone="us-east-1a", Size=10,
                               TagSpecifications=[{"ResourceType": "volume", "Tags": [{"Key": "trainrig:cluster", "Value": "x"}]}])
-    left = aws.billable("imagenet", "us-east-1", endpoint_url=endpoint)
-    assert f"instance {instance['InstanceId']} (p2.16xlarge, running)" in left
+    left = aws.billable("imagenet", REGION, endpoint_url=endpoint)
+    assert f"instance {instance['InstanceId']} (p2.16xlarge, running, ?)" in left
     assert f"volume {volume['VolumeId']} (2000 GB)" in left
     assert not any(other["VolumeId"] in item for item in left)
 
     ec2.terminate_instances(InstanceIds=[instance["InstanceId"]])
     ec2.delete_volume(VolumeId=volume["VolumeId"])
-    assert aws.billable("imagenet", "us-east-1", endpoint_url=endpoint) == []
+    assert aws.billable("imagenet", REGION, endpoint_url=endpoint) == []
