@@ -30,6 +30,8 @@ class RunRecord(BaseModel):
     ranks: int
     max_steps: int | None
     started_at: datetime
+    # Every node that runs a rank: cancel checks them all (records from before this field: empty).
+    nodes: list[str] = []
 
     @property
     def unit(self) -> str:
@@ -90,7 +92,8 @@ def launch(inv: Inventory, job: jobs.LoadedJob) -> RunRecord:
         "max_steps": spec.max_steps,
     }
     record = RunRecord(id=run_id, job=spec.name, node=nodes[0].name, run_dir=run_dir, ranks=spec.ranks,
-                       max_steps=spec.max_steps, started_at=datetime.now(timezone.utc))
+                       max_steps=spec.max_steps, started_at=datetime.now(timezone.utc),
+                       nodes=[n.name for n in nodes])
     with ssh.open_checked(inv, nodes[0]) as conn:
         ssh.run(conn, ["mkdir", "-p", f"{run_dir}/{spec.checkpoint_dir}"], what="creating the run directory")
         sftp = conn.sftp()
@@ -176,16 +179,43 @@ def reader_node(inv: Inventory, record: RunRecord) -> Node:
     raise TrainrigError(f"no node of {inv.cluster!r} is up to read run {record.id} from; start it with fab up")
 
 
-def cancel(inv: Inventory, record: RunRecord, timeout: float = 60) -> dict:
-    """Stop a run: systemd signals the supervisor, which ends mpirun and every rank with it."""
+def cancel(inv: Inventory, record: RunRecord, timeout: float = 60, grace: float = 10) -> dict:
+    """Stop a run: systemd signals the supervisor, which ends mpirun; then make sure no rank is left.
+
+    mpirun returns before its remote daemons have reaped their ranks, so the supervisor's
+    'cancelled' comes a moment before the last rank on another node exits. A run is not
+    cancelled until that node is clean: wait for it, and kill what outlives the grace period.
+    """
     node = inv.node(record.node)
     with ssh.open_checked(inv, node) as conn:
         sftp = conn.sftp()
         status = read_status(sftp, record) or {}
-        if status.get("state") in FINAL_STATES:
-            return status
-        ssh.run(conn, ["systemctl", "stop", record.unit], check=False, timeout=timeout, what="stopping the run")
-        return wait_until(
-            lambda: (s := read_status(sftp, record)) and s.get("state") in FINAL_STATES and s,
-            timeout=timeout, interval=0.5, what=f"run {record.id} to stop",
-        )
+        if status.get("state") not in FINAL_STATES:
+            ssh.run(conn, ["systemctl", "stop", record.unit], check=False, timeout=timeout, what="stopping the run")
+            status = wait_until(
+                lambda: (s := read_status(sftp, record)) and s.get("state") in FINAL_STATES and s,
+                timeout=timeout, interval=0.5, what=f"run {record.id} to stop",
+            )
+    present = {n.name for n in inv.nodes}
+    nodes = [inv.node(name) for name in (record.nodes or [n.name for n in inv.gpu_nodes]) if name in present]
+    ssh.on_nodes(nodes, lambda n: _end_ranks(inv, n, record, grace))
+    return status
+
+
+def _rank_pids(conn, record: RunRecord) -> list[str]:
+    """Processes of this run on a node: the ranks carry TRAINRIG_RUN_DIR=<run dir> in their environment."""
+    marker = f"TRAINRIG_RUN_DIR={record.run_dir}"
+    found = ssh.run(conn, ["sh", "-c", 'grep -lszxF -- "$1" /proc/[0-9]*/environ', "find-ranks", marker],
+                    check=False, what="looking for the run's ranks")
+    return [path.split("/")[2] for path in found.stdout.split() if path.startswith("/proc/")]
+
+
+def _end_ranks(inv: Inventory, node: Node, record: RunRecord, grace: float) -> None:
+    with ssh.open_checked(inv, node) as conn:
+        try:
+            wait_until(lambda: not _rank_pids(conn, record), timeout=grace, interval=0.25,
+                       what=f"the ranks of {record.id} on {node.name} to exit")
+        except TrainrigError:
+            ssh.run(conn, ["kill", "-KILL", *_rank_pids(conn, record)], check=False, what="killing left-over ranks")
+            wait_until(lambda: not _rank_pids(conn, record), timeout=grace, interval=0.25,
+                       what=f"the ranks of {record.id} on {node.name} to be killed")
