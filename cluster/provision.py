@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -10,47 +11,57 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ansible_runner
+import yaml
 from rich.table import Table
 
 from cluster import inventory as inventory_mod
 from cluster import state, ui
+from cluster.commands import run
 from cluster.errors import TrainrigError
 from cluster.inventory import Inventory
 
 PLAYBOOKS = Path(__file__).resolve().parent.parent / "playbooks"
 
 
-def ansible_inventory(inv: Inventory) -> dict:
-    """The trainrig inventory as Ansible's: one host per node, grouped by role."""
+def ansible_inventory(inv: Inventory, host_vars: dict[str, dict] | None = None) -> dict:
+    """The trainrig inventory as Ansible's: one host per node, grouped by role; host_vars per node."""
     nodes = [
         {"name": n.name, "private_address": str(n.private_address), "host_key": n.host_key} for n in inv.nodes
     ]
     hosts = {
-        n.name: {"ansible_host": n.public_address, "ansible_port": n.ssh_port, "trainrig_role": n.role}
+        n.name: {
+            "ansible_host": n.public_address, "ansible_port": n.ssh_port, "trainrig_role": n.role,
+            "trainrig_gpu_count": n.gpu_count,
+            "trainrig_data_disks": [d.model_dump() for d in n.data_disks],
+            **(host_vars or {}).get(n.name, {}),
+        }
         for n in inv.nodes
     }
     groups = {role: {"hosts": {n.name: {} for n in inv.nodes if n.role == role}} for role in ("gpu", "storage")}
-    return {
-        "all": {
-            "hosts": hosts,
-            "children": groups,
-            "vars": {
-                "ansible_user": inv.ssh_user,
-                "ansible_ssh_private_key_file": str(inv.ssh_private_key),
-                "ansible_python_interpreter": "/usr/bin/python3",
-                "trainrig_cluster": inv.cluster,
-                "trainrig_nodes": nodes,
-            },
-        }
+    variables = {
+        "ansible_user": inv.ssh_user,
+        "ansible_ssh_private_key_file": str(inv.ssh_private_key),
+        "ansible_python_interpreter": "/usr/bin/python3",
+        "trainrig_cluster": inv.cluster,
+        "trainrig_cloud": inv.cloud,
+        "trainrig_nodes": nodes,
     }
+    if inv.network:
+        variables["trainrig_network_cidr"] = str(inv.network.cidr)
+    # No storage node, no trainrig_storage: the NFS roles then fail with a line that says so.
+    server = inv.storage_node
+    if inv.storage and server:
+        variables["trainrig_storage"] = {
+            "server": server.name, "server_address": str(server.private_address),
+            "export": inv.storage.export, "mount_point": inv.storage.mount_point,
+        }
+    return {"all": {"hosts": hosts, "children": groups, "vars": variables}}
 
 
 def ansible_env(inv: Inventory) -> dict[str, str]:
     """Settings chosen for speed (forks, pipelining, ControlPersist) with host keys pinned."""
     known_hosts = inventory_mod.write_known_hosts(inv)
-    # Unix socket paths are short (108 bytes): keep the control sockets out of deep test dirs.
-    control_dir = Path(tempfile.gettempdir()) / f"trainrig-cp-{os.getuid()}"
-    control_dir.mkdir(mode=0o700, exist_ok=True)
+    control = control_dir()
     ssh_args = [
         "-o ControlMaster=auto", "-o ControlPersist=120s",
         f"-o UserKnownHostsFile={known_hosts}", "-o StrictHostKeyChecking=yes",
@@ -59,9 +70,14 @@ def ansible_env(inv: Inventory) -> dict[str, str]:
     return {
         "ANSIBLE_HOST_KEY_CHECKING": "True",
         "ANSIBLE_SSH_ARGS": " ".join(ssh_args),
-        "ANSIBLE_SSH_CONTROL_PATH_DIR": str(control_dir),
+        "ANSIBLE_SSH_CONTROL_PATH_DIR": str(control),
+        # ssh's own %C (a hash of the connection), so close_connection can name a master.
+        "ANSIBLE_SSH_CONTROL_PATH": "%(directory)s/%%C",
         "ANSIBLE_PIPELINING": "True",
         "ANSIBLE_FORKS": str(max(5, len(inv.nodes))),
+        # Facts once per host per run although every phase playbook asks for them; each play
+        # asks for the minimal subset only (distribution, kernel, architecture).
+        "ANSIBLE_GATHERING": "smart",
         "ANSIBLE_ROLES_PATH": str(PLAYBOOKS / "roles"),
         "ANSIBLE_RETRY_FILES_ENABLED": "False",
         "ANSIBLE_NOCOLOR": "True",
@@ -69,6 +85,38 @@ def ansible_env(inv: Inventory) -> dict[str, str]:
         # ansible-runner starts ansible-playbook by name: the one beside this Python.
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
+
+
+def control_dir() -> Path:
+    """Where SSH keeps its ControlPersist sockets between tasks and between runs."""
+    # Unix socket paths are short (108 bytes): keep the control sockets out of deep test dirs.
+    path = Path(tempfile.gettempdir()) / f"trainrig-cp-{os.getuid()}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def close_connection(inv: Inventory, node) -> None:
+    """End Ansible's persistent SSH master to a node (it outlives sshd restarts otherwise)."""
+    run(["ssh", "-O", "exit", "-o", f"ControlPath={control_dir()}/%C", "-p", str(node.ssh_port),
+         f"{inv.ssh_user}@{node.public_address}"], check=False, timeout=30)
+
+
+def cluster_vars_path(cluster: str) -> Path:
+    """Optional per-cluster Ansible variables (a YAML mapping), e.g. the registry to log in to."""
+    return state.cluster_dir(cluster) / "provision-vars.yml"
+
+
+def cluster_vars(cluster: str) -> dict:
+    path = cluster_vars_path(cluster)
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise TrainrigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise TrainrigError(f"{path}: must be a mapping of Ansible variable names to values")
+    return data
 
 
 @dataclass
@@ -79,6 +127,8 @@ class HostRecap:
     skipped: int = 0
     unreachable: int = 0
     message: str = ""
+    # What file-writing tasks wrote, or in check mode would write: path -> new content.
+    files: dict[str, str] = field(default_factory=dict)
 
     @property
     def succeeded(self) -> bool:
@@ -103,6 +153,9 @@ class _Progress:
 
     def __call__(self, event: dict) -> bool:
         data = event.get("event_data", {})
+        if event.get("event") == "playbook_on_stats":
+            self._final_counts(data)
+            return True
         host = data.get("host")
         if not host or host not in self.recap.hosts:
             return True
@@ -113,7 +166,11 @@ class _Progress:
             self.board.update(host, f"{task} …")
         elif kind == "runner_on_ok":
             rec.ok += 1
-            rec.changed += bool(data.get("res", {}).get("changed"))
+            res = data.get("res", {})
+            # A no_log result is censored down to nothing; its display line still says changed.
+            changed = res.get("changed") if "censored" not in res else event.get("stdout", "").strip().startswith("changed")
+            rec.changed += bool(changed)
+            _record_files(rec, data.get("res", {}))
         elif kind == "runner_on_skipped":
             rec.skipped += 1
         elif kind == "runner_on_failed" and not data.get("ignore_errors"):
@@ -125,6 +182,23 @@ class _Progress:
             rec.message = _first_line(data.get("res", {}).get("msg", "unreachable"), task)
             self.board.update(host, f"[red]unreachable[/]: {rec.message}")
         return True
+
+    def _final_counts(self, stats: dict) -> None:
+        """Ansible's own PLAY RECAP numbers, which count no_log and looped tasks exactly."""
+        for host, rec in self.recap.hosts.items():
+            rec.ok = stats.get("ok", {}).get(host, rec.ok)
+            rec.changed = stats.get("changed", {}).get(host, 0)
+            rec.skipped = stats.get("skipped", {}).get(host, rec.skipped)
+
+
+def _record_files(rec: HostRecap, res: dict) -> None:
+    diffs = res.get("diff") or []
+    for diff in diffs if isinstance(diffs, list) else [diffs]:
+        if isinstance(diff, dict) and diff.get("after_header") and isinstance(diff.get("after"), str):
+            # A template's after_header names its source; the module's own arguments name the file.
+            target = (res.get("dest") or res.get("path") or res.get("invocation", {}).get("dest")
+                      or diff.get("before_header") or diff["after_header"]).split(" (")[0]
+            rec.files[target] = diff["after"]
 
 
 def _first_line(message, task: str) -> str:
@@ -143,24 +217,38 @@ def provision(
     tags: str | None = None,
     retry_failed: bool = False,
     extravars: dict | None = None,
+    host_vars: dict[str, dict] | None = None,
+    check: bool = False,
+    keep_artifacts: Path | None = None,
+    settings: dict[str, str] | None = None,
 ) -> Recap:
-    """Run a playbook on every node in parallel; raise naming the hosts that failed."""
+    """Run a playbook on every node in parallel; raise naming the hosts that failed.
+
+    Variables come from the cluster's provision-vars.yml, then `extravars` on top; `host_vars`
+    set variables for single nodes. `check` runs in check mode with diffs (nothing changes).
+    `keep_artifacts` keeps ansible-runner's files (events, stdout) in that directory.
+    `settings` overrides Ansible environment settings (the benchmark compares with defaults).
+    """
     inventory_mod.require_running(inv)
     if not (PLAYBOOKS / playbook).is_file():
         raise TrainrigError(f"playbook {playbook} not found in {PLAYBOOKS}")
     targets = [n.name for n in inv.nodes]
     if retry_failed:
-        targets = _previously_failed(inv.cluster)
+        # Only hosts that still exist: a node removed since then has nothing left to retry.
+        targets = [h for h in _previously_failed(inv.cluster) if h in targets]
     recap = Recap(hosts={h: HostRecap() for h in targets})
-    with tempfile.TemporaryDirectory(prefix="trainrig-ansible-") as private_dir:
+    with contextlib.ExitStack() as stack:
+        private_dir = str(keep_artifacts) if keep_artifacts else stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="trainrig-ansible-"))
         with ui.NodeBoard(f"provisioning {inv.cluster} ({playbook})", targets) as board:
             runner = ansible_runner.run(
                 private_data_dir=private_dir,
                 project_dir=str(PLAYBOOKS),
                 playbook=str(PLAYBOOKS / playbook),
-                inventory=ansible_inventory(inv),
-                envvars=ansible_env(inv),
-                extravars=extravars or {},
+                inventory=ansible_inventory(inv, host_vars),
+                envvars={**ansible_env(inv), **(settings or {})},
+                extravars={**cluster_vars(inv.cluster), **(extravars or {})},
+                cmdline="--check --diff" if check else None,
                 limit=",".join(targets),
                 tags=tags,
                 quiet=True,
@@ -169,17 +257,30 @@ def provision(
             for host, rec in recap.hosts.items():
                 if rec.succeeded:
                     board.update(host, f"[green]done[/] ok={rec.ok} changed={rec.changed}")
+        # Read while ansible-runner's files still exist.
+        did_not_run = runner.status not in ("successful", "failed") and not recap.failed_hosts
+        error = _runner_error(runner) if did_not_run else ""
     _print_recap(recap)
     failed = recap.failed_hosts
-    state.write_atomic(failed_hosts_path(inv.cluster), json.dumps(failed))
-    if runner.status not in ("successful", "failed") and not failed:
-        raise TrainrigError(f"ansible-playbook did not run ({runner.status}): {_runner_error(runner)}")
+    if not check:
+        # What --retry-failed picks up; a rehearsal in check mode leaves it alone.
+        state.write_atomic(failed_hosts_path(inv.cluster), json.dumps(failed))
+    if did_not_run:
+        raise TrainrigError(f"ansible-playbook did not run ({runner.status}): {error}")
     if failed:
-        raise TrainrigError(
+        raise ProvisionFailed(recap,
             f"provisioning failed on {', '.join(failed)}: {recap.hosts[failed[0]].message}; "
             f"fix it, then run: fab provision --name {inv.cluster} --retry-failed"
         )
     return recap
+
+
+class ProvisionFailed(TrainrigError):
+    """Some hosts failed or were unreachable; `recap` tells each host's outcome."""
+
+    def __init__(self, recap: Recap, message: str):
+        super().__init__(message)
+        self.recap = recap
 
 
 def _previously_failed(cluster: str) -> list[str]:

@@ -13,7 +13,8 @@ def home(tmp_path, monkeypatch):
 
 def test_ansible_inventory_groups_and_vars():
     data = provision.ansible_inventory(make_inventory(gpu_nodes=2))["all"]
-    assert data["hosts"]["node1"] == {"ansible_host": "127.0.0.1", "ansible_port": 2201, "trainrig_role": "gpu"}
+    assert {k: data["hosts"]["node1"][k] for k in ("ansible_host", "ansible_port", "trainrig_role")} == {
+        "ansible_host": "127.0.0.1", "ansible_port": 2201, "trainrig_role": "gpu"}
     assert set(data["children"]["gpu"]["hosts"]) == {"node0", "node1"}
     assert set(data["children"]["storage"]["hosts"]) == {"storage"}
     assert data["vars"]["trainrig_nodes"][2] == {
@@ -37,3 +38,43 @@ def test_recap_failed_hosts():
     recap = provision.Recap(hosts={"a": provision.HostRecap(ok=3), "b": provision.HostRecap(unreachable=1),
                                    "c": provision.HostRecap(failed=1)})
     assert recap.failed_hosts == ["b", "c"]
+
+
+def test_inventory_carries_what_the_roles_read():
+    data = provision.ansible_inventory(make_inventory(gpu_nodes=1), host_vars={"node0": {"data_disk_label": "x"}})["all"]
+    assert data["hosts"]["node0"]["data_disk_label"] == "x"
+    assert data["hosts"]["node0"]["trainrig_data_disks"] == [
+        {"device": d.device, "size_gb": d.size_gb} for d in make_inventory(gpu_nodes=1).nodes[0].data_disks]
+    storage = data["vars"]["trainrig_storage"]
+    assert storage["server"] == "storage" and storage["export"] and storage["server_address"]
+
+
+def test_no_storage_node_means_no_storage_vars():
+    inv = make_inventory(gpu_nodes=1)
+    bare = inv.model_copy(update={"storage": None})
+    assert "trainrig_storage" not in provision.ansible_inventory(bare)["all"]["vars"]
+
+
+def test_facts_once_per_host_and_predictable_control_sockets():
+    env = provision.ansible_env(make_inventory(gpu_nodes=2))
+    assert env["ANSIBLE_GATHERING"] == "smart"
+    assert env["ANSIBLE_SSH_CONTROL_PATH"] == "%(directory)s/%%C"
+
+
+def test_censored_results_still_count_as_changed():
+    recap = provision.Recap(hosts={"a": provision.HostRecap()})
+    progress = provision._Progress(type("Board", (), {"update": lambda *a: None})(), recap)
+    progress({"event": "runner_on_ok", "stdout": "changed: [a]",
+              "event_data": {"host": "a", "res": {"censored": "hidden"}}})
+    progress({"event": "runner_on_ok", "stdout": "ok: [a]",
+              "event_data": {"host": "a", "res": {"changed": False, "diff": [
+                  {"before_header": "/etc/x (content)", "after_header": "/etc/x (content)", "after": "new\n"}]}}})
+    assert (recap.hosts["a"].ok, recap.hosts["a"].changed) == (2, 1)
+    assert recap.hosts["a"].files == {"/etc/x": "new\n"}
+
+
+def test_cluster_vars_file_must_be_a_mapping(tmp_path):
+    provision.cluster_vars_path("dev").parent.mkdir(parents=True, exist_ok=True)
+    provision.cluster_vars_path("dev").write_text("- not a mapping\n")
+    with pytest.raises(provision.TrainrigError, match="must be a mapping"):
+        provision.cluster_vars("dev")
