@@ -4,6 +4,7 @@ import os
 import subprocess
 
 import pytest
+import yaml
 
 from cluster import inventory, lifecycle, provision
 from infra.backends.local.instance import LABEL
@@ -48,3 +49,56 @@ def cluster(home):
 @pytest.fixture(scope="session")
 def provisioned(cluster):
     return provision.provision(cluster)
+
+
+# -- a private registry for the registry_login role ----------------------------------------
+REGISTRY = "storage:5000"
+REGISTRY_USER = "trainrig"
+REGISTRY_CONFIG = """\
+version: 0.1
+storage:
+  filesystem:
+    rootdirectory: /var/lib/docker-registry
+http:
+  addr: :5000
+auth:
+  htpasswd:
+    realm: trainrig-test
+    path: /etc/docker/registry/htpasswd
+"""
+
+
+def node_exec(cluster: str, node: str, *argv: str, input: str | None = None) -> subprocess.CompletedProcess:
+    """A command in a node through the engine (set-up and faults, not what is under test)."""
+    return subprocess.run(["docker", "exec", "-i", f"trainrig-{cluster}-{node}", *argv], input=input,
+                          capture_output=True, text=True, timeout=300, check=True)
+
+
+@pytest.fixture(scope="session")
+def registry(cluster, provisioned):
+    """Debian's docker-registry on the storage node, htpasswd (bcrypt) auth, plain HTTP on the
+    cluster network; provisioning from here on logs the GPU nodes in (provision-vars.yml)."""
+    import secrets
+
+    password = secrets.token_urlsafe(18)
+    node_exec(CLUSTER, "storage", "apt-get", "install", "-y", "-q", "--no-install-recommends",
+              "docker-registry", "apache2-utils")
+    # htpasswd reads the password from stdin (-i), so it is never on a command line.
+    htpasswd = node_exec(CLUSTER, "storage", "htpasswd", "-iBn", REGISTRY_USER, input=password).stdout
+    node_exec(CLUSTER, "storage", "sh", "-c", "cat > /etc/docker/registry/htpasswd", input=htpasswd)
+    node_exec(CLUSTER, "storage", "sh", "-c", "cat > /etc/docker/registry/config.yml", input=REGISTRY_CONFIG)
+    node_exec(CLUSTER, "storage", "systemctl", "restart", "docker-registry")
+    provision.cluster_vars_path(CLUSTER).write_text(yaml.safe_dump({
+        "docker_insecure_registries": [REGISTRY],
+        "registry_login_registry": REGISTRY,
+        "registry_login_username": REGISTRY_USER,
+    }))
+    previous = os.environ.get("TRAINRIG_REGISTRY_PASSWORD")
+    os.environ["TRAINRIG_REGISTRY_PASSWORD"] = password
+    try:
+        yield password
+    finally:
+        if previous is None:
+            os.environ.pop("TRAINRIG_REGISTRY_PASSWORD", None)
+        else:
+            os.environ["TRAINRIG_REGISTRY_PASSWORD"] = previous

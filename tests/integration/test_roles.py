@@ -1,0 +1,195 @@
+"""The roles on a real local cluster: data disk, Docker on it, registry login, per-host failures,
+--retry-failed; and the GPU, NFS and RAID roles in check mode (no GPU, kernel NFS or md here)."""
+
+import json
+import os
+
+import pytest
+
+from cluster import provision, ssh
+from cluster.commands import wait_until
+from tests.integration.conftest import CLUSTER, REGISTRY, REGISTRY_USER, node_exec
+
+pytestmark = pytest.mark.integration
+GPU_NODES = ("node0", "node1")
+
+
+def on(inv, name, *argv, check=True):
+    with ssh.open_checked(inv, inv.node(name)) as conn:
+        return ssh.run(conn, list(argv), check=check, timeout=120)
+
+
+def written(recap, host, path):
+    """Content a file-writing task wrote (or in check mode would write) to path on host."""
+    files = recap.hosts[host].files
+    matches = [content for header, content in files.items() if header == path]
+    assert matches, f"{host}: nothing written to {path}; written: {sorted(files)}"
+    return matches[-1]
+
+
+# -- data disk and Docker, for real -----------------------------------------------------------
+
+def test_data_disk_is_mounted_by_uuid_with_noatime_nofail(cluster, provisioned):
+    for node in cluster.nodes:
+        source, fstype, options = on(cluster, node.name, "findmnt", "--noheadings", "--output", "SOURCE,FSTYPE,OPTIONS",
+                                     "/data1").stdout.split()
+        assert (source, fstype) == ("/dev/xvdc", "ext4") and "noatime" in options.split(",")
+        uuid = on(cluster, node.name, "blkid", "-s", "UUID", "-o", "value", "/dev/xvdc").stdout.strip()
+        assert on(cluster, node.name, "blkid", "-s", "LABEL", "-o", "value", "/dev/xvdc").stdout.strip() == "data1"
+        fstab = [line.split() for line in on(cluster, node.name, "cat", "/etc/fstab").stdout.splitlines()]
+        assert [f"UUID={uuid}", "/data1", "ext4", "noatime,nofail", "0", "2"] in fstab
+
+
+def test_docker_keeps_its_data_on_the_data_disk_and_runs_a_container(cluster, provisioned):
+    for name in GPU_NODES:
+        daemon = json.loads(on(cluster, name, "cat", "/etc/docker/daemon.json").stdout)
+        assert daemon["data-root"] == "/data1/docker" and daemon["log-opts"]["max-size"]
+        assert "default-runtime" not in daemon  # no GPU here, so no NVIDIA runtime
+        info = on(cluster, name, "docker", "info", "--format", "{{.DockerRootDir}} {{.Driver}}").stdout.split()
+        assert info == ["/data1/docker", "overlay2"]
+    # No registry to pull from: a real image made of the node's own echo and the libraries it needs.
+    on(cluster, "node0", "sh", "-c", "tar -ch $(ldd /usr/bin/echo | grep -o '/[^ ]*') /usr/bin/echo 2>/dev/null"
+                                     " | docker import - trainrig-test/echo:1")
+    out = on(cluster, "node0", "docker", "run", "--rm", "trainrig-test/echo:1", "/usr/bin/echo", "hello from a container")
+    assert out.stdout.strip() == "hello from a container"
+
+
+def test_storage_node_gets_no_docker(cluster, provisioned):
+    assert on(cluster, "storage", "sh", "-c", "command -v dockerd", check=False).exited != 0
+
+
+# -- registry login ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def logged_in(cluster, registry):
+    first = provision.provision(cluster, tags="docker,registry_login")
+    again = provision.provision(cluster, tags="docker,registry_login")
+    return first, again
+
+
+def test_registry_login_works_and_is_idempotent(cluster, registry, logged_in):
+    first, again = logged_in
+    assert all(first.hosts[n].changed > 0 for n in GPU_NODES)
+    assert {h: r.changed for h, r in again.hosts.items()} == {"node0": 0, "node1": 0, "storage": 0}
+    # Logged in for real: node0 pushes an image the registry only takes with a valid login, node1 pulls it.
+    image = f"{REGISTRY}/trainrig-test/echo:1"
+    on(cluster, "node0", "sh", "-c", "tar -ch $(ldd /usr/bin/echo | grep -o '/[^ ]*') /usr/bin/echo 2>/dev/null"
+                                     f" | docker import - {image}")
+    on(cluster, "node0", "docker", "push", image)
+    on(cluster, "node1", "docker", "pull", image)
+    assert on(cluster, "node1", "docker", "run", "--rm", image, "/usr/bin/echo", "pulled").stdout.strip() == "pulled"
+
+
+def test_registry_refuses_a_wrong_password(cluster, registry, logged_in):
+    wrong = node_exec(CLUSTER, "node1", "sh", "-c", f"docker --config /tmp/no-login login -u {REGISTRY_USER} "
+                      f"--password-stdin {REGISTRY}; echo rc=$?", input="not-the-password")
+    assert "rc=0" not in wrong.stdout and "unauthorized" in (wrong.stdout + wrong.stderr).lower()
+
+
+def test_registry_secret_is_never_logged(cluster, registry, logged_in, tmp_path):
+    # ansible-runner's own event files would be where a leak shows: run once keeping them.
+    node_exec(CLUSTER, "node1", "rm", "-f", "/root/.docker/config.json")
+    recap = provision.provision(cluster, tags="registry_login", keep_artifacts=tmp_path)
+    assert recap.hosts["node1"].changed == 1
+    # The logs: Ansible's output and every event. (ansible-runner's `command` file records the
+    # process environment, the secret's variable included; it lives in a 0700 temp dir that
+    # provision() removes after each run, and is not a log.)
+    logs = [p for p in tmp_path.rglob("*") if p.is_file() and (p.name in ("stdout", "stderr") or p.parent.name == "job_events")]
+    dumped = "".join(p.read_text(errors="replace") for p in logs)
+    assert "Log Docker in" in dumped and registry not in dumped
+
+
+# -- bad input: one clear line for the bad host, the others unaffected --------------------------
+
+BAD_INPUT = [
+    {"id": "disk-missing", "tags": "data_disk", "host_vars": {"data_disk_devices": ["/dev/xvdz"]},
+     "message": "data_disk: /dev/xvdz is not there"},
+    {"id": "disk-formatted", "tags": "data_disk", "host_vars": {"data_disk_label": "scratch"},
+     "message": "data_disk: /dev/xvdc already holds a ext4 file system (label 'data1'); not formatting it"},
+    {"id": "secret-unset", "tags": "registry_login", "host_vars": {"registry_login_password_env": "TRAINRIG_TEST_UNSET"},
+     "message": "registry_login: TRAINRIG_TEST_UNSET is not set"},
+    {"id": "unsupported-os", "tags": "docker", "host_vars": {"docker_supported_platforms": {"Ubuntu": ["24"]}},
+     "message": "docker: Debian 12"},
+    {"id": "nfs-without-storage", "tags": "nfs_client", "host_vars": {"nfs_client_server": ""},
+     "message": "nfs_client: NFS is asked for but the inventory has no storage node"},
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUT, ids=lambda c: c["id"])
+def test_bad_input_fails_that_host_only(cluster, registry, logged_in, case):
+    with pytest.raises(provision.ProvisionFailed) as failed:
+        provision.provision(cluster, tags=case["tags"], host_vars={"node1": case["host_vars"]})
+    recap = failed.value.recap
+    assert recap.failed_hosts == ["node1"]
+    assert case["message"] in recap.hosts["node1"].message and "\n" not in recap.hosts["node1"].message
+    assert "node1" in str(failed.value)
+    assert all(r.succeeded and r.changed == 0 for h, r in recap.hosts.items() if h != "node1")
+
+
+def test_no_storage_node_in_the_inventory(cluster, provisioned):
+    bare = cluster.model_copy(update={"storage": None})
+    with pytest.raises(provision.ProvisionFailed) as failed:
+        provision.provision(bare, tags="nfs_client")
+    assert failed.value.recap.failed_hosts == list(GPU_NODES)
+    assert "no storage node" in failed.value.recap.hosts["node0"].message
+
+
+# -- an unreachable host, then --retry-failed ---------------------------------------------------
+
+def test_unreachable_host_then_retry_failed(cluster, provisioned):
+    node = cluster.node("node1")
+    node_exec(CLUSTER, "node1", "systemctl", "stop", "ssh.service")
+    # Ansible's ControlPersist master would outlive sshd's listener: close it, as a dropped link would.
+    provision.close_connection(cluster, node)
+    try:
+        with pytest.raises(provision.ProvisionFailed) as failed:
+            provision.provision(cluster, tags="common")
+        recap = failed.value.recap
+        assert recap.failed_hosts == ["node1"] and recap.hosts["node1"].unreachable
+        assert recap.hosts["node0"].succeeded and recap.hosts["storage"].succeeded
+    finally:
+        node_exec(CLUSTER, "node1", "systemctl", "start", "ssh.service")
+        wait_until(lambda: ssh.reachable(cluster, node), timeout=60, interval=0.5, what="node1's sshd to answer again")
+    retried = provision.provision(cluster, tags="common", retry_failed=True)
+    assert list(retried.hosts) == ["node1"] and retried.failed_hosts == []
+
+
+# -- GPU, NFS and RAID in check mode: the files they would write --------------------------------
+
+def test_gpu_host_in_check_mode(cluster, provisioned):
+    before = on(cluster, "node0", "cat", "/etc/docker/daemon.json").stdout
+    recap = provision.provision(
+        cluster, tags="nvidia_driver,docker,nvidia_container_toolkit", check=True,
+        # A GPU host as lspci would show it; this sandbox's kernel is not Debian's, so no headers package.
+        extravars={"gpu_facts_nvidia_present": True, "nvidia_driver_kernel_packages": ["dkms"]},
+    )
+    daemon = json.loads(written(recap, "node0", "/etc/docker/daemon.json"))
+    assert daemon["default-runtime"] == "nvidia"
+    assert daemon["runtimes"]["nvidia"]["path"] == "/usr/bin/nvidia-container-runtime"
+    assert daemon["data-root"] == "/data1/docker"
+    assert "cuda/repos/debian12/x86_64/ /" in written(recap, "node0", "/etc/apt/sources.list.d/nvidia-cuda.list")
+    assert "libnvidia-container" in written(recap, "node0", "/etc/apt/sources.list.d/nvidia-container-toolkit.list")
+    assert on(cluster, "node0", "cat", "/etc/docker/daemon.json").stdout == before  # check mode changed nothing
+
+
+def test_nfs_in_check_mode(cluster, provisioned):
+    recap = provision.provision(cluster, tags="nfs", check=True,
+                                extravars={"nfs_server_kernel_support": True, "nfs_client_kernel_support": True})
+    exports = written(recap, "storage", "/etc/exports.d/trainrig.exports")
+    assert f"/data {cluster.network.cidr}(rw,sync,no_subtree_check,root_squash)" in exports.splitlines()
+    server = cluster.node("storage").private_address
+    for name in GPU_NODES:
+        fstab = written(recap, name, "/etc/fstab").splitlines()
+        assert f"{server}:/data /data nfs rw,hard,_netdev,nofail,x-systemd.automount 0 0" in fstab
+    assert "nfs" not in on(cluster, "node0", "cat", "/etc/fstab").stdout
+
+
+def test_raid0_in_check_mode(cluster, provisioned):
+    disks = [{"device": f"/dev/nvme{i}n1", "fstype": "", "label": "", "uuid": ""} for i in (1, 2)]
+    recap = provision.provision(cluster, tags="data_disk", check=True,
+                                extravars={"data_disk_devices": [], "data_disk_found": disks})
+    mdadm = written(recap, "node0", "/etc/mdadm/mdadm.conf")
+    assert "ARRAY /dev/md/data1 level=raid0 num-devices=2 name=data1 devices=/dev/nvme1n1,/dev/nvme2n1" in mdadm
+    fstab = [line.split() for line in written(recap, "node0", "/etc/fstab").splitlines()]
+    assert [["/data1", "ext4", "noatime,nofail"]] == [f[1:4] for f in fstab if len(f) > 3 and f[1] == "/data1"]
+    assert on(cluster, "node0", "test", "-e", "/etc/mdadm/mdadm.conf", check=False).exited != 0
