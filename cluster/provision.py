@@ -253,6 +253,7 @@ def provision(
                 tags=tags,
                 quiet=True,
                 event_handler=_Progress(board, recap),
+                status_handler=_forget_environment,
             )
             for host, rec in recap.hosts.items():
                 if rec.succeeded:
@@ -273,6 +274,17 @@ def provision(
             f"fix it, then run: fab provision --name {inv.cluster} --retry-failed"
         )
     return recap
+
+
+def _forget_environment(status: dict, runner_config) -> None:
+    """Remove ansible-runner's record of the environment as soon as Ansible has started.
+
+    ansible-runner writes the whole process environment (cloud keys, the registry secret) to
+    artifacts/<id>/command before it starts ansible-playbook; nothing reads it back, and a
+    secret has no business on disk, even in a 0700 temp dir, for the length of a run.
+    """
+    if status.get("status") == "running":
+        Path(runner_config.artifact_dir, "command").unlink(missing_ok=True)
 
 
 class ProvisionFailed(TrainrigError):
