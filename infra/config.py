@@ -78,7 +78,7 @@ class StackConfig(BaseModel):
     data_disk_gb: int = Field(default=100, ge=1, le=16000)
     storage_flavor: str | None = None
     storage_disk_gb: int | None = None
-    image: str | None = Field(default=None, description="IBM image id or OS code; AWS AMI id (default: Deep Learning AMI lookup)")
+    image: str | None = Field(default=None, description="IBM OS code or private image (number or GUID); AWS AMI id (default: Deep Learning AMI lookup)")
     datacenter: str | None = Field(default=None, pattern=r"^[a-z]{3}[0-9]{2}$")
     region: str | None = Field(default=None, pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]$")
     zone: str | None = Field(default=None, pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9][a-z]$")

@@ -102,8 +102,11 @@ class VirtualServerProvider(_Credentials, ResourceProvider):
     def create(self, props: dict[str, Any]) -> CreateResult:
         vs = SoftLayer.VSManager(self.client())
         name = props["hostname"]
+        order = _order(props)
+        if str(order.get("image_id", "")).isdigit():
+            order["image_id"] = self._global_identifier(int(order["image_id"]))
         try:
-            created = vs.create_instance(**_order(props))
+            created = vs.create_instance(**order)
         except SoftLayer.SoftLayerAPIError as exc:
             raise _api_error(f"order server {name} ({props['flavor']} in {props['datacenter']})", exc) from None
         guest_id = int(created["id"])
@@ -113,6 +116,18 @@ class VirtualServerProvider(_Credentials, ResourceProvider):
             self._cancel_and_confirm(vs, guest_id, name)
             raise
         return CreateResult(str(guest_id), _outputs(props, guest))
+
+    def _global_identifier(self, image_id: int) -> str:
+        """The portal and `ibmcloud sl image list` show an image's number; an order names its GUID."""
+        try:
+            image = SoftLayer.ImageManager(self.client()).get_image(image_id, mask="id,globalIdentifier")
+        except SoftLayer.SoftLayerAPIError as exc:
+            if _not_found(exc):
+                raise IbmError(f"image {image_id} is not in this account; find yours with: ibmcloud sl image list") from None
+            raise _api_error(f"look up image {image_id}", exc) from None
+        if not image.get("globalIdentifier"):
+            raise IbmError(f"image {image_id} has no global identifier to order from; use its GUID or an OS code")
+        return image["globalIdentifier"]
 
     def _wait_ready(self, vs: SoftLayer.VSManager, guest_id: int, name: str, pending: bool = False) -> dict:
         deadline = time.monotonic() + self.ready_timeout_s

@@ -55,6 +55,26 @@ def test_create_orders_what_the_seed_ordered_and_waits_until_ready(transport):
     assert len(calls(transport, "getObject")) == 3
 
 
+@pytest.mark.parametrize("image, guid", [
+    ("100", "0B5DEAF4-643D-46CA-A695-CECBE8832C9D"),  # the number the portal shows: looked up
+    ("EB38414C-2AB3-47F3-BBBD-56A5F689620B", "EB38414C-2AB3-47F3-BBBD-56A5F689620B"),  # a GUID: as given
+])
+def test_an_image_orders_by_its_global_identifier(transport, image, guid):
+    transport.set_mock("SoftLayer_Virtual_Guest", "getObject").return_value = READY
+    provider(transport).create({**PROPS, "os_code": None, "image_id": image})
+    order = calls(transport, "createObject")[0].args[0]
+    assert order["blockDeviceTemplateGroup"] == {"globalIdentifier": guid}
+    assert "operatingSystemReferenceCode" not in order
+
+
+def test_an_image_not_in_the_account_is_one_line_and_nothing_ordered(transport):
+    transport.set_mock("SoftLayer_Virtual_Guest_Block_Device_Template_Group", "getObject").side_effect = \
+        SoftLayer.SoftLayerAPIError("SoftLayer_Exception_ObjectNotFound", "Unable to find object with id of '42'.")
+    with pytest.raises(IbmError, match=r"^image 42 is not in this account; find yours with: ibmcloud sl image list$"):
+        provider(transport).create({**PROPS, "os_code": None, "image_id": "42"})
+    assert not calls(transport, "createObject")
+
+
 def test_rejected_order_is_one_clear_error_and_nothing_to_cancel(transport):
     transport.set_mock("SoftLayer_Virtual_Guest", "createObject").side_effect = SoftLayer.SoftLayerAPIError(
         "SoftLayer_Exception_Public", "Unable to place order: out of stock in syd04")
