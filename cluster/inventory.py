@@ -42,7 +42,8 @@ class Node(Strict):
 
 
 class SharedStorage(Strict):
-    server: str = Field(description="name of the storage node that serves the share")
+    kind: Literal["node", "efs"] = Field(default="node", description="served by a storage node, or by Amazon EFS")
+    server: str = Field(description="name of the storage node that serves the share; for efs, its DNS name")
     export: str = Field(pattern=r"^/")
     mount_point: str = Field(pattern=r"^/")
 
@@ -78,7 +79,7 @@ class Inventory(Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"node names must be unique, repeated: {', '.join(dupes)}")
-        if self.storage and self.nodes:
+        if self.storage and self.storage.kind == "node" and self.nodes:
             server = next((n for n in self.nodes if n.name == self.storage.server), None)
             if server is None or server.role != "storage":
                 raise ValueError(f"storage.server {self.storage.server!r} is not a storage node")
@@ -98,7 +99,7 @@ class Inventory(Strict):
 
     @property
     def storage_node(self) -> Node | None:
-        if self.storage is None:
+        if self.storage is None or self.storage.kind != "node":
             return None
         return next((n for n in self.nodes if n.name == self.storage.server), None)
 

@@ -21,6 +21,10 @@ from cluster.errors import TrainrigError
 from cluster.inventory import Inventory
 
 PLAYBOOKS = Path(__file__).resolve().parent.parent / "playbooks"
+# What AWS recommends for EFS (NFS 4.1, 1 MiB transfers, long timeouts, a fresh port on
+# reconnect), plus ours: mounted on first access, never blocking boot.
+EFS_MOUNT_OPTIONS = ("nfsvers=4.1,rsize=1048576,wsize=1048576,hard,timeo=600,retrans=2,noresvport,"
+                     "_netdev,nofail,x-systemd.automount")
 
 
 def ansible_inventory(inv: Inventory, host_vars: dict[str, dict] | None = None) -> dict:
@@ -50,7 +54,12 @@ def ansible_inventory(inv: Inventory, host_vars: dict[str, dict] | None = None) 
         variables["trainrig_network_cidr"] = str(inv.network.cidr)
     # No storage node, no trainrig_storage: the NFS roles then fail with a line that says so.
     server = inv.storage_node
-    if inv.storage and server:
+    if inv.storage and inv.storage.kind == "efs":
+        variables["trainrig_storage"] = {
+            "server": "", "server_address": inv.storage.server, "export": inv.storage.export,
+            "mount_point": inv.storage.mount_point, "mount_options": EFS_MOUNT_OPTIONS,
+        }
+    elif inv.storage and server:
         variables["trainrig_storage"] = {
             "server": server.name, "server_address": str(server.private_address),
             "export": inv.storage.export, "mount_point": inv.storage.mount_point,

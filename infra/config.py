@@ -35,6 +35,7 @@ HINTS = {
     "ssh_public_key": "set trainrig:ssh_public_key to the one line of your ~/.ssh/id_ed25519.pub",
     "data_disk_gb": "set trainrig:data_disk_gb to the data disk size of each GPU node in GB",
     "storage_disk_gb": "set trainrig:storage_disk_gb to the NFS disk size in GB (at least 1)",
+    "storage": "set trainrig:storage to nfs_server (an NFS server instance with an EBS disk) or efs (AWS only)",
     "datacenter": "set trainrig:datacenter to an IBM Cloud classic datacenter, e.g. dal10",
     "region": "set trainrig:region to an AWS region, e.g. us-east-1",
 }
@@ -44,7 +45,7 @@ PER_CLOUD = {
             "ssh_private_key_file", "ssh_user", "admin_cidr", "hourly", "nic_speed", "private_vlan", "domain",
             "sl_username", "sl_api_key"},
     "aws": {"flavor", "gpus_per_node", "storage_flavor", "storage_disk_gb", "image", "region", "zone",
-            "ssh_public_key", "ssh_private_key_file", "ssh_user", "admin_cidr", "spot", "vpc", "vpc_cidr"},
+            "ssh_public_key", "ssh_private_key_file", "ssh_user", "admin_cidr", "spot", "vpc", "vpc_cidr", "storage"},
     "local": set(),
 }
 COMMON = {"cloud", "cluster", "gpu_nodes", "data_disk_gb", "tags"}
@@ -76,8 +77,10 @@ class StackConfig(BaseModel):
     flavor: str | None = Field(default=None, description="IBM flavor or AWS instance type of the GPU nodes")
     gpus_per_node: int | None = Field(default=None, ge=0, description="derived from the flavor when omitted")
     data_disk_gb: int = Field(default=100, ge=1, le=16000)
+    storage: Literal["nfs_server", "efs"] = Field(
+        default="nfs_server", description="AWS: an NFS server instance with an EBS disk, or EFS (no server to run)")
     storage_flavor: str | None = None
-    storage_disk_gb: int | None = None
+    storage_disk_gb: int | None = Field(default=None, description="NFS disk size; with EFS, the GB the estimate assumes")
     image: str | None = Field(default=None, description="IBM OS code or private image (number or GUID); AWS AMI id (default: Deep Learning AMI lookup)")
     datacenter: str | None = Field(default=None, pattern=r"^[a-z]{3}[0-9]{2}$")
     region: str | None = Field(default=None, pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]$")
@@ -104,8 +107,12 @@ class StackConfig(BaseModel):
         given = self.model_fields_set
         for key in sorted(given - COMMON - PER_CLOUD[self.cloud]):
             raise ConfigError(key, f"does not apply to cloud {self.cloud}", "remove it from the stack")
+        efs = self.storage == "efs"
+        if efs and self.storage_flavor is not None:
+            raise ConfigError("storage_flavor", "does not apply with storage efs (EFS has no server)",
+                              "remove it, or set trainrig:storage to nfs_server")
         for key in REQUIRED[self.cloud]:
-            if getattr(self, key) is None:
+            if getattr(self, key) is None and not (efs and key == "storage_flavor"):
                 raise ConfigError(key, "missing")
         if self.cloud == "local":
             if self.data_disk_gb > 64:
@@ -127,6 +134,8 @@ class StackConfig(BaseModel):
         word = "flavor" if self.cloud == "ibm" else "instance type"
         for key in ("flavor", "storage_flavor"):
             name = getattr(self, key)
+            if key == "storage_flavor" and self.storage == "efs":
+                continue
             if name not in known:
                 choices = sorted(k for k, m in known.items() if (m.gpus > 0) == (key == "flavor"))
                 raise ConfigError(key, f"unknown {word} {name!r}", f"set trainrig:{key} to one of: {', '.join(choices)}")

@@ -76,6 +76,9 @@ def plan(cfg: StackConfig) -> Plan:
     if cfg.cloud == "local":
         nodes.append(_node(cfg, prices, STORAGE_NODE, "storage", "container", None, cfg.data_disk_gb))
         notes.append("local nodes are Docker containers on this machine: no GPUs, no charge")
+    elif cfg.storage == "efs":
+        shared = prices.shared_fs_usd_per_hour(cfg.storage_disk_gb)
+        notes.append(f"EFS is billed per GB stored: priced here at {cfg.storage_disk_gb} GB (trainrig:storage_disk_gb)")
     else:
         nodes.append(_node(cfg, prices, STORAGE_NODE, "storage", cfg.storage_flavor, machines[cfg.storage_flavor],
                            cfg.storage_disk_gb))

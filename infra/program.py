@@ -80,19 +80,22 @@ def node_record(planned: PlannedNode, public_ip, private_ip, host_key, device: s
     return pulumi.Output.all(public_ip, private_ip, host_key).apply(record)
 
 
-def inventory(cfg: StackConfig, nodes: list[pulumi.Output], network_name, network_cidr) -> pulumi.Output[dict]:
-    """The whole inventory: storage node last, shared storage served from it over NFS."""
+def inventory(cfg: StackConfig, nodes: list[pulumi.Output], network_name, network_cidr,
+              efs_address=None) -> pulumi.Output[dict]:
+    """The whole inventory: storage node last, shared storage served from it over NFS (or from EFS)."""
 
     def assemble(values) -> dict:
-        *records, net_name, cidr = values
+        *records, net_name, cidr, efs = values
+        storage = {"server": STORAGE_NODE, "export": NFS_EXPORT, "mount_point": NFS_EXPORT}
+        if efs:
+            storage = {"kind": "efs", "server": efs, "export": "/", "mount_point": NFS_EXPORT}
         return {
             "schema_version": 1, "cluster": cfg.cluster, "cloud": cfg.cloud, "ssh_user": cfg.login_user,
-            "ssh_private_key": str(cfg.private_key_path), "nodes": records,
-            "storage": {"server": STORAGE_NODE, "export": NFS_EXPORT, "mount_point": NFS_EXPORT},
+            "ssh_private_key": str(cfg.private_key_path), "nodes": records, "storage": storage,
             "network": {"name": net_name, "cidr": str(IPv4Network(cidr))},
         }
 
-    return pulumi.Output.all(*nodes, network_name, network_cidr).apply(assemble)
+    return pulumi.Output.all(*nodes, network_name, network_cidr, efs_address).apply(assemble)
 
 
 def child(parent: pulumi.Resource, **extra) -> pulumi.ResourceOptions:

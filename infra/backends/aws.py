@@ -1,8 +1,9 @@
-"""AWS for the Pulumi program (pulumi_aws): network, security group, placement group, key pair, GPU instances, NFS storage node.
+"""AWS for the Pulumi program (pulumi_aws): network, security group, placement group, key pair, GPU instances, NFS storage node or EFS.
 
 Reachable from outside: SSH (tcp/22) from admin_cidr, nothing else. Members of the cluster's
 security group reach each other on everything (MPI, NCCL, NFS). The storage instance and its
-EBS volume are protected and do not depend on the GPU nodes, so gpu_nodes=0 keeps them.
+EBS volume (or the EFS file system and its mount target, which sits in the same security group)
+are protected and do not depend on the GPU nodes, so gpu_nodes=0 keeps them.
 """
 
 from __future__ import annotations
@@ -49,20 +50,10 @@ def build(parent: pulumi.ComponentResource, name: str, cfg: StackConfig, plan: P
     key = aws.ec2.KeyPair(f"{name}-key", key_name=f"trainrig-{cfg.cluster}", public_key=cfg.ssh_public_key, opts=opts)
 
     # Storage first, on its own: protected, and nothing of it depends on the GPU nodes.
-    storage_key = program.HostKey(f"{name}-{STORAGE_NODE}-hostkey", STORAGE_NODE, opts=program.child(parent, protect=True))
-    storage = aws.ec2.Instance(
-        f"{name}-{STORAGE_NODE}", instance_type=cfg.storage_flavor, ami=_ubuntu_ami(invoke), subnet_id=subnet_id,
-        vpc_security_group_ids=[group.id], key_name=key.key_name,
-        root_block_device={"volume_size": 30, "volume_type": "gp3", "encrypted": True},
-        user_data=program.cloud_init(storage_key, cfg, "", firewall=False), user_data_replace_on_change=False,
-        tags={"Name": f"{cfg.cluster}-{STORAGE_NODE}", "trainrig:role": "storage"},
-        opts=program.child(parent, provider=provider, protect=True))
-    volume = aws.ebs.Volume(f"{name}-{STORAGE_NODE}-data", availability_zone=storage.availability_zone,
-                            size=cfg.storage_disk_gb, type="gp3", encrypted=True,
-                            tags={"Name": f"{cfg.cluster}-{STORAGE_NODE}-data", "trainrig:role": "storage"},
-                            opts=program.child(parent, provider=provider, protect=True))
-    aws.ec2.VolumeAttachment(f"{name}-{STORAGE_NODE}-data-attach", device_name=EBS_DEVICE_NAME, volume_id=volume.id,
-                             instance_id=storage.id, opts=program.child(parent, provider=provider, protect=True))
+    if cfg.storage == "efs":
+        storage_record, efs_address = None, _efs(name, cfg, subnet_id, group, parent, provider)
+    else:
+        storage_record, efs_address = _nfs_server(name, cfg, plan, subnet_id, group, key, parent, provider, invoke), None
 
     placement = None
     if cfg.gpu_nodes > 1:
@@ -85,9 +76,44 @@ def build(parent: pulumi.ComponentResource, name: str, cfg: StackConfig, plan: P
             tags={"Name": f"{cfg.cluster}-{planned.name}", "trainrig:role": "gpu"}, opts=opts)
         records.append(program.node_record(planned, instance.public_ip, instance.private_ip, host_key.public_key,
                                            data_device(cfg.flavor)))
-    records.append(program.node_record(plan.node(STORAGE_NODE), storage.public_ip, storage.private_ip,
-                                       storage_key.public_key, data_device(cfg.storage_flavor)))
-    return program.inventory(cfg, records, pulumi.Output.from_input(vpc_id), vpc_cidr)
+    if storage_record is not None:
+        records.append(storage_record)
+    return program.inventory(cfg, records, pulumi.Output.from_input(vpc_id), vpc_cidr, efs_address)
+
+
+def _nfs_server(name, cfg, plan, subnet_id, group, key, parent, provider, invoke) -> pulumi.Output[dict]:
+    """The storage node: an instance that serves its protected EBS volume over NFS; its inventory record."""
+    storage_key = program.HostKey(f"{name}-{STORAGE_NODE}-hostkey", STORAGE_NODE, opts=program.child(parent, protect=True))
+    storage = aws.ec2.Instance(
+        f"{name}-{STORAGE_NODE}", instance_type=cfg.storage_flavor, ami=_ubuntu_ami(invoke), subnet_id=subnet_id,
+        vpc_security_group_ids=[group.id], key_name=key.key_name,
+        root_block_device={"volume_size": 30, "volume_type": "gp3", "encrypted": True},
+        user_data=program.cloud_init(storage_key, cfg, "", firewall=False), user_data_replace_on_change=False,
+        tags={"Name": f"{cfg.cluster}-{STORAGE_NODE}", "trainrig:role": "storage"},
+        opts=program.child(parent, provider=provider, protect=True))
+    volume = aws.ebs.Volume(f"{name}-{STORAGE_NODE}-data", availability_zone=storage.availability_zone,
+                            size=cfg.storage_disk_gb, type="gp3", encrypted=True,
+                            tags={"Name": f"{cfg.cluster}-{STORAGE_NODE}-data", "trainrig:role": "storage"},
+                            opts=program.child(parent, provider=provider, protect=True))
+    aws.ec2.VolumeAttachment(f"{name}-{STORAGE_NODE}-data-attach", device_name=EBS_DEVICE_NAME, volume_id=volume.id,
+                             instance_id=storage.id, opts=program.child(parent, provider=provider, protect=True))
+    return program.node_record(plan.node(STORAGE_NODE), storage.public_ip, storage.private_ip,
+                               storage_key.public_key, data_device(cfg.storage_flavor))
+
+
+def _efs(name, cfg, subnet_id, group, parent, provider) -> pulumi.Output[str]:
+    """EFS instead of a server: an encrypted file system and a mount target in the cluster's subnet.
+
+    The mount target sits in the cluster's security group, so only members reach NFS on it.
+    Returns the target's address, which the GPU nodes mount (no dependence on VPC DNS).
+    """
+    protected = program.child(parent, provider=provider, protect=True)
+    fs = aws.efs.FileSystem(f"{name}-efs", creation_token=f"trainrig-{cfg.cluster}", encrypted=True,
+                            performance_mode="generalPurpose", throughput_mode="elastic",
+                            tags={"Name": f"{cfg.cluster}-efs", "trainrig:role": "storage"}, opts=protected)
+    target = aws.efs.MountTarget(f"{name}-efs-target", file_system_id=fs.id, subnet_id=subnet_id,
+                                 security_groups=[group.id], opts=protected)
+    return target.ip_address
 
 
 def _network(name: str, cfg: StackConfig, opts: pulumi.ResourceOptions, invoke: pulumi.InvokeOptions):
@@ -122,7 +148,7 @@ def _ubuntu_ami(invoke: pulumi.InvokeOptions) -> pulumi.Output[str]:
 
 
 def billable(cluster: str, cfg: StackConfig, endpoint_url: str | None = None) -> list[str]:
-    """What AWS's own listings still hold for a cluster (instances not terminated, volumes, VPCs, groups)."""
+    """What AWS's own listings still hold for a cluster (instances not terminated, volumes, EFS, VPCs, groups)."""
     import boto3
 
     ec2 = boto3.client("ec2", region_name=cfg.region, endpoint_url=endpoint_url)
@@ -137,4 +163,16 @@ def billable(cluster: str, cfg: StackConfig, endpoint_url: str | None = None) ->
     found += [f"vpc {v['VpcId']}" for v in ec2.describe_vpcs(Filters=tag)["Vpcs"]]
     found += [f"security group {g['GroupId']}" for g in ec2.describe_security_groups(Filters=tag)["SecurityGroups"]]
     found += [f"key pair {k['KeyName']}" for k in ec2.describe_key_pairs(Filters=tag)["KeyPairs"]]
+    found += _efs_billable(cluster, cfg, endpoint_url)
     return found
+
+
+def _efs_billable(cluster: str, cfg: StackConfig, endpoint_url: str | None) -> list[str]:
+    """EFS file systems, which the EFS API lists with their tags (it has no tag filter)."""
+    import boto3
+
+    efs = boto3.client("efs", region_name=cfg.region, endpoint_url=endpoint_url)
+    ours = {"Key": "trainrig:cluster", "Value": cluster}
+    return [f"efs {fs['FileSystemId']} ({fs['SizeInBytes']['Value'] / 2**30:.1f} GB stored)"
+            for page in efs.get_paginator("describe_file_systems").paginate()
+            for fs in page["FileSystems"] if ours in fs.get("Tags", [])]

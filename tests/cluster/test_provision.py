@@ -3,6 +3,7 @@
 import pytest
 
 from cluster import provision
+from cluster.inventory import SharedStorage
 from tests.helpers import make_inventory
 
 
@@ -47,6 +48,18 @@ def test_inventory_carries_what_the_roles_read():
         {"device": d.device, "size_gb": d.size_gb} for d in make_inventory(gpu_nodes=1).nodes[0].data_disks]
     storage = data["vars"]["trainrig_storage"]
     assert storage["server"] == "storage" and storage["export"] and storage["server_address"]
+
+
+def test_efs_storage_is_mounted_from_its_address_with_efs_options():
+    inv = make_inventory(gpu_nodes=2)
+    efs = inv.model_copy(update={"nodes": inv.gpu_nodes, "storage": SharedStorage(
+        kind="efs", server="10.9.0.200", export="/", mount_point="/data")})
+    data = provision.ansible_inventory(efs)["all"]
+    assert data["vars"]["trainrig_storage"] == {
+        "server": "", "server_address": "10.9.0.200", "export": "/", "mount_point": "/data",
+        "mount_options": provision.EFS_MOUNT_OPTIONS}
+    assert "nfsvers=4.1" in provision.EFS_MOUNT_OPTIONS and "x-systemd.automount" in provision.EFS_MOUNT_OPTIONS
+    assert data["children"]["storage"]["hosts"] == {}
 
 
 def test_no_storage_node_means_no_storage_vars():

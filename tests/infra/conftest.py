@@ -38,6 +38,8 @@ class CloudMocks(pulumi.runtime.Mocks):
         state = dict(args.inputs)
         if args.typ == "aws:ec2/instance:Instance":
             state.update(publicIp=f"203.0.113.{n}", privateIp=f"{self.private_prefix}{n}", availabilityZone="us-east-1a")
+        elif args.typ == "aws:efs/mountTarget:MountTarget":
+            state.update(ipAddress=f"{self.private_prefix}{n}")
         elif args.typ == "aws:ec2/placementGroup:PlacementGroup":
             state.setdefault("name", args.name)
         elif args.typ.endswith("trainrig:HostKey"):

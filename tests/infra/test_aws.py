@@ -41,11 +41,16 @@ def test_billable_lists_what_is_left_and_nothing_once_gone(endpoint):
                                TagSpecifications=[{"ResourceType": "volume", "Tags": tags}])
     other = ec2.create_volume(AvailabilityZone="us-east-1a", Size=10,
                               TagSpecifications=[{"ResourceType": "volume", "Tags": [{"Key": "trainrig:cluster", "Value": "x"}]}])
+    efs = boto3.client("efs", region_name="us-east-1", endpoint_url=endpoint)
+    shared = efs.create_file_system(CreationToken="trainrig-imagenet", Encrypted=True, Tags=tags)
+    efs.create_file_system(CreationToken="trainrig-x", Tags=[{"Key": "trainrig:cluster", "Value": "x"}])
     left = aws.billable("imagenet", REGION, endpoint_url=endpoint)
     assert f"instance {instance['InstanceId']} (p2.16xlarge, running, ?)" in left
     assert f"volume {volume['VolumeId']} (2000 GB)" in left
     assert not any(other["VolumeId"] in item for item in left)
+    assert [item for item in left if item.startswith("efs")] == [f"efs {shared['FileSystemId']} (0.0 GB stored)"]
 
     ec2.terminate_instances(InstanceIds=[instance["InstanceId"]])
     ec2.delete_volume(VolumeId=volume["VolumeId"])
+    efs.delete_file_system(FileSystemId=shared["FileSystemId"])
     assert aws.billable("imagenet", REGION, endpoint_url=endpoint) == []

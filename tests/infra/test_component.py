@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from ipaddress import IPv4Address
 
 import pulumi
 import pytest
@@ -37,11 +38,20 @@ def test_outputs_are_an_inventory_and_a_price(mocks, path):
             inv = Inventory.model_validate_json(json.dumps(inventory))
             assert [n.name for n in inv.gpu_nodes] == cfg.gpu_node_names()
             assert all(n.gpu_count == cfg.gpus for n in inv.gpu_nodes)
-            assert inv.storage_node is not None and inv.storage.export == "/data"
             assert all(n.data_disks[0].size_gb == cfg.data_disk_gb for n in inv.gpu_nodes)
-            assert inv.storage_node.data_disks[0].size_gb == cfg.storage_disk_gb
+            assert inv.storage.mount_point == "/data"
+            if cfg.storage == "efs":
+                # Mounted from the mount target's address, inside the cluster's network; no server.
+                assert inv.storage.kind == "efs" and inv.storage_node is None and inv.storage.export == "/"
+                assert IPv4Address(inv.storage.server) in inv.network.cidr
+                storage_node_price = 0.0
+            else:
+                assert inv.storage_node is not None and inv.storage.export == "/data"
+                assert inv.storage_node.data_disks[0].size_gb == cfg.storage_disk_gb
+                storage_node_price = inv.storage_node.hourly_price_usd
             assert cost["total"] == pytest.approx(cost["compute"] + cost["storage"], abs=1e-3)
-            assert cost["compute"] == pytest.approx(round(inv.hourly_cost_usd() - inv.storage_node.hourly_price_usd, 4), abs=1e-3)
+            assert cost["compute"] == pytest.approx(round(inv.hourly_cost_usd() - storage_node_price, 4), abs=1e-3)
+            assert cost["storage"] > 0
         return outputs(cluster).apply(verify)
 
     check()
@@ -58,11 +68,20 @@ def test_aws_graph(mocks, path):
     gpu = [i for i in instances if i.inputs["tags"]["trainrig:role"] == "gpu"]
     storage = [i for i in instances if i.inputs["tags"]["trainrig:role"] == "storage"]
     assert len(gpu) == cfg.gpu_nodes and {i.inputs["instanceType"] for i in gpu} == {cfg.flavor}
-    assert len(storage) == 1 and storage[0].inputs["instanceType"] == cfg.storage_flavor
     assert all(i.inputs["ebsBlockDevices"][0]["volumeSize"] == cfg.data_disk_gb for i in gpu)
     assert all(i.inputs["ami"] == "ami-0dlami" for i in gpu), "Deep Learning AMI by lookup"
     assert all(i.inputs["placementGroup"] for i in gpu)
-    assert [v.inputs["size"] for v in mocks.of_type("aws:ebs/volume:Volume")] == [cfg.storage_disk_gb]
+    assert all(("instanceMarketOptions" in i.inputs) == cfg.spot for i in gpu)
+    file_systems = mocks.of_type("aws:efs/fileSystem:FileSystem")
+    if cfg.storage == "efs":
+        assert not storage and not mocks.of_type("aws:ebs/volume:Volume")
+        assert len(file_systems) == 1 and file_systems[0].inputs["encrypted"] is True
+        targets = mocks.of_type("aws:efs/mountTarget:MountTarget")
+        assert [t.inputs["fileSystemId"] for t in targets] == [f"{file_systems[0].name}-id"]
+    else:
+        assert not file_systems
+        assert len(storage) == 1 and storage[0].inputs["instanceType"] == cfg.storage_flavor
+        assert [v.inputs["size"] for v in mocks.of_type("aws:ebs/volume:Volume")] == [cfg.storage_disk_gb]
     assert len(mocks.of_type("aws:ec2/placementGroup:PlacementGroup")) == 1
     assert mocks.of_type("aws:ec2/placementGroup:PlacementGroup")[0].inputs["strategy"] == "cluster"
     assert len(mocks.of_type("aws:ec2/keyPair:KeyPair")) == 1
@@ -85,6 +104,8 @@ def test_aws_only_ssh_from_admin_reaches_in(mocks, path):
     assert inside and all(r["referencedSecurityGroupId"] == group_id for r in inside), "NFS and MPI only from members"
     for instance in mocks.of_type("aws:ec2/instance:Instance"):
         assert instance.inputs["vpcSecurityGroupIds"] == [group_id]
+    for target in mocks.of_type("aws:efs/mountTarget:MountTarget"):
+        assert target.inputs["securityGroups"] == [group_id], "EFS's NFS only from cluster members"
 
 
 @pytest.mark.parametrize("path", [p for p in CLOUD_STACKS if "ibm" in p.name], ids=lambda p: p.stem)
@@ -110,7 +131,7 @@ def test_ibm_graph(mocks, path):
 def test_storage_is_protected_and_compute_is_not(mocks, path):
     cfg, cluster = build(path)
     pulumi.runtime.test(lambda: outputs(cluster))()
-    storage = [r for r in mocks.resources if "storage" in r.name]
+    storage = [r for r in mocks.resources if "storage" in r.name or "-efs" in r.name]
     assert storage and all(r.protect for r in storage), [r.name for r in storage if not r.protect]
     compute = [r for r in mocks.resources if "-node" in r.name]
     assert compute and not any(r.protect for r in compute)
@@ -124,9 +145,10 @@ def test_zero_gpu_nodes_keeps_storage(mocks, path):
     def check():
         def verify(inventory):
             inv = Inventory.model_validate_json(json.dumps(inventory))
-            assert [n.name for n in inv.nodes] == ["storage"]
+            assert [n.name for n in inv.nodes] == ([] if cfg.storage == "efs" else ["storage"])
+            assert inv.storage is not None
         return cluster.inventory.apply(verify)
 
     check()
     assert not [r for r in mocks.resources if "-node" in r.name]
-    assert [r for r in mocks.resources if "storage" in r.name and r.protect]
+    assert [r for r in mocks.resources if ("storage" in r.name or "-efs" in r.name) and r.protect]

@@ -21,7 +21,7 @@ def test_every_sample_stack_validates_and_prices(path):
     cfg = config.load_stack_file(path)
     config.check_credentials(cfg, CREDENTIALS)
     p = plan.plan(cfg)
-    assert len(p.nodes) == cfg.gpu_nodes + 1
+    assert len(p.nodes) == cfg.gpu_nodes + (cfg.storage != "efs")  # EFS: no storage node
     assert p.total_usd_per_hour == pytest.approx(p.compute_usd_per_hour + p.storage_usd_per_hour)
     if cfg.cloud != "local":
         assert p.compute_usd_per_hour > 0 and p.storage_usd_per_hour > 0

@@ -28,6 +28,17 @@ def test_plan_prints_nodes_flavors_disks_and_price(tmp_path):
     assert "total" in out and "10.621" in out and "prices as of" in out
 
 
+def test_plan_with_efs_prices_storage_per_gb_and_lists_no_storage_node(tmp_path):
+    result = fab("plan", "--stack", "aws-4-gpu-efs", env=CREDENTIALS, tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()]
+    assert [r[0] for r in rows if r and r[0].startswith("node") and r[1] == "gpu"] == ["node0", "node1", "node2", "node3"]
+    assert not [r for r in rows if len(r) > 1 and r[1] == "storage" and r[0] != "efs"]
+    efs = next(r for r in rows if r and r[0] == "efs")
+    assert efs[-3:-1] == ["500", "GB"] and float(efs[-1]) == pytest.approx(500 * 0.30 / 730, abs=1e-3)
+    assert "EFS is billed per GB stored" in result.stdout
+
+
 @pytest.mark.parametrize("args, env, error", [
     (["plan"], CREDENTIALS, "error: no stack selected; pass --stack NAME"),
     (["plan", "--stack", "nope"], CREDENTIALS, "error: stack file"),

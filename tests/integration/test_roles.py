@@ -8,6 +8,7 @@ import pytest
 
 from cluster import provision, ssh
 from cluster.commands import wait_until
+from cluster.inventory import SharedStorage
 from tests.integration.conftest import CLUSTER, REGISTRY, REGISTRY_USER, node_exec
 
 pytestmark = pytest.mark.integration
@@ -182,6 +183,17 @@ def test_nfs_in_check_mode(cluster, provisioned):
         fstab = written(recap, name, "/etc/fstab").splitlines()
         assert f"{server}:/data /data nfs rw,hard,_netdev,nofail,x-systemd.automount 0 0" in fstab
     assert "nfs" not in on(cluster, "node0", "cat", "/etc/fstab").stdout
+
+
+def test_efs_mount_in_check_mode(cluster, provisioned):
+    # An AWS cluster with EFS: no storage node; the GPU nodes mount the mount target's address.
+    efs = cluster.model_copy(update={"nodes": cluster.gpu_nodes, "storage": SharedStorage(
+        kind="efs", server="10.42.0.99", export="/", mount_point="/data")})
+    recap = provision.provision(efs, tags="nfs", check=True, extravars={"nfs_client_kernel_support": True})
+    assert set(recap.hosts) == set(GPU_NODES)
+    for name in GPU_NODES:
+        fstab = written(recap, name, "/etc/fstab").splitlines()
+        assert f"10.42.0.99:/ /data nfs {provision.EFS_MOUNT_OPTIONS} 0 0" in fstab
 
 
 def test_raid0_in_check_mode(cluster, provisioned):
