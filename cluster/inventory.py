@@ -231,8 +231,15 @@ def known_hosts_path(cluster: str) -> Path:
 
 def require_running(inv: Inventory) -> Inventory:
     if not inv.running:
-        raise TrainrigError(f"cluster {inv.cluster!r} has no nodes running; start it with: fab up --name {inv.cluster}")
+        raise TrainrigError(f"cluster {inv.cluster!r} has no nodes running; start it with: {how_to_start(inv)}")
     return inv
+
+
+def how_to_start(inv: Inventory) -> str:
+    """Local clusters come up through fab; cloud ones through their Pulumi stack."""
+    if inv.cloud == "local":
+        return f"fab up --name {inv.cluster}"
+    return "pulumi config set trainrig:gpu_nodes N && pulumi up"
 
 
 def dumps(inv: Inventory) -> str:

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter
 from cluster import jobs, ssh, state
 from cluster.commands import wait_until
 from cluster.errors import TrainrigError
-from cluster.inventory import Inventory, Node, require_running
+from cluster.inventory import Inventory, Node, how_to_start, require_running
 
 SUPERVISOR = Path(__file__).parent / "remote" / "supervisor.py"
 FINAL_STATES = {"succeeded", "failed", "cancelled"}
@@ -176,7 +176,9 @@ def reader_node(inv: Inventory, record: RunRecord) -> Node:
         return inv.node(record.node)
     if inv.storage_node:
         return inv.storage_node
-    raise TrainrigError(f"no node of {inv.cluster!r} is up to read run {record.id} from; start it with fab up")
+    # EFS has no node of its own: with the GPU nodes gone, nothing can read the share.
+    raise TrainrigError(f"no node of {inv.cluster!r} is up to read run {record.id} from; "
+                        f"start it with: {how_to_start(inv)}")
 
 
 def cancel(inv: Inventory, record: RunRecord, timeout: float = 60, grace: float = 10) -> dict:

@@ -71,3 +71,26 @@ def test_secret_files_are_owner_only(home):
 
     keys.ensure_login_key(home / "k" / "id_ed25519", "c")
     assert (home / "k" / "id_ed25519").stat().st_mode & 0o777 == 0o600
+
+
+def test_efs_storage_needs_no_storage_node_and_reads_from_a_gpu_node():
+    from datetime import datetime, timezone
+
+    from cluster.runs import RunRecord, reader_node
+
+    base = make_inventory(gpu_nodes=2)
+    data = json.loads(inventory.dumps(base))
+    data.update(cloud="aws", nodes=data["nodes"][:2],
+                storage={"kind": "efs", "server": "10.9.0.99", "export": "/", "mount_point": "/data"})
+    inv = inventory.parse(json.dumps(data), "test")
+    assert inv.storage_node is None and inv.storage.kind == "efs"
+    record = RunRecord(id="r", job="j", node="node1", run_dir="/data/r", ranks=2, max_steps=1,
+                       started_at=datetime.now(timezone.utc))
+    assert reader_node(inv, record).name == "node1"
+    # After fab down an EFS cluster has no node at all: say how to bring one back, for this cloud.
+    down = inv.model_copy(update={"nodes": []})
+    with pytest.raises(TrainrigError, match=r"no node of 'unit' is up to read run r from; start it with: "
+                                            r"pulumi config set trainrig:gpu_nodes N && pulumi up$"):
+        reader_node(down, record)
+    with pytest.raises(TrainrigError, match=r"has no nodes running; start it with: pulumi config set"):
+        inventory.require_running(down)
