@@ -43,7 +43,7 @@ class Node(Strict):
 
 class SharedStorage(Strict):
     kind: Literal["node", "efs"] = Field(default="node", description="served by a storage node, or by Amazon EFS")
-    server: str = Field(description="name of the storage node that serves the share; for efs, its DNS name")
+    server: str = Field(description="name of the storage node that serves the share; for efs, its mount target's address")
     export: str = Field(pattern=r"^/")
     mount_point: str = Field(pattern=r"^/")
 
