@@ -35,7 +35,7 @@ def ansible_inventory(inv: Inventory, host_vars: dict[str, dict] | None = None) 
     hosts = {
         n.name: {
             "ansible_host": n.public_address, "ansible_port": n.ssh_port, "trainrig_role": n.role,
-            "trainrig_gpu_count": n.gpu_count,
+            "trainrig_gpu_count": n.gpu_count, "trainrig_gpu_model": n.gpu_model,
             "trainrig_data_disks": [d.model_dump() for d in n.data_disks],
             **(host_vars or {}).get(n.name, {}),
         }
@@ -50,6 +50,9 @@ def ansible_inventory(inv: Inventory, host_vars: dict[str, dict] | None = None) 
         "trainrig_cloud": inv.cloud,
         "trainrig_nodes": nodes,
     }
+    if inv.ssh_user != "root":
+        # A login such as ubuntu: every role changes the system, so every task goes through sudo.
+        variables["ansible_become"] = True
     if inv.network:
         variables["trainrig_network_cidr"] = str(inv.network.cidr)
     # No storage node, no trainrig_storage: the NFS roles then fail with a line that says so.

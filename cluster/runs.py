@@ -79,6 +79,11 @@ def launch(inv: Inventory, job: jobs.LoadedJob) -> RunRecord:
     jobs.check_fits(spec, inv)
     if inv.storage is None:
         raise TrainrigError(f"cluster {inv.cluster!r} has no shared storage to hold runs")
+    if inv.ssh_user != "root":
+        # Runs are system units whose ranks write to the shared storage as root; a sudo login
+        # would create the run directory as itself, which root (squashed over NFS) cannot write.
+        raise TrainrigError(f"cluster {inv.cluster!r} logs in as {inv.ssh_user!r}; runs need the root login: "
+                            "remove trainrig:ssh_user from the stack (root is the default) and pulumi up")
     nodes = inv.gpu_nodes[: spec.nodes]
     preflight(inv, nodes)
     run_id = new_run_id(spec.name)

@@ -155,7 +155,7 @@ class StackConfig(BaseModel):
 
     @property
     def login_user(self) -> str:
-        return self.ssh_user or {"aws": "ubuntu", "ibm": "root", "local": "root"}[self.cloud]
+        return self.ssh_user or "root"
 
     @property
     def private_key_path(self) -> Path:

@@ -51,8 +51,11 @@ def cloud_init(host_key: HostKey, cfg: StackConfig, private_cidr: str, firewall:
     """User data: the pinned host key; with firewall, SSH only from admin_cidr and everything from the private network."""
 
     def render(private_key: str, public_key: str) -> str:
+        # disable_root off: the key pair logs in as root (key only, from admin_cidr), as on IBM and
+        # local nodes. Runs are system units writing to the shared storage as root, and Ubuntu
+        # images otherwise answer root with "Please login as the user ubuntu".
         doc: dict[str, Any] = {"ssh_keys": {"ed25519_private": private_key, "ed25519_public": public_key},
-                               "ssh_deletekeys": True, "ssh_genkeytypes": []}
+                               "ssh_deletekeys": True, "ssh_genkeytypes": [], "disable_root": False}
         if firewall:
             doc["runcmd"] = [
                 ["ufw", "default", "deny", "incoming"],

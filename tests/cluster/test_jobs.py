@@ -93,3 +93,11 @@ def test_arguments_stay_single_arguments():
     argv = jobs.mpirun_argv(spec, make_inventory(gpu_nodes=1, user="ubuntu"), "/d/r")
     assert argv[-3:] == ["echo", "a b; rm -rf /", "/d/r"]
     assert "--allow-run-as-root" not in argv
+
+
+def test_a_run_on_a_sudo_login_is_refused_before_anything_is_made():
+    from cluster import runs
+
+    inv = make_inventory(gpu_nodes=2, user="ubuntu")  # its node addresses answer nothing: no SSH is tried
+    with pytest.raises(TrainrigError, match=r"logs in as 'ubuntu'; runs need the root login: remove trainrig:ssh_user"):
+        runs.launch(inv, jobs.load(ROOT / "training_jobs" / "dp-mlp.yaml"))

@@ -23,6 +23,16 @@ def test_ansible_inventory_groups_and_vars():
     }
 
 
+def test_root_logins_need_no_sudo_and_other_logins_always_use_it():
+    assert "ansible_become" not in provision.ansible_inventory(make_inventory())["all"]["vars"]
+    assert provision.ansible_inventory(make_inventory(user="ubuntu"))["all"]["vars"]["ansible_become"] is True
+
+
+def test_gpu_count_and_model_reach_the_roles():
+    host = provision.ansible_inventory(make_inventory(gpu_count=2))["all"]["hosts"]["node0"]
+    assert host["trainrig_gpu_count"] == 2 and "trainrig_gpu_model" in host
+
+
 def test_host_keys_stay_pinned_and_settings_are_fast():
     inv = make_inventory(gpu_nodes=8)
     env = provision.ansible_env(inv)

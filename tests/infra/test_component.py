@@ -7,6 +7,7 @@ from ipaddress import IPv4Address
 
 import pulumi
 import pytest
+import yaml
 
 from cluster.inventory import Inventory
 from infra import config
@@ -40,6 +41,7 @@ def test_outputs_are_an_inventory_and_a_price(mocks, path):
             assert all(n.gpu_count == cfg.gpus for n in inv.gpu_nodes)
             assert all(n.data_disks[0].size_gb == cfg.data_disk_gb for n in inv.gpu_nodes)
             assert inv.storage.mount_point == "/data"
+            assert inv.ssh_user == "root", "runs are system units: the key pair logs in as root"
             if cfg.storage == "efs":
                 # Mounted from the mount target's address, inside the cluster's network; no server.
                 assert inv.storage.kind == "efs" and inv.storage_node is None and inv.storage.export == "/"
@@ -72,6 +74,11 @@ def test_aws_graph(mocks, path):
     assert all(i.inputs["ami"] == "ami-0dlami" for i in gpu), "Deep Learning AMI by lookup"
     assert all(i.inputs["placementGroup"] for i in gpu)
     assert all(("instanceMarketOptions" in i.inputs) == cfg.spot for i in gpu)
+    for instance in instances:  # the host key pinned before first boot; the key pair logs in as root
+        secret = instance.inputs["userData"]  # it holds the private host key: a secret in state
+        assert isinstance(secret, dict) and "value" in secret, "user data must be a Pulumi secret"
+        user_data = yaml.safe_load(secret["value"])
+        assert user_data["disable_root"] is False and user_data["ssh_keys"]["ed25519_public"].startswith("ssh-ed25519 ")
     file_systems = mocks.of_type("aws:efs/fileSystem:FileSystem")
     if cfg.storage == "efs":
         assert not storage and not mocks.of_type("aws:ebs/volume:Volume")
