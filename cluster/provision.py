@@ -271,7 +271,8 @@ def provision(
                 if rec.succeeded:
                     board.update(host, f"[green]done[/] ok={rec.ok} changed={rec.changed}")
         # Read while ansible-runner's files still exist.
-        did_not_run = runner.status not in ("successful", "failed") and not recap.failed_hosts
+        # Not successful with no host to blame: the playbook itself is broken, or Ansible is.
+        did_not_run = runner.status != "successful" and not recap.failed_hosts
         error = _runner_error(runner) if did_not_run else ""
     _print_recap(recap)
     failed = recap.failed_hosts
@@ -317,8 +318,9 @@ def _previously_failed(cluster: str) -> list[str]:
 
 def _runner_error(runner) -> str:
     out = runner.stdout.read() if runner.stdout else ""
-    lines = [line for line in out.splitlines() if line.strip()]
-    return lines[-1] if lines else f"rc={runner.rc}"
+    lines = [line.strip() for line in out.splitlines() if line.strip()]
+    errors = [line for line in lines if "ERROR" in line]
+    return (errors or lines or [f"rc={runner.rc}"])[0 if errors else -1][:300]
 
 
 def _print_recap(recap: Recap) -> None:

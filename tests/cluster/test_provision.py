@@ -101,3 +101,12 @@ def test_cluster_vars_file_must_be_a_mapping(tmp_path):
     provision.cluster_vars_path("dev").write_text("- not a mapping\n")
     with pytest.raises(provision.TrainrigError, match="must be a mapping"):
         provision.cluster_vars("dev")
+
+
+def test_a_broken_playbook_is_an_error_not_a_quiet_success(tmp_path, monkeypatch):
+    # ansible-playbook stops before any host: no host failed, yet nothing was provisioned.
+    (tmp_path / "roles").mkdir()
+    (tmp_path / "broken.yml").write_text("- name: Broken\n  hosts: all\n  tasks:\n    - ansible.builtin.debug: msg: x: y\n")
+    monkeypatch.setattr(provision, "PLAYBOOKS", tmp_path)
+    with pytest.raises(provision.TrainrigError, match=r"^ansible-playbook did not run \(failed\): .*ERROR"):
+        provision.provision(make_inventory(gpu_nodes=1), playbook="broken.yml")
