@@ -23,7 +23,8 @@ class Strict(BaseModel):
 
 
 class DataDisk(Strict):
-    device: str = Field(pattern=r"^/dev/[a-z0-9/]+$")
+    # /dev/xvdc, or a udev link such as /dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol0123...
+    device: str = Field(pattern=r"^/dev/[A-Za-z0-9/_.:-]+$")
     size_gb: int = Field(gt=0)
 
 

@@ -68,11 +68,11 @@ def cloud_init(host_key: HostKey, cfg: StackConfig, private_cidr: str, firewall:
     return pulumi.Output.secret(pulumi.Output.all(host_key.private_key, host_key.public_key).apply(lambda kv: render(*kv)))
 
 
-def node_record(planned: PlannedNode, public_ip, private_ip, host_key, device: str) -> pulumi.Output[dict]:
-    """One inventory node, once the cloud has given it addresses."""
+def node_record(planned: PlannedNode, public_ip, private_ip, host_key, device) -> pulumi.Output[dict]:
+    """One inventory node, once the cloud has given it addresses (and its data disk a device path)."""
 
     def record(values) -> dict:
-        public, private, key = values
+        public, private, key, device = values
         return {
             "name": planned.name, "role": planned.role, "public_address": public or private, "private_address": private,
             "ssh_port": 22, "host_key": key, "gpu_count": planned.gpus, "gpu_model": planned.gpu_model,
@@ -80,7 +80,7 @@ def node_record(planned: PlannedNode, public_ip, private_ip, host_key, device: s
             "hourly_price_usd": round(planned.usd_per_hour, 4),
         }
 
-    return pulumi.Output.all(public_ip, private_ip, host_key).apply(record)
+    return pulumi.Output.all(public_ip, private_ip, host_key, device).apply(record)
 
 
 def inventory(cfg: StackConfig, nodes: list[pulumi.Output], network_name, network_cidr,

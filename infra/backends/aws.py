@@ -25,9 +25,18 @@ XEN_FAMILIES = ("p2", "p3", "i3", "g3")  # instance families that show an EBS vo
 ROOT_DISK_GB = 100
 
 
-def data_device(instance_type: str) -> str:
+def data_device(instance_type: str, volume_id) -> pulumi.Output[str]:
+    """The data volume's device path on the node, one that names that volume and nothing else.
+
+    Nitro instances number NVMe devices in discovery order, and GPU types with instance store
+    (g5, p4d) have local NVMe disks too, so /dev/nvme1n1 may not be the EBS volume; udev's
+    by-id link carries the volume id. Xen types (p2, p3) show it under the name it was given.
+    """
     family = instance_type.split(".")[0]
-    return "/dev/xvdf" if family in XEN_FAMILIES else "/dev/nvme1n1"
+    if family in XEN_FAMILIES:
+        return pulumi.Output.from_input("/dev/xvdf")
+    return pulumi.Output.from_input(volume_id).apply(
+        lambda vid: f"/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_{vid.replace('-', '')}")
 
 
 def build(parent: pulumi.ComponentResource, name: str, cfg: StackConfig, plan: Plan) -> pulumi.Output:
@@ -74,8 +83,9 @@ def build(parent: pulumi.ComponentResource, name: str, cfg: StackConfig, plan: P
                                 "encrypted": True, "delete_on_termination": True}],
             user_data=program.cloud_init(host_key, cfg, "", firewall=False),
             tags={"Name": f"{cfg.cluster}-{planned.name}", "trainrig:role": "gpu"}, opts=opts)
+        volume_id = instance.ebs_block_devices.apply(lambda devices: _volume_id(devices[0]))
         records.append(program.node_record(planned, instance.public_ip, instance.private_ip, host_key.public_key,
-                                           data_device(cfg.flavor)))
+                                           data_device(cfg.flavor, volume_id)))
     if storage_record is not None:
         records.append(storage_record)
     return program.inventory(cfg, records, pulumi.Output.from_input(vpc_id), vpc_cidr, efs_address)
@@ -98,7 +108,12 @@ def _nfs_server(name, cfg, plan, subnet_id, group, key, parent, provider, invoke
     aws.ec2.VolumeAttachment(f"{name}-{STORAGE_NODE}-data-attach", device_name=EBS_DEVICE_NAME, volume_id=volume.id,
                              instance_id=storage.id, opts=program.child(parent, provider=provider, protect=True))
     return program.node_record(plan.node(STORAGE_NODE), storage.public_ip, storage.private_ip,
-                               storage_key.public_key, data_device(cfg.storage_flavor))
+                               storage_key.public_key, data_device(cfg.storage_flavor, volume.id))
+
+
+def _volume_id(device) -> str:
+    # A typed output object from the engine, or a plain mapping where the engine gives one.
+    return device.volume_id if hasattr(device, "volume_id") else device["volumeId"]
 
 
 def _efs(name, cfg, subnet_id, group, parent, provider) -> pulumi.Output[str]:

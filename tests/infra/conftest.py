@@ -37,7 +37,8 @@ class CloudMocks(pulumi.runtime.Mocks):
         n = next(self.counter)
         state = dict(args.inputs)
         if args.typ == "aws:ec2/instance:Instance":
-            state.update(publicIp=f"203.0.113.{n}", privateIp=f"{self.private_prefix}{n}", availabilityZone="us-east-1a")
+            state.update(publicIp=f"203.0.113.{n}", privateIp=f"{self.private_prefix}{n}", availabilityZone="us-east-1a",
+                         ebsBlockDevices=[{**d, "volumeId": f"vol-0{n:016x}"} for d in args.inputs.get("ebsBlockDevices", [])])
         elif args.typ == "aws:efs/mountTarget:MountTarget":
             state.update(ipAddress=f"{self.private_prefix}{n}")
         elif args.typ == "aws:ec2/placementGroup:PlacementGroup":

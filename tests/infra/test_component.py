@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from ipaddress import IPv4Address
 
 import pulumi
@@ -42,6 +43,11 @@ def test_outputs_are_an_inventory_and_a_price(mocks, path):
             assert all(n.data_disks[0].size_gb == cfg.data_disk_gb for n in inv.gpu_nodes)
             assert inv.storage.mount_point == "/data"
             assert inv.ssh_user == "root", "runs are system units: the key pair logs in as root"
+            if cfg.cloud == "aws":
+                # A path that names the EBS volume itself: NVMe numbering follows discovery order.
+                want = (r"^/dev/xvdf$" if cfg.flavor.startswith(("p2.", "p3."))
+                        else r"^/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol0[0-9a-f]{16}$")
+                assert all(re.match(want, n.data_disks[0].device) for n in inv.gpu_nodes), inv.gpu_nodes[0].data_disks
             if cfg.storage == "efs":
                 # Mounted from the mount target's address, inside the cluster's network; no server.
                 assert inv.storage.kind == "efs" and inv.storage_node is None and inv.storage.export == "/"
