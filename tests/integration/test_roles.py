@@ -161,7 +161,7 @@ def test_gpu_host_in_check_mode(cluster, provisioned):
     before = on(cluster, "node0", "cat", "/etc/docker/daemon.json").stdout
     recap = provision.provision(
         cluster, tags="nvidia_driver,docker,nvidia_container_toolkit", check=True,
-        # A GPU host as lspci would show it; this sandbox's kernel is not Debian's, so no headers package.
+        # A GPU host as sysfs would show it; this sandbox's kernel is not Debian's, so no headers package.
         extravars={"gpu_facts_nvidia_present": True, "nvidia_driver_kernel_packages": ["dkms"]},
     )
     daemon = json.loads(written(recap, "node0", "/etc/docker/daemon.json"))
@@ -177,12 +177,69 @@ def test_nfs_in_check_mode(cluster, provisioned):
     recap = provision.provision(cluster, tags="nfs", check=True,
                                 extravars={"nfs_server_kernel_support": True, "nfs_client_kernel_support": True})
     exports = written(recap, "storage", "/etc/exports.d/trainrig.exports")
-    assert f"/data {cluster.network.cidr}(rw,sync,no_subtree_check,root_squash)" in exports.splitlines()
+    # Every node's own private address, never the network's CIDR (IBM classic's is 10.0.0.0/8).
+    clients = " ".join(f"{n.private_address}(rw,sync,no_subtree_check,root_squash)" for n in cluster.nodes)
+    assert f"/data {clients}" in exports.splitlines()
+    assert str(cluster.network.cidr) not in exports
     server = cluster.node("storage").private_address
     for name in GPU_NODES:
         fstab = written(recap, name, "/etc/fstab").splitlines()
         assert f"{server}:/data /data nfs rw,hard,_netdev,nofail,x-systemd.automount 0 0" in fstab
     assert "nfs" not in on(cluster, "node0", "cat", "/etc/fstab").stdout
+
+
+def task_results(artifacts, host, task):
+    """(event, result) of every run of a task on host, from the job events that keep_artifacts kept."""
+    events = [json.loads(p.read_text()) for p in artifacts.rglob("job_events/*.json")]
+    return [(e["event"], e["event_data"].get("res", {})) for e in sorted(events, key=lambda e: e["counter"])
+            if e.get("event_data", {}).get("host") == host and e["event_data"].get("task") == task
+            and e["event"] in ("runner_on_ok", "runner_on_skipped", "runner_on_failed")]
+
+
+def test_gpu_facts_find_no_gpu_on_the_local_nodes(cluster, provisioned, tmp_path):
+    # This host's PCI bus has no NVIDIA device: no GPU, no NVSwitch, no error, and nothing GPU is done.
+    recap = provision.provision(cluster, tags="nvidia_driver", check=True, keep_artifacts=tmp_path)
+    for name in GPU_NODES:
+        assert recap.hosts[name].succeeded and recap.hosts[name].changed == 0
+        [(event, res)] = task_results(tmp_path, name, "Record the NVIDIA GPUs and NVSwitches on the PCI bus")
+        assert event == "runner_on_ok"
+        facts = res["ansible_facts"]
+        assert (facts["gpu_facts_nvidia_gpus"], facts["gpu_facts_nvidia_present"], facts["gpu_facts_nvswitch_present"]) \
+            == ([], False, False)
+        [(event, _)] = task_results(tmp_path, name, "Install the driver branch (and the fabric manager on NVSwitch hosts)")
+        assert event == "runner_on_skipped"
+
+
+def test_gpu_count_without_a_gpu_on_the_bus_fails_that_host(cluster, provisioned):
+    with pytest.raises(provision.ProvisionFailed) as failed:
+        provision.provision(cluster, tags="nvidia_driver", check=True, host_vars={"node1": {"trainrig_gpu_count": 2}})
+    recap = failed.value.recap
+    assert recap.failed_hosts == ["node1"]
+    message = recap.hosts["node1"].message
+    assert "gpu_facts: the inventory says 2 GPU(s) but none is on the PCI bus" in message and "\n" not in message
+    assert recap.hosts["node0"].succeeded
+
+
+def test_nvswitch_host_in_check_mode(cluster, provisioned, tmp_path):
+    # NVSwitches as sysfs would show them (p4d.24xlarge); node1 is a K80 (AWS p2) with the fabric manager off.
+    recap = provision.provision(
+        cluster, tags="nvidia_driver", check=True, keep_artifacts=tmp_path,
+        extravars={"gpu_facts_nvidia_present": True, "gpu_facts_nvswitch_present": True,
+                   "nvidia_driver_kernel_packages": ["dkms"]},
+        host_vars={"node1": {"trainrig_gpu_model": "Tesla K80", "nvidia_driver_fabricmanager": False}},
+    )
+    assert recap.failed_hosts == []
+    # The packages the install step takes, as the apt candidate probe before it looked them up.
+    expected = {"node0": ["cuda-drivers-550", "cuda-drivers-fabricmanager-550"], "node1": ["cuda-drivers-470"]}
+    for name, packages in expected.items():
+        [(event, res)] = task_results(tmp_path, name, "Look up the install candidates of the driver packages")
+        assert event == "runner_on_ok" and [r["item"] for r in res["results"]] == packages
+        assert [r["cmd"] for r in res["results"]] == [["apt-cache", "policy", p] for p in packages]
+        # The repository is only rehearsed, so neither the install nor the service can run for real.
+        [(event, _)] = task_results(tmp_path, name, "Run the NVIDIA fabric manager and start it at boot")
+        assert event == "runner_on_skipped"
+    assert "cuda/repos/debian12/x86_64/ /" in written(recap, "node0", "/etc/apt/sources.list.d/nvidia-cuda.list")
+    assert on(cluster, "node0", "test", "-e", "/etc/apt/sources.list.d/nvidia-cuda.list", check=False).exited != 0
 
 
 def test_efs_mount_in_check_mode(cluster, provisioned):
