@@ -196,11 +196,16 @@ class _Progress:
         return True
 
     def _final_counts(self, stats: dict) -> None:
-        """Ansible's own PLAY RECAP numbers, which count no_log and looped tasks exactly."""
+        """Ansible's own PLAY RECAP numbers, which count no_log and looped tasks exactly, and
+        leave out what a task chose to ignore (a peer that is down, read with ignore_unreachable)."""
         for host, rec in self.recap.hosts.items():
             rec.ok = stats.get("ok", {}).get(host, rec.ok)
             rec.changed = stats.get("changed", {}).get(host, 0)
             rec.skipped = stats.get("skipped", {}).get(host, rec.skipped)
+            rec.failed = stats.get("failures", {}).get(host, 0)
+            rec.unreachable = stats.get("dark", {}).get(host, 0)
+            if rec.succeeded:
+                rec.message = ""
 
 
 def _record_files(rec: HostRecap, res: dict) -> None:

@@ -96,6 +96,17 @@ def test_censored_results_still_count_as_changed():
     assert recap.hosts["a"].files == {"/etc/x": "new\n"}
 
 
+def test_an_ignored_unreachable_peer_does_not_fail_the_host_but_a_real_one_does():
+    recap = provision.Recap(hosts={"a": provision.HostRecap(), "b": provision.HostRecap()})
+    progress = provision._Progress(type("Board", (), {"update": lambda *a: None})(), recap)
+    # a read a key from a peer that is down (ignore_unreachable); b itself was down.
+    for host in ("a", "b"):
+        progress({"event": "runner_on_unreachable", "event_data": {"host": host, "task": "Read", "res": {"msg": "down"}}})
+    assert recap.failed_hosts == ["a", "b"]
+    progress({"event": "playbook_on_stats", "event_data": {"ok": {"a": 9}, "ignored": {"a": 1}, "dark": {"b": 1}}})
+    assert recap.failed_hosts == ["b"] and recap.hosts["a"].message == "" and recap.hosts["a"].ok == 9
+
+
 def test_cluster_vars_file_must_be_a_mapping(tmp_path):
     provision.cluster_vars_path("dev").parent.mkdir(parents=True, exist_ok=True)
     provision.cluster_vars_path("dev").write_text("- not a mapping\n")

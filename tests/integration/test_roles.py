@@ -100,6 +100,17 @@ def test_registry_secret_is_never_logged(cluster, registry, logged_in, tmp_path)
     assert "Log Docker in" in dumped and registry not in dumped
 
 
+def test_a_data_disk_named_by_a_udev_link(cluster, provisioned):
+    # How AWS inventories name an EBS volume on Nitro: a /dev/disk/by-id link carrying its id.
+    link = "/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol0123456789abcdef0"
+    node_exec(CLUSTER, "node0", "mkdir", "-p", "/dev/disk/by-id")
+    node_exec(CLUSTER, "node0", "ln", "-sfn", "/dev/xvdc", link)
+    size = cluster.node("node0").data_disks[0].size_gb
+    recap = provision.provision(cluster, tags="data_disk", host_vars={
+        "node0": {"data_disk_devices": [link], "data_disk_expected_gb": {link: size}}})
+    assert recap.hosts["node0"].succeeded and recap.hosts["node0"].changed == 0, "the same disk, already ours"
+
+
 # -- bad input: one clear line for the bad host, the others unaffected --------------------------
 
 BAD_INPUT = [
@@ -107,6 +118,9 @@ BAD_INPUT = [
      "message": "data_disk: /dev/xvdz is not there"},
     {"id": "disk-formatted", "tags": "data_disk", "host_vars": {"data_disk_label": "scratch"},
      "message": "data_disk: /dev/xvdc already holds a ext4 file system (label 'data1'); not formatting it"},
+    # The named device is there but is not the disk the inventory ordered (a local NVMe, say).
+    {"id": "disk-wrong-size", "tags": "data_disk", "host_vars": {"data_disk_expected_gb": {"/dev/xvdc": 3800}},
+     "message": "GiB, not 3800 GB; not formatting it"},
     {"id": "secret-unset", "tags": "registry_login", "host_vars": {"registry_login_password_env": "TRAINRIG_TEST_UNSET"},
      "message": "registry_login: TRAINRIG_TEST_UNSET is not set"},
     {"id": "unsupported-os", "tags": "docker", "host_vars": {"docker_supported_platforms": {"Ubuntu": ["24"]}},
@@ -144,15 +158,19 @@ def test_unreachable_host_then_retry_failed(cluster, provisioned):
     provision.close_connection(cluster, node)
     try:
         with pytest.raises(provision.ProvisionFailed) as failed:
-            provision.provision(cluster, tags="common")
+            provision.provision(cluster, tags="common,ssh_mesh")
         recap = failed.value.recap
         assert recap.failed_hosts == ["node1"] and recap.hosts["node1"].unreachable
         assert recap.hosts["node0"].succeeded and recap.hosts["storage"].succeeded
     finally:
         node_exec(CLUSTER, "node1", "systemctl", "start", "ssh.service")
         wait_until(lambda: ssh.reachable(cluster, node), timeout=60, interval=0.5, what="node1's sshd to answer again")
-    retried = provision.provision(cluster, tags="common", retry_failed=True)
+    # The healthy nodes kept node1's key while it was away, so the mesh holds both ways.
+    assert on(cluster, "node0", "ssh", "-o", "BatchMode=yes", "node1", "hostname").stdout.strip() == "node1"
+    retried = provision.provision(cluster, tags="common,ssh_mesh", retry_failed=True)
     assert list(retried.hosts) == ["node1"] and retried.failed_hosts == []
+    for src, dst in (("node0", "node1"), ("node1", "node0"), ("node1", "storage")):
+        assert on(cluster, src, "ssh", "-o", "BatchMode=yes", dst, "hostname").stdout.strip() == dst
 
 
 # -- GPU, NFS and RAID in check mode: the files they would write --------------------------------
