@@ -62,7 +62,7 @@ def ansible_inventory(inv: Inventory, host_vars: dict[str, dict] | None = None) 
             "server": "", "server_address": inv.storage.server, "export": inv.storage.export,
             "mount_point": inv.storage.mount_point, "mount_options": EFS_MOUNT_OPTIONS,
         }
-    elif inv.storage and server:
+    elif server:
         variables["trainrig_storage"] = {
             "server": server.name, "server_address": str(server.private_address),
             "export": inv.storage.export, "mount_point": inv.storage.mount_point,
@@ -177,14 +177,7 @@ class _Progress:
         if kind == "runner_on_start":
             self.board.update(host, f"{task} …")
         elif kind == "runner_on_ok":
-            rec.ok += 1
-            res = data.get("res", {})
-            # A no_log result is censored down to nothing; its display line still says changed.
-            changed = res.get("changed") if "censored" not in res else event.get("stdout", "").strip().startswith("changed")
-            rec.changed += bool(changed)
             _record_files(rec, data.get("res", {}))
-        elif kind == "runner_on_skipped":
-            rec.skipped += 1
         elif kind == "runner_on_failed" and not data.get("ignore_errors"):
             rec.failed += 1
             rec.message = _first_line(data.get("res", {}).get("msg", "failed"), task)
@@ -196,12 +189,13 @@ class _Progress:
         return True
 
     def _final_counts(self, stats: dict) -> None:
-        """Ansible's own PLAY RECAP numbers, which count no_log and looped tasks exactly, and
-        leave out what a task chose to ignore (a peer that is down, read with ignore_unreachable)."""
+        """Ansible's own PLAY RECAP numbers: they count no_log (censored) and looped tasks
+        exactly, and leave out what a task chose to ignore (a peer that is down, read with
+        ignore_unreachable). The per-event failures above only name the cause as it happens."""
         for host, rec in self.recap.hosts.items():
-            rec.ok = stats.get("ok", {}).get(host, rec.ok)
+            rec.ok = stats.get("ok", {}).get(host, 0)
             rec.changed = stats.get("changed", {}).get(host, 0)
-            rec.skipped = stats.get("skipped", {}).get(host, rec.skipped)
+            rec.skipped = stats.get("skipped", {}).get(host, 0)
             rec.failed = stats.get("failures", {}).get(host, 0)
             rec.unreachable = stats.get("dark", {}).get(host, 0)
             if rec.succeeded:
@@ -325,7 +319,9 @@ def _runner_error(runner) -> str:
     out = runner.stdout.read() if runner.stdout else ""
     lines = [line.strip() for line in out.splitlines() if line.strip()]
     errors = [line for line in lines if "ERROR" in line]
-    return (errors or lines or [f"rc={runner.rc}"])[0 if errors else -1][:300]
+    # Ansible's first ERROR line says what broke; without one, its last words.
+    line = errors[0] if errors else lines[-1] if lines else f"rc={runner.rc}"
+    return line[:300]
 
 
 def _print_recap(recap: Recap) -> None:

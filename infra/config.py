@@ -132,10 +132,9 @@ class StackConfig(BaseModel):
     def _check_machines(self) -> None:
         known = catalog.load().machines(self.cloud)
         word = "flavor" if self.cloud == "ibm" else "instance type"
-        for key in ("flavor", "storage_flavor"):
+        # EFS has no server, so no storage flavor to check.
+        for key in ("flavor",) if self.storage == "efs" else ("flavor", "storage_flavor"):
             name = getattr(self, key)
-            if key == "storage_flavor" and self.storage == "efs":
-                continue
             if name not in known:
                 choices = sorted(k for k, m in known.items() if (m.gpus > 0) == (key == "flavor"))
                 raise ConfigError(key, f"unknown {word} {name!r}", f"set trainrig:{key} to one of: {', '.join(choices)}")

@@ -83,7 +83,7 @@ def build(parent: pulumi.ComponentResource, name: str, cfg: StackConfig, plan: P
                                 "encrypted": True, "delete_on_termination": True}],
             user_data=program.cloud_init(host_key, cfg, "", firewall=False),
             tags={"Name": f"{cfg.cluster}-{planned.name}", "trainrig:role": "gpu"}, opts=opts)
-        volume_id = instance.ebs_block_devices.apply(lambda devices: _volume_id(devices[0]))
+        volume_id = instance.ebs_block_devices.apply(lambda devices: devices[0].volume_id)
         records.append(program.node_record(planned, instance.public_ip, instance.private_ip, host_key.public_key,
                                            data_device(cfg.flavor, volume_id)))
     if storage_record is not None:
@@ -109,11 +109,6 @@ def _nfs_server(name, cfg, plan, subnet_id, group, key, parent, provider, invoke
                              instance_id=storage.id, opts=program.child(parent, provider=provider, protect=True))
     return program.node_record(plan.node(STORAGE_NODE), storage.public_ip, storage.private_ip,
                                storage_key.public_key, data_device(cfg.storage_flavor, volume.id))
-
-
-def _volume_id(device) -> str:
-    # A typed output object from the engine, or a plain mapping where the engine gives one.
-    return device.volume_id if hasattr(device, "volume_id") else device["volumeId"]
 
 
 def _efs(name, cfg, subnet_id, group, parent, provider) -> pulumi.Output[str]:

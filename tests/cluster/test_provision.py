@@ -84,14 +84,16 @@ def test_facts_once_per_host_and_predictable_control_sockets():
     assert env["ANSIBLE_SSH_CONTROL_PATH"] == "%(directory)s/%%C"
 
 
-def test_censored_results_still_count_as_changed():
+def test_counts_are_ansibles_own_and_files_come_from_diffs():
     recap = provision.Recap(hosts={"a": provision.HostRecap()})
     progress = provision._Progress(type("Board", (), {"update": lambda *a: None})(), recap)
+    # A no_log result is censored down to nothing: only Ansible's own recap knows it changed.
     progress({"event": "runner_on_ok", "stdout": "changed: [a]",
               "event_data": {"host": "a", "res": {"censored": "hidden"}}})
     progress({"event": "runner_on_ok", "stdout": "ok: [a]",
               "event_data": {"host": "a", "res": {"changed": False, "diff": [
                   {"before_header": "/etc/x (content)", "after_header": "/etc/x (content)", "after": "new\n"}]}}})
+    progress({"event": "playbook_on_stats", "event_data": {"ok": {"a": 2}, "changed": {"a": 1}}})
     assert (recap.hosts["a"].ok, recap.hosts["a"].changed) == (2, 1)
     assert recap.hosts["a"].files == {"/etc/x": "new\n"}
 
