@@ -144,9 +144,8 @@ def mpirun_argv(spec: JobSpec, inv: Inventory, run_dir: str) -> list[str]:
     """One mpirun line: ranks on the first `nodes` GPU nodes, MPI traffic on the private network."""
     nodes = inv.gpu_nodes[: spec.nodes]
     cidr = str(inv.network.cidr) if inv.network else None
-    argv = ["mpirun"]
-    if inv.ssh_user == "root":
-        argv.append("--allow-run-as-root")
+    # The supervisor is a system unit, so mpirun is root whatever the login (runs.launch allows root only).
+    argv = ["mpirun", "--allow-run-as-root"]
     argv += ["-np", str(spec.ranks), "-H", ",".join(f"{n.name}:{spec.gpus_per_node}" for n in nodes)]
     argv += ["--bind-to", "none", "--map-by", "slot", "--wdir", f"{run_dir}/code" if spec.code else run_dir]
     if cidr:
