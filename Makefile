@@ -35,10 +35,10 @@ $(STAMP): pyproject.toml
 	touch $@
 
 docker: host-packages venv
-	$(BIN)/python -m infra.backends.local engine
+	$(BIN)/python -m infra.clouds.local engine
 
 image: docker
-	$(BIN)/python -m infra.backends.local image
+	$(BIN)/python -m infra.clouds.local image
 
 lint: venv
 	$(BIN)/ansible-playbook --syntax-check -i localhost, playbooks/site.yml

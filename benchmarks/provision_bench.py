@@ -14,7 +14,8 @@ import os
 import tempfile
 import time
 
-from cluster import inventory, lifecycle, provision
+from cluster import lifecycle, provision
+from infra import inventory
 
 # Ansible's own defaults where ours differ: 5 forks, no pipelining, facts gathered by every play,
 # ssh_args "-C -o ControlMaster=auto -o ControlPersist=60s" (plus our pinned known_hosts file).

@@ -9,14 +9,11 @@ from pathlib import Path, PurePosixPath
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cluster.errors import TrainrigError
-from cluster.inventory import Inventory, describe_errors
+from infra.errors import TrainrigError
+from infra.inventory import Inventory
+from infra.models import Strict, first_error
 
 PLACEHOLDERS = {"run_dir", "code_dir", "checkpoint_dir", "max_steps"}
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class MetricPatterns(Strict):
@@ -108,7 +105,7 @@ def load(path: str | Path) -> LoadedJob:
     try:
         spec = JobSpec.model_validate(data)
     except ValidationError as exc:
-        raise TrainrigError(f"{path}: {describe_errors(exc)}") from exc
+        raise TrainrigError(f"{path}: {first_error(exc)}") from exc
     job = LoadedJob(spec=spec, path=path.resolve())
     if job.code_path and not job.code_path.is_dir():
         raise TrainrigError(f"{path}: code: directory {job.code_path} does not exist")

@@ -8,19 +8,19 @@ from pydantic import ValidationError
 from rich import box
 from rich.table import Table
 
-from cluster import inventory as inventory_mod
-from cluster import ssh, state, ui
-from cluster.errors import TrainrigError
-from cluster.inventory import Inventory
-from infra import backends
-from infra.backends import ClusterRequest
+from infra import clouds, ssh, state, ui
+from infra.clouds import ClusterRequest
+from infra.errors import TrainrigError
+from infra.inventory import STORAGE_NODE, Inventory, gpu_node_names
 
 
 def up(name: str, gpu_nodes: int, data_disk_gb: int, cloud: str = "local") -> Inventory:
     request = _request(name=name, cloud=cloud, gpu_nodes=gpu_nodes, data_disk_gb=data_disk_gb)
-    backend = backends.get(cloud)
+    provider = clouds.get(cloud)
+    clouds.require(provider, "create", "be created by fab up: make them with pulumi up --stack NAME")
+    backend = provider.backend()
     fresh = not state.cluster_dir(name).exists()
-    names = [f"node{i}" for i in range(gpu_nodes)] + ["storage"]
+    names = [*gpu_node_names(gpu_nodes), STORAGE_NODE]
     with ui.NodeBoard(f"creating cluster {name} ({cloud})", names) as board:
         inv = backend.create(request, board)
         try:
@@ -45,7 +45,7 @@ def _request(**fields) -> ClusterRequest:
 
 def down(inv: Inventory, purge: bool, stack: str | None = None) -> Inventory | None:
     """Remove compute (and storage with purge); verified against the backend's own listing."""
-    backend = backends.get(inv.cloud, stack)
+    backend = clouds.get(inv.cloud).backend(stack)
     remaining = backend.destroy(inv, purge)
     if purge:
         shutil.rmtree(state.cluster_dir(inv.cluster), ignore_errors=True)

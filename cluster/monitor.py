@@ -12,9 +12,10 @@ from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
-from cluster import runs, ssh, ui
-from cluster.errors import TrainrigError
-from cluster.inventory import Inventory
+from cluster import runs
+from infra import ssh, ui
+from infra.errors import TrainrigError
+from infra.inventory import Inventory
 from cluster.runs import FINAL_STATES, RunRecord
 
 SPARK = "▁▂▃▄▅▆▇█"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cluster.errors import TrainrigError
+from infra.errors import TrainrigError
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -14,11 +14,11 @@ import ansible_runner
 import yaml
 from rich.table import Table
 
-from cluster import inventory as inventory_mod
-from cluster import state, ui
-from cluster.commands import run
-from cluster.errors import TrainrigError
-from cluster.inventory import Inventory
+from infra import inventory as inventory_mod
+from infra import state, ui
+from infra.commands import run
+from infra.errors import TrainrigError
+from infra.inventory import Inventory
 
 PLAYBOOKS = Path(__file__).resolve().parent.parent / "playbooks"
 # What AWS recommends for EFS (NFS 4.1, 1 MiB transfers, long timeouts, a fresh port on

@@ -8,8 +8,9 @@ from pathlib import Path
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-from cluster import runs, ssh, ui
-from cluster.inventory import Inventory
+from cluster import runs
+from infra import ssh, ui
+from infra.inventory import Inventory
 from cluster.runs import RunRecord
 
 

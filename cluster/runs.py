@@ -10,19 +10,20 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, TypeAdapter
+from pydantic import TypeAdapter
 
-from cluster import jobs, ssh, state
-from cluster.commands import wait_until
-from cluster.errors import TrainrigError
-from cluster.inventory import Inventory, Node, how_to_start, require_running
+from cluster import jobs
+from infra import ssh, state
+from infra.commands import wait_until
+from infra.errors import TrainrigError
+from infra.inventory import Inventory, Node, how_to_start, require_running
+from infra.models import Strict
 
 SUPERVISOR = Path(__file__).parent / "remote" / "supervisor.py"
 FINAL_STATES = {"succeeded", "failed", "cancelled"}
 
 
-class RunRecord(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class RunRecord(Strict):
     id: str
     job: str
     node: str

@@ -9,12 +9,14 @@ from invoke import Collection, task
 from invoke.exceptions import Exit
 
 from cluster import demo as demo_mod
-from cluster import inventory as inventory_mod
-from cluster import jobs, lifecycle, monitor as monitor_mod, plot as plot_mod, provision as provision_mod, results, runs, ui
-from cluster.errors import TrainrigError
+from infra import inventory as inventory_mod
+from cluster import jobs, lifecycle, monitor as monitor_mod, plot as plot_mod, provision as provision_mod, results, runs
+from infra import ui
+from infra.errors import TrainrigError
 
 NAME_HELP = "cluster name (default: trainrig.cluster in Fabric config, 'dev')"
-INVENTORY_HELP = ("where the inventory comes from: 'stack' (pulumi stack output), 'stack:NAME', or a saved file "
+INVENTORY_HELP = ("where the inventory comes from: 'stack:NAME' (a Pulumi stack's outputs; 'stack' alone: "
+                  "trainrig.stack), or a saved file "
                   "(default: trainrig.inventory, else the cluster's own)")
 
 
@@ -38,7 +40,8 @@ def _name(c, name: str | None) -> str:
 
 
 def _inventory(c, name: str | None, inventory: str | None = None):
-    return inventory_mod.for_task(name, c.config.trainrig.cluster, inventory or c.config.trainrig.inventory)
+    cfg = c.config.trainrig
+    return inventory_mod.for_task(name, cfg.cluster, inventory or cfg.inventory, cfg.stack)
 
 
 @task(help={"name": NAME_HELP, "nodes": "number of GPU-role nodes (default 2)", "disk_gb": "data disk size per node, GB"})
@@ -146,7 +149,7 @@ def plot(c, run=None, name=None, dest="runs", inventory=None):
 
 
 @task(help={"name": NAME_HELP, "purge": "also delete storage: the shared volume or NFS server, data disks, keys and inventory",
-            "stack": "Pulumi stack of an aws/ibm cluster (default: trainrig.stack, else the selected stack)"})
+            "stack": "Pulumi stack of a cluster that a stack made (default: the one its inventory names)"})
 @friendly
 def down(c, name=None, purge=False, stack=None):
     """Remove compute; storage is kept unless --purge. Checked against the cloud's listing; safe twice."""
@@ -168,9 +171,9 @@ def down(c, name=None, purge=False, stack=None):
 @friendly
 def plan(c, stack=None):
     """Print the nodes, flavors, disks and $/hour a stack will create (no Pulumi CLI needed)."""
-    from infra import stacks
+    from infra import blueprint, config
 
-    ui.console.print(stacks.plan_table(stack or c.config.trainrig.stack))
+    ui.console.print(blueprint.table(blueprint.blueprint(config.load_named(stack or c.config.trainrig.stack))))
 
 
 @task(help={"name": "cluster name for the demo (default 'demo')", "nodes": "GPU-role nodes (default 2)",

@@ -5,9 +5,14 @@ from pulumi.runtime import config as runtime_config
 
 from infra import config
 from infra.component import GpuCluster, GpuClusterArgs
+from infra.errors import TrainrigError
 
-settings = config.from_pulumi_config({**runtime_config.get_config_env(), **runtime_config.CONFIG.get()})
-config.check_credentials(settings)
+try:
+    settings = config.from_pulumi_config({**runtime_config.get_config_env(), **runtime_config.CONFIG.get()})
+    settings.check_credentials()
+except TrainrigError as exc:
+    # A RunError is shown as its message alone: one line, no Python traceback under `pulumi up`.
+    raise pulumi.RunError(str(exc)) from None
 cluster = GpuCluster(settings.cluster, GpuClusterArgs(settings))
 pulumi.export("inventory", cluster.inventory)
 pulumi.export("hourly_cost_usd", cluster.hourly_cost_usd)

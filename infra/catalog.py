@@ -1,4 +1,4 @@
-"""The dated price table (infra/prices.yaml): GPUs, CPUs and $/hour of every flavor and instance type we know."""
+"""Each cloud's dated price table (infra/clouds/<cloud>/prices.yaml): GPUs, CPUs and $/hour of every machine we know."""
 
 from __future__ import annotations
 
@@ -7,13 +7,12 @@ from datetime import date
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field, ValidationError
 
-PRICES_FILE = Path(__file__).with_name("prices.yaml")
+from infra.errors import TrainrigError
+from infra.models import Strict, first_error
 
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+CLOUDS_DIR = Path(__file__).with_name("clouds")
 
 
 class Machine(Strict):
@@ -24,47 +23,31 @@ class Machine(Strict):
     usd_per_hour: float = Field(ge=0)
 
 
-class IbmPrices(Strict):
-    source: str
-    san_disk_usd_per_gb_month: float
-    flavors: dict[str, Machine]
+class Prices(Strict):
+    """One cloud's table; a cloud without machines to choose (local) has none."""
 
-
-class AwsPrices(Strict):
-    source: str
-    region: str
-    ebs_gp3_usd_per_gb_month: float
-    efs_standard_usd_per_gb_month: float
-    instance_types: dict[str, Machine]
-
-
-class LocalPrices(Strict):
-    source: str
-
-
-class PriceTable(Strict):
     as_of: date
     currency: str
-    hours_per_month: int
-    ibm: IbmPrices
-    aws: AwsPrices
-    local: LocalPrices
+    hours_per_month: int = Field(gt=0)
+    source: str
+    region: str | None = Field(default=None, description="where the prices were read, when they vary by region")
+    disk_usd_per_gb_month: float = Field(default=0.0, ge=0)
+    shared_fs_usd_per_gb_month: float = Field(default=0.0, ge=0, description="a managed file system such as EFS")
+    machines: dict[str, Machine] = {}
 
-    def machines(self, cloud: str) -> dict[str, Machine]:
-        """The flavors (IBM) or instance types (AWS) of a cloud; none for local."""
-        return {"ibm": self.ibm.flavors, "aws": self.aws.instance_types}.get(cloud, {})
-
-    def disk_usd_per_hour(self, cloud: str, size_gb: int) -> float:
-        per_gb_month = {"ibm": self.ibm.san_disk_usd_per_gb_month, "aws": self.aws.ebs_gp3_usd_per_gb_month}.get(cloud, 0.0)
-        return size_gb * per_gb_month / self.hours_per_month
+    def disk_usd_per_hour(self, size_gb: int) -> float:
+        return size_gb * self.disk_usd_per_gb_month / self.hours_per_month
 
     def shared_fs_usd_per_hour(self, size_gb: int) -> float:
-        return size_gb * self.aws.efs_standard_usd_per_gb_month / self.hours_per_month
-
-    def source(self, cloud: str) -> str:
-        return getattr(self, cloud).source
+        return size_gb * self.shared_fs_usd_per_gb_month / self.hours_per_month
 
 
 @functools.cache
-def load(path: Path = PRICES_FILE) -> PriceTable:
-    return PriceTable.model_validate(yaml.safe_load(path.read_text()))
+def load(cloud: str) -> Prices:
+    path = CLOUDS_DIR / cloud / "prices.yaml"
+    try:
+        return Prices.model_validate(yaml.safe_load(path.read_text()))
+    except FileNotFoundError:
+        raise TrainrigError(f"cloud {cloud!r} has no price table: add {path}") from None
+    except ValidationError as exc:
+        raise TrainrigError(f"price table {path}: {first_error(exc)}") from None

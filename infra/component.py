@@ -1,14 +1,16 @@
-"""GpuCluster: the one Pulumi component. It asks the cloud's module for nodes and storage and outputs the inventory and $/hour."""
+"""GpuCluster: the one Pulumi component. It asks the cloud's package for nodes and storage and outputs the inventory and $/hour."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import pulumi
 
-from cluster.inventory import Inventory, parse
-from infra import backends, plan as plan_mod
+from infra import clouds
+from infra.blueprint import blueprint
 from infra.config import StackConfig
+from infra.inventory import Inventory, parse
 
 
 @dataclass(frozen=True)
@@ -23,16 +25,15 @@ class GpuCluster(pulumi.ComponentResource):
     def __init__(self, name: str, args: GpuClusterArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("trainrig:index:GpuCluster", name, None, opts)
         cfg = args.config
-        plan = plan_mod.plan(cfg)
-        built = backends.program(cfg.cloud).build(self, name, cfg, plan)
-        self.inventory = built.apply(_validated)
-        self.hourly_cost_usd = pulumi.Output.from_input(plan.hourly_cost())
+        bp = blueprint(cfg)
+        built = clouds.get(cfg.cloud).build(self, name, cfg, bp)
+        stack = pulumi.get_stack()
+        self.inventory = built.apply(lambda data: _validated({**data, "stack": stack}))
+        self.hourly_cost_usd = pulumi.Output.from_input(bp.hourly_cost())
         self.register_outputs({"inventory": self.inventory, "hourly_cost_usd": self.hourly_cost_usd})
 
 
 def _validated(data: dict) -> dict:
-    """The inventory as cluster/ will read it: validated against the schema before it is exported."""
-    import json
-
+    """The inventory as cluster/ will read it, naming the stack that made it: validated before it is exported."""
     inv: Inventory = parse(json.dumps(data), "stack output 'inventory'")
     return json.loads(inv.model_dump_json(exclude={"updated_at"}))

@@ -1,8 +1,10 @@
-"""The stack configuration: `trainrig:*` keys of a Pulumi stack, validated into one typed model before anything is created.
+"""The stack configuration: `trainrig:*` keys of a Pulumi stack, validated into its cloud's typed model before anything is created.
 
-The same model is read two ways: by the Pulumi program (from the engine's config) and by
-`fab plan` (from the stack file, without the Pulumi CLI). Every error is one line that names
-the key and says what to set.
+StackConfig is one model per cloud, picked by `cloud`: each cloud's package (infra/clouds/<cloud>)
+defines its model on StackBase, or on MachineStack when machines are ordered by flavor. The same
+model is read two ways: by the Pulumi program (from the engine's config) and by `fab plan` (from
+the stack file, without the Pulumi CLI). Every error is one line that names the key and says what
+to set.
 """
 
 from __future__ import annotations
@@ -12,145 +14,147 @@ import os
 from collections.abc import Mapping
 from ipaddress import IPv4Network
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 
-from cluster.errors import TrainrigError
-from cluster.state import CLUSTER_NAME
-from infra import catalog
+from infra import catalog, clouds
+from infra.errors import TrainrigError
+from infra.inventory import gpu_node_names
+from infra.models import Strict
+from infra.state import CLUSTER_NAME
 
 NAMESPACE = "trainrig"
-CLOUDS = ("ibm", "aws", "local")
+ROOT = Path(__file__).resolve().parents[1]
 SSH_PUBLIC_KEY = r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp256) [A-Za-z0-9+/=]+( .*)?$"
 SECRET_MARK = "(secret)"
-
-# What each key is for and what to set when it is wrong: the second half of every error line.
-HINTS = {
-    "cloud": "set trainrig:cloud to one of: ibm, aws, local",
-    "cluster": "set trainrig:cluster to 1-31 lowercase letters, digits or '-', starting with a letter",
-    "gpu_nodes": "set trainrig:gpu_nodes to the number of GPU nodes (0 keeps only storage)",
-    "admin_cidr": "set trainrig:admin_cidr to the address you connect from, e.g. 203.0.113.7/32",
-    "ssh_public_key": "set trainrig:ssh_public_key to the one line of your ~/.ssh/id_ed25519.pub",
-    "data_disk_gb": "set trainrig:data_disk_gb to the data disk size of each GPU node in GB",
-    "storage_disk_gb": "set trainrig:storage_disk_gb to the NFS disk size in GB (at least 1)",
-    "storage": "set trainrig:storage to nfs_server (an NFS server instance with an EBS disk) or efs (AWS only)",
-    "datacenter": "set trainrig:datacenter to an IBM Cloud classic datacenter, e.g. dal10",
-    "region": "set trainrig:region to an AWS region, e.g. us-east-1",
-}
-
-PER_CLOUD = {
-    "ibm": {"flavor", "gpus_per_node", "storage_flavor", "storage_disk_gb", "image", "datacenter", "ssh_public_key",
-            "ssh_private_key_file", "ssh_user", "admin_cidr", "hourly", "nic_speed", "private_vlan", "domain",
-            "sl_username", "sl_api_key"},
-    "aws": {"flavor", "gpus_per_node", "storage_flavor", "storage_disk_gb", "image", "region", "zone",
-            "ssh_public_key", "ssh_private_key_file", "ssh_user", "admin_cidr", "spot", "vpc", "vpc_cidr", "storage"},
-    "local": set(),
-}
-COMMON = {"cloud", "cluster", "gpu_nodes", "data_disk_gb", "tags"}
-REQUIRED = {
-    "ibm": ("flavor", "storage_flavor", "storage_disk_gb", "datacenter", "ssh_public_key", "admin_cidr"),
-    "aws": ("flavor", "storage_flavor", "storage_disk_gb", "region", "ssh_public_key", "admin_cidr"),
-    "local": (),
-}
 
 
 class ConfigError(TrainrigError):
     """A stack configuration error that names its key."""
 
-    def __init__(self, key: str, problem: str, hint: str | None = None, namespaced: bool = True):
-        hint = hint if hint is not None else HINTS.get(key, "")
+    def __init__(self, key: str, problem: str, hint: str = "", namespaced: bool = True):
         name = f"{NAMESPACE}:{key}" if namespaced else key
         super().__init__(f"{name}: {problem}" + (f"; {hint}" if hint else ""))
         self.key = key
 
 
-class StackConfig(BaseModel):
-    """One cluster as a stack describes it. Keys that do not apply to the chosen cloud are refused."""
+class StackBase(Strict):
+    """What every cloud's stack has. Subclasses set `cloud` to a Literal of their name."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # What each key is for and what to set when it is wrong: the second half of every error line.
+    hints: ClassVar[dict[str, str]] = {
+        "cluster": "set trainrig:cluster to 1-31 lowercase letters, digits or '-', starting with a letter",
+        "gpu_nodes": "set trainrig:gpu_nodes to the number of GPU nodes (0 keeps only storage)",
+        "data_disk_gb": "set trainrig:data_disk_gb to the data disk size of each GPU node in GB",
+    }
+    # Keys whose values must be Pulumi secrets in a stack file.
+    secret_keys: ClassVar[tuple[str, ...]] = ()
 
     cloud: str
     cluster: str = Field(pattern=CLUSTER_NAME.pattern)
     gpu_nodes: int = Field(ge=0, le=64)
-    flavor: str | None = Field(default=None, description="IBM flavor or AWS instance type of the GPU nodes")
-    gpus_per_node: int | None = Field(default=None, ge=0, description="derived from the flavor when omitted")
     data_disk_gb: int = Field(default=100, ge=1, le=16000)
-    storage: Literal["nfs_server", "efs"] = Field(
-        default="nfs_server", description="AWS: an NFS server instance with an EBS disk, or EFS (no server to run)")
+    tags: dict[str, str] = {}
+
+    # -- what the rest of trainrig asks of any cloud's config -----------------------------
+    @property
+    def prices(self) -> catalog.Prices:
+        return catalog.load(self.cloud)
+
+    @property
+    def machine(self) -> catalog.Machine | None:
+        """The GPU nodes' machine in the price table; None where nothing is ordered."""
+        return None
+
+    @property
+    def storage_machine(self) -> catalog.Machine | None:
+        return None
+
+    @property
+    def gpus(self) -> int:
+        return self.machine.gpus if self.machine else 0
+
+    @property
+    def shared_fs(self) -> bool:
+        """Storage is a managed file system (no storage node to run)."""
+        return False
+
+    @property
+    def storage_size_gb(self) -> int:
+        return self.data_disk_gb
+
+    @property
+    def where(self) -> str:
+        return "this machine"
+
+    def notes(self) -> list[str]:
+        """Lines `fab plan` prints under the price table."""
+        return []
+
+    def gpu_node_names(self) -> list[str]:
+        return gpu_node_names(self.gpu_nodes)
+
+    def check_credentials(self, environ: Mapping[str, str] = os.environ) -> None:
+        """Refuse early, naming what to set, when the cloud's credentials are nowhere to be found."""
+
+
+class MachineStack(StackBase):
+    """A cloud whose nodes are machines ordered by flavor, reached over SSH from the operator's address."""
+
+    hints: ClassVar[dict[str, str]] = {
+        **StackBase.hints,
+        "admin_cidr": "set trainrig:admin_cidr to the address you connect from, e.g. 203.0.113.7/32",
+        "ssh_public_key": "set trainrig:ssh_public_key to the one line of your ~/.ssh/id_ed25519.pub",
+        "storage_disk_gb": "set trainrig:storage_disk_gb to the NFS disk size in GB (at least 1)",
+    }
+    machine_word: ClassVar[str] = "flavor"
+
+    flavor: str = Field(description="the GPU nodes' machine: an IBM flavor or an AWS instance type")
+    gpus_per_node: int | None = Field(default=None, ge=0, description="derived from the flavor when omitted")
     storage_flavor: str | None = None
-    storage_disk_gb: int | None = Field(default=None, description="NFS disk size; with EFS, the GB the estimate assumes")
-    image: str | None = Field(default=None, description="IBM OS code or private image (number or GUID); AWS AMI id (default: Deep Learning AMI lookup)")
-    datacenter: str | None = Field(default=None, pattern=r"^[a-z]{3}[0-9]{2}$")
-    region: str | None = Field(default=None, pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]$")
-    zone: str | None = Field(default=None, pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9][a-z]$")
-    ssh_public_key: str | None = Field(default=None, pattern=SSH_PUBLIC_KEY)
+    storage_disk_gb: int = Field(description="NFS disk size; with a managed file system, the GB the estimate assumes")
+    image: str | None = None
+    ssh_public_key: str = Field(pattern=SSH_PUBLIC_KEY)
     ssh_private_key_file: str = "~/.ssh/id_ed25519"
     ssh_user: str | None = None
-    admin_cidr: IPv4Network | None = None
-    spot: bool = False
-    hourly: bool = True
-    nic_speed: int = 1000
-    private_vlan: int | None = None
-    domain: str = Field(default="trainrig.example", pattern=r"^[a-z0-9.-]+\.[a-z]{2,}$")
-    vpc: Literal["default", "new"] = "default"
-    vpc_cidr: IPv4Network = IPv4Network("10.42.0.0/16")
-    tags: dict[str, str] = {}
-    sl_username: SecretStr | None = None
-    sl_api_key: SecretStr | None = None
+    admin_cidr: IPv4Network
 
     @model_validator(mode="after")
-    def _fits_the_cloud(self) -> StackConfig:
-        if self.cloud not in CLOUDS:
-            raise ConfigError("cloud", f"unknown cloud {self.cloud!r}")
-        given = self.model_fields_set
-        for key in sorted(given - COMMON - PER_CLOUD[self.cloud]):
-            raise ConfigError(key, f"does not apply to cloud {self.cloud}", "remove it from the stack")
-        efs = self.storage == "efs"
-        if efs and self.storage_flavor is not None:
-            raise ConfigError("storage_flavor", "does not apply with storage efs (EFS has no server)",
-                              "remove it, or set trainrig:storage to nfs_server")
-        for key in REQUIRED[self.cloud]:
-            if getattr(self, key) is None and not (efs and key == "storage_flavor"):
-                raise ConfigError(key, "missing")
-        if self.cloud == "local":
-            if self.data_disk_gb > 64:
-                raise ConfigError("data_disk_gb", f"{self.data_disk_gb} is too big for a local node", "use 1-64")
-            return self
-        self._check_machines()
-        if self.nic_speed not in (100, 1000, 10000):
-            raise ConfigError("nic_speed", f"{self.nic_speed} Mbps is not offered", "use 100, 1000 or 10000")
+    def _machines_exist(self) -> MachineStack:
         if self.admin_cidr.prefixlen == 0:
-            raise ConfigError("admin_cidr", f"{self.admin_cidr} opens SSH to the whole internet")
+            raise ConfigError("admin_cidr", f"{self.admin_cidr} opens SSH to the whole internet", self.hints["admin_cidr"])
         if self.storage_disk_gb < 1:
-            raise ConfigError("storage_disk_gb", f"{self.storage_disk_gb} GB is not a disk")
-        if self.zone and self.region and not self.zone.startswith(self.region):
-            raise ConfigError("zone", f"{self.zone} is not in region {self.region}")
-        return self
-
-    def _check_machines(self) -> None:
-        known = catalog.load().machines(self.cloud)
-        word = "flavor" if self.cloud == "ibm" else "instance type"
-        # EFS has no server, so no storage flavor to check.
-        for key in ("flavor",) if self.storage == "efs" else ("flavor", "storage_flavor"):
+            raise ConfigError("storage_disk_gb", f"{self.storage_disk_gb} GB is not a disk", self.hints["storage_disk_gb"])
+        if self.storage_flavor is None and not self.shared_fs:
+            raise ConfigError("storage_flavor", "missing", f"set trainrig:storage_flavor to a CPU {self.machine_word}")
+        known = self.prices.machines
+        for key in ("flavor",) if self.shared_fs else ("flavor", "storage_flavor"):
             name = getattr(self, key)
             if name not in known:
                 choices = sorted(k for k, m in known.items() if (m.gpus > 0) == (key == "flavor"))
-                raise ConfigError(key, f"unknown {word} {name!r}", f"set trainrig:{key} to one of: {', '.join(choices)}")
+                raise ConfigError(key, f"unknown {self.machine_word} {name!r}", f"set trainrig:{key} to one of: {', '.join(choices)}")
         machine = known[self.flavor]
         if machine.gpus == 0:
-            raise ConfigError("flavor", f"{self.flavor} has no GPU", f"choose a GPU {word} (see infra/prices.yaml)")
+            raise ConfigError("flavor", f"{self.flavor} has no GPU",
+                              f"choose a GPU {self.machine_word} (see infra/clouds/{self.cloud}/prices.yaml)")
         if self.gpus_per_node is not None and self.gpus_per_node != machine.gpus:
             raise ConfigError("gpus_per_node", f"{self.flavor} has {machine.gpus} GPU(s), not {self.gpus_per_node}",
-                              f"remove trainrig:gpus_per_node or choose a {word} with {self.gpus_per_node} GPUs")
+                              f"remove trainrig:gpus_per_node or choose a {self.machine_word} with {self.gpus_per_node} GPUs")
+        return self
 
-    # -- derived -----------------------------------------------------------------------
     @property
-    def gpus(self) -> int:
-        if self.cloud == "local":
-            return 0
-        return catalog.load().machines(self.cloud)[self.flavor].gpus
+    def machine(self) -> catalog.Machine:
+        return self.prices.machines[self.flavor]
+
+    @property
+    def storage_machine(self) -> catalog.Machine | None:
+        return self.prices.machines.get(self.storage_flavor) if self.storage_flavor else None
+
+    @property
+    def storage_size_gb(self) -> int:
+        return self.storage_disk_gb
 
     @property
     def login_user(self) -> str:
@@ -160,26 +164,41 @@ class StackConfig(BaseModel):
     def private_key_path(self) -> Path:
         return Path(os.path.expanduser(self.ssh_private_key_file))
 
-    def gpu_node_names(self) -> list[str]:
-        return [f"node{i}" for i in range(self.gpu_nodes)]
+
+# The type every consumer names: one of the registered clouds' models.
+StackConfig = StackBase
 
 
 def validate(raw: Mapping[str, Any], source: str = "stack") -> StackConfig:
-    """Raw `trainrig:*` values (namespace stripped) -> StackConfig, or a one-line ConfigError."""
+    """Raw `trainrig:*` values (namespace stripped) -> the cloud's model, or a one-line ConfigError."""
     values = {k: _decode(v) for k, v in raw.items()}
-    if "cloud" in values and values["cloud"] not in CLOUDS:
-        raise ConfigError("cloud", f"unknown cloud {values['cloud']!r}")
-    for key in ("cloud", "cluster", "gpu_nodes"):
-        if key not in values:
-            raise ConfigError(key, f"missing in {source}")
+    model = _model_for(values.get("cloud"), source)
     try:
-        return StackConfig.model_validate(values)
+        return model.model_validate(values)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        key = str(first["loc"][0]) if first["loc"] else "(top level)"
-        problem = "unknown key" if first["type"] == "extra_forbidden" else f"{first['input']!r}: {first['msg']}"
-        hint = "remove it from the stack" if first["type"] == "extra_forbidden" else None
-        raise ConfigError(key, problem, hint) from None
+        raise _one_line(exc, model, values["cloud"]) from None
+
+
+def _model_for(cloud: Any, source: str) -> type[StackBase]:
+    names = clouds.names()
+    if cloud is None:
+        raise ConfigError("cloud", f"missing in {source}", f"set trainrig:cloud to one of: {', '.join(names)}")
+    if cloud not in names:
+        raise ConfigError("cloud", f"unknown cloud {cloud!r}", f"set trainrig:cloud to one of: {', '.join(names)}")
+    return clouds.get(cloud).Config
+
+
+def _one_line(exc: ValidationError, model: type[StackBase], cloud: str) -> ConfigError:
+    """The error to show: an unknown key first (a typo explains the 'missing' errors that follow it)."""
+    errors = exc.errors()
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    key = str(first["loc"][0]) if first["loc"] else "(top level)"
+    if first["type"] == "extra_forbidden":
+        owners = [c.name for c in clouds.all_clouds() if key in c.Config.model_fields]
+        problem = f"does not apply to cloud {cloud}" if owners else "unknown key"
+        return ConfigError(key, problem, "remove it from the stack")
+    problem = "missing" if first["type"] == "missing" else f"{first['input']!r}: {first['msg']}"
+    return ConfigError(key, problem, model.hints.get(key, ""))
 
 
 def _decode(value: Any) -> Any:
@@ -194,7 +213,12 @@ def _decode(value: Any) -> Any:
     return value
 
 
-def stack_file(stack: str, root: Path) -> Path:
+# -- stack files in stacks/ ----------------------------------------------------------------
+def available(root: Path = ROOT) -> list[str]:
+    return sorted(p.name.removeprefix("Pulumi.").removesuffix(".yaml") for p in (root / "stacks").glob("Pulumi.*.yaml"))
+
+
+def stack_file(stack: str, root: Path = ROOT) -> Path:
     """A stack name (stacks/Pulumi.<name>.yaml) or a path to a stack file."""
     candidate = Path(stack)
     if candidate.suffix in (".yaml", ".yml"):
@@ -213,15 +237,27 @@ def load_stack_file(path: Path) -> StackConfig:
     config = doc.get("config") if isinstance(doc, dict) else None
     if not isinstance(config, dict):
         raise TrainrigError(f"stack file {path} has no 'config:' mapping")
-    for key in ("sl_api_key", "sl_username"):
-        value = config.get(f"{NAMESPACE}:{key}")
+    ours = _ours(config)
+    model = _model_for(ours.get("cloud"), str(path))
+    for key in model.secret_keys:
+        value = ours.get(key)
         if value is not None and not (isinstance(value, dict) and "secure" in value):
             raise ConfigError(key, "is stored in plain text", f"remove it and run: pulumi config set --secret {key} VALUE")
-    return validate(_ours(config), source=str(path))
+    return validate(ours, source=str(path))
+
+
+def load_named(stack: str | None, root: Path = ROOT, environ: Mapping[str, str] = os.environ) -> StackConfig:
+    """A validated stack config with its credentials checked, or a one-line error."""
+    if not stack:
+        raise TrainrigError(f"no stack selected; pass --stack NAME (one of: {', '.join(available(root))}) "
+                            "or set trainrig.stack in your Fabric config")
+    cfg = load_stack_file(stack_file(stack, root))
+    cfg.check_credentials(environ)
+    return cfg
 
 
 def from_pulumi_config(values: Mapping[str, Any]) -> StackConfig:
-    """The engine's config map ({'trainrig:cloud': 'aws', ...}) -> StackConfig."""
+    """The engine's config map ({'trainrig:cloud': 'aws', ...}) -> the cloud's model."""
     return validate(_ours(values), source="the stack config")
 
 
@@ -230,20 +266,5 @@ def _ours(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k[len(prefix):]: v for k, v in config.items() if k.startswith(prefix)}
 
 
-def check_credentials(cfg: StackConfig, environ: Mapping[str, str] = os.environ) -> None:
-    """Refuse early, naming what to set, when the cloud's credentials are nowhere to be found."""
-    home = Path(environ.get("HOME", "~")).expanduser()
-    if cfg.cloud == "ibm":
-        in_env = environ.get("SL_USERNAME") and environ.get("SL_API_KEY")
-        in_stack = cfg.sl_username is not None and cfg.sl_api_key is not None
-        if not (in_env or in_stack or (home / ".softlayer").is_file()):
-            raise ConfigError("SL_USERNAME/SL_API_KEY", "IBM Cloud classic credentials are missing",
-                              "export SL_USERNAME and SL_API_KEY, or: pulumi config set --secret sl_api_key KEY "
-                              "(and sl_username)", namespaced=False)
-    elif cfg.cloud == "aws":
-        in_env = (environ.get("AWS_ACCESS_KEY_ID") and environ.get("AWS_SECRET_ACCESS_KEY")) or environ.get("AWS_PROFILE")
-        files = (home / ".aws" / "credentials", home / ".aws" / "config")
-        if not (in_env or any(f.is_file() for f in files)):
-            raise ConfigError("AWS_ACCESS_KEY_ID", "AWS credentials are missing",
-                              "export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or run: aws configure",
-                              namespaced=False)
+def secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value is not None else None

@@ -1,28 +1,22 @@
-"""What every cloud module of the Pulumi program implements, and the pieces they share (host keys, cloud-init, node records).
+"""Pieces the clouds' Pulumi programs share: pinned host keys, cloud-init, node records and the inventory they export.
 
-A cloud module exposes one function:
-    build(parent, name, cfg, plan) -> pulumi.Output[dict]
-It creates the cluster's storage (protected: it survives gpu_nodes=0 and `fab down`) and its
-compute as children of `parent`, named f"{name}-...", and returns the inventory as a plain
-dict (cluster/inventory.py's schema) once the cloud has answered.
+What a cloud's build() must do is documented once, in infra/clouds/__init__.py.
 """
 
 from __future__ import annotations
 
 from ipaddress import IPv4Network
-from typing import Any, Protocol
+from typing import Any
 
 import pulumi
 import yaml
 from pulumi.dynamic import CreateResult, DiffResult, Resource, ResourceProvider
 
-from cluster import keys
-from infra.config import StackConfig
-from infra.plan import NFS_EXPORT, STORAGE_NODE, Plan, PlannedNode
+from infra import keys
+from infra.config import MachineStack
+from infra.blueprint import NFS_EXPORT, PlannedNode
+from infra.inventory import STORAGE_NODE
 
-
-class ClusterProgram(Protocol):
-    def build(self, parent: pulumi.ComponentResource, name: str, cfg: StackConfig, plan: Plan) -> pulumi.Output: ...
 
 
 class HostKeyProvider(ResourceProvider):
@@ -47,7 +41,7 @@ class HostKey(Resource, module="trainrig", name="HostKey"):
                                                    "private_key": None}, opts)
 
 
-def cloud_init(host_key: HostKey, cfg: StackConfig, private_cidr: str, firewall: bool) -> pulumi.Output[str]:
+def cloud_init(host_key: HostKey, cfg: MachineStack, private_cidr: str, firewall: bool) -> pulumi.Output[str]:
     """User data: the pinned host key; with firewall, SSH only from admin_cidr and everything from the private network."""
 
     def render(private_key: str, public_key: str) -> str:
@@ -83,7 +77,7 @@ def node_record(planned: PlannedNode, public_ip, private_ip, host_key, device) -
     return pulumi.Output.all(public_ip, private_ip, host_key, device).apply(record)
 
 
-def inventory(cfg: StackConfig, nodes: list[pulumi.Output], network_name, network_cidr,
+def inventory(cfg: MachineStack, nodes: list[pulumi.Output], network_name, network_cidr,
               efs_address=None) -> pulumi.Output[dict]:
     """The whole inventory: storage node last, shared storage served from it over NFS (or from EFS)."""
 

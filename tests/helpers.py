@@ -1,6 +1,6 @@
 """Builders shared by the tests."""
 
-from cluster.inventory import Inventory, Network, Node, SharedStorage
+from infra.inventory import Inventory, Network, Node, SharedStorage
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFAQHDOs7A57fvovP7g2e+O4W3SzawSL2jIFqPcjx2Mb"
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from cluster.commands import run, wait_until
-from cluster.errors import TrainrigError
+from infra.commands import run, wait_until
+from infra.errors import TrainrigError
 
 
 def test_failure_names_what_and_last_line():

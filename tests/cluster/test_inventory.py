@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from cluster import inventory
-from cluster.errors import TrainrigError
+from infra import inventory
+from infra.errors import TrainrigError
 from tests.helpers import make_inventory
 
 
@@ -30,7 +30,7 @@ def test_cost_adds_nodes_and_kept_storage():
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda d: d.update(cloud="gcp"), "cloud: Input should be 'local', 'aws' or 'ibm'"),
+    (lambda d: d.update(cloud="gcp"), "cloud: Value error, unknown cloud 'gcp'; one of: aws, ibm, local"),
     (lambda d: d["nodes"][0].update(ssh_port=0), "nodes.0.ssh_port: Input should be greater than or equal to 1"),
     (lambda d: d["nodes"][1].update(name="node0"), "node names must be unique, repeated: node0"),
     (lambda d: d["nodes"][0].update(host_key="not-a-key"), "nodes.0.host_key: String should match pattern"),
@@ -67,7 +67,7 @@ def test_stopped_cluster_is_not_running():
 
 
 def test_secret_files_are_owner_only(home):
-    from cluster import keys
+    from infra import keys
 
     keys.ensure_login_key(home / "k" / "id_ed25519", "c")
     assert (home / "k" / "id_ed25519").stat().st_mode & 0o777 == 0o600
@@ -88,9 +88,10 @@ def test_efs_storage_needs_no_storage_node_and_reads_from_a_gpu_node():
                        started_at=datetime.now(timezone.utc))
     assert reader_node(inv, record).name == "node1"
     # After fab down an EFS cluster has no node at all: say how to bring one back, for this cloud.
-    down = inv.model_copy(update={"nodes": []})
+    down = inv.model_copy(update={"nodes": [], "stack": "efs-demo"})
     with pytest.raises(TrainrigError, match=r"no node of 'unit' is up to read run r from; start it with: "
-                                            r"pulumi config set trainrig:gpu_nodes N && pulumi up$"):
+                                            r"pulumi config set trainrig:gpu_nodes N --stack efs-demo && "
+                                            r"pulumi up --stack efs-demo$"):
         reader_node(down, record)
     with pytest.raises(TrainrigError, match=r"has no nodes running; start it with: pulumi config set"):
         inventory.require_running(down)

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import stat
-
 import pytest
 
-from cluster import inventory
-from cluster.errors import TrainrigError
+from infra import inventory
+from infra.errors import TrainrigError
 
 NODE = {"name": "storage", "role": "storage", "public_address": "203.0.113.9", "private_address": "10.42.0.9",
         "ssh_port": 22, "host_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB6cRZlMx0", "gpu_count": 0, "gpu_model": None,
@@ -50,17 +47,28 @@ def test_bad_stack_output_names_the_field(tmp_path):
         inventory.resolve(str(path))
 
 
-def test_the_selected_stack_through_the_pulumi_cli(tmp_path, monkeypatch):
-    # A stand-in `pulumi` that answers `pulumi stack output --json` (the real CLI is not installable here).
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    fake = bin_dir / "pulumi"
-    fake.write_text(f"#!/bin/sh\n[ \"$*\" = 'stack output --json --stack prod' ] || exit 3\ncat <<'EOF'\n{json.dumps(OUTPUTS)}\nEOF\n")
-    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+def test_a_named_stack_through_pulumi_automation(fake_pulumi):
+    fake = fake_pulumi(OUTPUTS, {"trainrig:cloud": "aws"})
     assert inventory.for_task(None, "dev", "stack:prod").cluster == "imagenet"
+    assert ["stack", "select", "--stack", "prod"] in fake.calls()
+    assert any(call[:2] == ["stack", "output"] and "prod" in call for call in fake.calls())
     with pytest.raises(TrainrigError, match="not 'other'"):
         inventory.for_task("other", "dev", "stack:prod")
+
+
+def test_a_stack_is_never_whichever_is_selected(fake_pulumi):
+    fake = fake_pulumi(OUTPUTS, {})
+    with pytest.raises(TrainrigError, match=r"needs a Pulumi stack: pass --stack NAME or set trainrig.stack"):
+        inventory.for_task(None, "dev", "stack")
+    assert fake.calls() == []
+    # trainrig.stack names it: `pulumi up` then `fab provision` needs no extra step.
+    assert inventory.for_task(None, "dev", None, stack="prod").cluster == "imagenet"
+
+
+def test_a_stack_the_cli_refuses_is_one_line(fake_pulumi):
+    fake_pulumi(OUTPUTS, {}).failing("stack select")
+    with pytest.raises(TrainrigError, match=r"^Pulumi stack 'prod': error: stack select refused by the stand-in cloud$"):
+        inventory.for_task(None, "dev", "stack:prod")
 
 
 def test_stack_output_without_inventory():

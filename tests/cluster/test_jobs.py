@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from cluster import jobs
-from cluster.errors import TrainrigError
+from infra.errors import TrainrigError
 from tests.helpers import make_inventory
 
 ROOT = Path(__file__).resolve().parents[2]

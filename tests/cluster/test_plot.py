@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from cluster.errors import TrainrigError
+from infra.errors import TrainrigError
 from cluster.plot import plot_run
 
 

@@ -3,7 +3,7 @@
 import pytest
 
 from cluster import provision
-from cluster.inventory import SharedStorage
+from infra.inventory import SharedStorage
 from tests.helpers import make_inventory
 
 

@@ -10,7 +10,7 @@ import pulumi
 import pytest
 from pulumi.runtime.mocks import MockMonitor
 
-from cluster import keys
+from infra import keys
 
 ROOT = Path(__file__).resolve().parents[2]
 STACKS = sorted((ROOT / "stacks").glob("Pulumi.*.yaml"))

@@ -2,36 +2,18 @@
 
 from __future__ import annotations
 
-import urllib.request
 from types import SimpleNamespace
 
 import boto3
 import pytest
 
-from infra.backends import aws
+from infra.clouds.aws import CLOUD as AWS
 
-moto_server = pytest.importorskip("moto.server")
 REGION = SimpleNamespace(region="us-east-1")  # the one field of the stack config that billable reads
 
 
-@pytest.fixture(scope="module")
-def endpoint():
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture(autouse=True)
-def fake_credentials(monkeypatch):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-
-
-def test_billable_lists_what_is_left_and_nothing_once_gone(endpoint):
-    # moto keeps one in-process account for every server: start from an empty one.
-    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=10)
+def test_billable_lists_what_is_left_and_nothing_once_gone(aws):
+    endpoint = aws
     ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=endpoint)
     tags = [{"Key": "trainrig:cluster", "Value": "imagenet"}]
     ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
@@ -44,7 +26,7 @@ def test_billable_lists_what_is_left_and_nothing_once_gone(endpoint):
     efs = boto3.client("efs", region_name="us-east-1", endpoint_url=endpoint)
     shared = efs.create_file_system(CreationToken="trainrig-imagenet", Encrypted=True, Tags=tags)
     efs.create_file_system(CreationToken="trainrig-x", Tags=[{"Key": "trainrig:cluster", "Value": "x"}])
-    left = aws.billable("imagenet", REGION, endpoint_url=endpoint)
+    left = AWS.billable("imagenet", REGION, endpoint_url=endpoint)
     assert f"instance {instance['InstanceId']} (p2.16xlarge, running, ?)" in left
     assert f"volume {volume['VolumeId']} (2000 GB)" in left
     assert not any(other["VolumeId"] in item for item in left)
@@ -53,4 +35,4 @@ def test_billable_lists_what_is_left_and_nothing_once_gone(endpoint):
     ec2.terminate_instances(InstanceIds=[instance["InstanceId"]])
     ec2.delete_volume(VolumeId=volume["VolumeId"])
     efs.delete_file_system(FileSystemId=shared["FileSystemId"])
-    assert aws.billable("imagenet", REGION, endpoint_url=endpoint) == []
+    assert AWS.billable("imagenet", REGION, endpoint_url=endpoint) == []

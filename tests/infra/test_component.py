@@ -10,7 +10,7 @@ import pulumi
 import pytest
 import yaml
 
-from cluster.inventory import Inventory
+from infra.inventory import Inventory
 from infra import config
 from infra.component import GpuCluster, GpuClusterArgs
 from tests.infra.conftest import STACKS
@@ -21,7 +21,7 @@ CLOUD_STACKS = [p for p in STACKS if "local" not in p.name]
 def build(path, **overrides):
     cfg = config.load_stack_file(path)
     if overrides:
-        cfg = config.StackConfig.model_validate({**cfg.model_dump(exclude_unset=True), **overrides})
+        cfg = type(cfg).model_validate({**cfg.model_dump(exclude_unset=True), **overrides})
     return cfg, GpuCluster(cfg.cluster, GpuClusterArgs(cfg))
 
 
@@ -48,7 +48,7 @@ def test_outputs_are_an_inventory_and_a_price(mocks, path):
                 want = (r"^/dev/xvdf$" if cfg.flavor.startswith(("p2.", "p3."))
                         else r"^/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol0[0-9a-f]{16}$")
                 assert all(re.match(want, n.data_disks[0].device) for n in inv.gpu_nodes), inv.gpu_nodes[0].data_disks
-            if cfg.storage == "efs":
+            if cfg.shared_fs:
                 # Mounted from the mount target's address, inside the cluster's network; no server.
                 assert inv.storage.kind == "efs" and inv.storage_node is None and inv.storage.export == "/"
                 assert IPv4Address(inv.storage.server) in inv.network.cidr
@@ -86,7 +86,7 @@ def test_aws_graph(mocks, path):
         user_data = yaml.safe_load(secret["value"])
         assert user_data["disable_root"] is False and user_data["ssh_keys"]["ed25519_public"].startswith("ssh-ed25519 ")
     file_systems = mocks.of_type("aws:efs/fileSystem:FileSystem")
-    if cfg.storage == "efs":
+    if cfg.shared_fs:
         assert not storage and not mocks.of_type("aws:ebs/volume:Volume")
         assert len(file_systems) == 1 and file_systems[0].inputs["encrypted"] is True
         targets = mocks.of_type("aws:efs/mountTarget:MountTarget")
@@ -158,7 +158,7 @@ def test_zero_gpu_nodes_keeps_storage(mocks, path):
     def check():
         def verify(inventory):
             inv = Inventory.model_validate_json(json.dumps(inventory))
-            assert [n.name for n in inv.nodes] == ([] if cfg.storage == "efs" else ["storage"])
+            assert [n.name for n in inv.nodes] == ([] if cfg.shared_fs else ["storage"])
             assert inv.storage is not None
         return cluster.inventory.apply(verify)
 

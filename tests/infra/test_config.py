@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.errors import TrainrigError
-from infra import catalog, config, plan, stacks
+from infra.errors import TrainrigError
+from infra import blueprint, catalog, clouds, config
 from tests.infra.conftest import ROOT, STACKS
 
 CASES = yaml.safe_load((Path(__file__).parent / "cases" / "stack_config_errors.yaml").read_text())
@@ -19,9 +19,9 @@ CREDENTIALS = {"SL_USERNAME": "u", "SL_API_KEY": "k", "AWS_ACCESS_KEY_ID": "a", 
 @pytest.mark.parametrize("path", STACKS, ids=lambda p: p.stem)
 def test_every_sample_stack_validates_and_prices(path):
     cfg = config.load_stack_file(path)
-    config.check_credentials(cfg, CREDENTIALS)
-    p = plan.plan(cfg)
-    assert len(p.nodes) == cfg.gpu_nodes + (cfg.storage != "efs")  # EFS: no storage node
+    cfg.check_credentials(CREDENTIALS)
+    p = blueprint.blueprint(cfg)
+    assert len(p.nodes) == cfg.gpu_nodes + (not cfg.shared_fs)  # EFS: no storage node
     assert p.total_usd_per_hour == pytest.approx(p.compute_usd_per_hour + p.storage_usd_per_hour)
     if cfg.cloud != "local":
         assert p.compute_usd_per_hour > 0 and p.storage_usd_per_hour > 0
@@ -67,7 +67,7 @@ def test_the_program_reads_the_same_keys_from_the_engine():
 ])
 def test_missing_credentials(stack, env, error):
     with pytest.raises(TrainrigError, match=error):
-        stacks.load(stack, ROOT, env)
+        config.load_named(stack, ROOT, env)
 
 
 def test_credentials_as_stack_secrets_are_enough(tmp_path):
@@ -76,11 +76,24 @@ def test_credentials_as_stack_secrets_are_enough(tmp_path):
     doc["config"]["trainrig:sl_api_key"] = {"secure": "v1:def"}
     path = tmp_path / "Pulumi.x.yaml"
     path.write_text(yaml.safe_dump(doc))
-    stacks.load(str(path), ROOT, {"HOME": "/nonexistent"})
+    config.load_named(str(path), ROOT, {"HOME": "/nonexistent"})
 
 
-def test_price_table_is_dated_sourced_and_knows_gpu_counts():
-    prices = catalog.load()
-    assert prices.as_of.year >= 2024 and prices.currency == "USD"
-    assert prices.ibm.source and prices.aws.source
-    assert prices.ibm.flavors["AC2_16X120X100"].gpus == 2 and prices.aws.instance_types["p2.16xlarge"].gpus == 16
+@pytest.mark.parametrize("cloud", clouds.names())
+def test_every_cloud_has_a_dated_sourced_price_table(cloud):
+    prices = catalog.load(cloud)
+    assert prices.as_of.year >= 2024 and prices.currency == "USD" and prices.source
+
+
+def test_price_tables_know_gpu_counts():
+    assert catalog.load("ibm").machines["AC2_16X120X100"].gpus == 2
+    assert catalog.load("aws").machines["p2.16xlarge"].gpus == 16
+
+
+def test_a_typo_is_named_before_the_missing_key_it_explains(tmp_path):
+    doc = yaml.safe_load(config.stack_file("local", ROOT).read_text())
+    doc["config"]["trainrig:gpu_node"] = doc["config"].pop("trainrig:gpu_nodes")
+    path = tmp_path / "Pulumi.typo.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(TrainrigError, match=r"^trainrig:gpu_node: unknown key; remove it from the stack$"):
+        config.load_stack_file(path)

@@ -12,7 +12,7 @@ from pulumi.dynamic.config import Config
 from pulumi.dynamic.dynamic import serialize_provider
 from SoftLayer.testing import MockableTransport
 
-from infra.backends.ibm_provider import IbmError, SshKeyProvider, VirtualServerProvider
+from infra.clouds.ibm.softlayer import IbmError, SshKeyProvider, VirtualServerProvider
 
 READY = {"id": 100, "provisionDate": "2025-06-01T10:00:00", "primaryIpAddress": "169.45.0.7",
          "primaryBackendIpAddress": "10.45.19.37", "hostname": "node0", "billingItem": {"id": 6327}}

@@ -9,9 +9,9 @@ import dill
 import pulumi
 import pytest
 
-from cluster.inventory import Inventory
-from infra import backends, config
-from infra.backends import local_program
+from infra import config
+from infra.clouds.local import program as local_program
+from infra.inventory import Inventory
 from infra.component import GpuCluster, GpuClusterArgs
 from tests.infra.conftest import ROOT
 
@@ -40,7 +40,7 @@ class FakeBackend:
 @pytest.fixture
 def backend(monkeypatch):
     fake = FakeBackend()
-    monkeypatch.setattr(backends, "get", lambda cloud: fake)
+    monkeypatch.setattr(local_program, "BACKEND", fake)
     return fake
 
 
@@ -55,7 +55,7 @@ def test_create_and_delete_use_the_local_backend_and_keep_storage(backend):
 
 def test_a_node_never_ready_is_rolled_back(monkeypatch):
     fake = FakeBackend(fail_ready=True)
-    monkeypatch.setattr(backends, "get", lambda cloud: fake)
+    monkeypatch.setattr(local_program, "BACKEND", fake)
     with pytest.raises(RuntimeError):
         local_program.LocalClusterProvider().create({"cluster": "dev", "gpu_nodes": 1, "data_disk_gb": 2})
     assert fake.calls[-1] == ("destroy", False)

@@ -1,43 +1,31 @@
-"""`fab down` of a cloud cluster: the Pulumi CLI takes compute (or everything) away, the cloud's listing must agree."""
+"""`fab down` of a cluster that a Pulumi stack made: automation takes compute (or everything) away, the cloud's listing must agree."""
 
 from __future__ import annotations
 
 import json
-import os
-import stat
-import urllib.request
 
 import boto3
 import pytest
 import SoftLayer
+import yaml
 from SoftLayer.testing import MockableTransport
 
-from cluster import inventory, lifecycle
-from cluster.errors import TrainrigError
-from infra.backends.ibm_provider import Listing
+from cluster import lifecycle
+from infra import config, inventory
+from infra.clouds.ibm.softlayer import Listing
+from infra.errors import TrainrigError
 from tests.cluster.test_inventory_sources import NODE, OUTPUTS
+from tests.infra.conftest import ROOT
 
-moto_server = pytest.importorskip("moto.server")
 STACK = "aws-16-gpu"  # stacks/Pulumi.aws-16-gpu.yaml: cluster imagenet in us-east-1
+GPU = {**NODE, "name": "node0", "role": "gpu", "private_address": "10.42.0.10", "gpu_count": 16, "gpu_model": "K80"}
 
 
-@pytest.fixture(scope="module")
-def endpoint():
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def ec2(endpoint, monkeypatch):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)  # boto3 sends every call to moto on loopback
-    # moto keeps one in-process account for every server: start each test from an empty one.
-    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=10)
-    return boto3.client("ec2", region_name="us-east-1")
+def stack_config(**changes) -> dict[str, str]:
+    """The sample stack's config as `pulumi config --json` hands it over (structured values as JSON text)."""
+    doc = yaml.safe_load(config.stack_file(STACK, ROOT).read_text())["config"]
+    doc.update({f"trainrig:{k}": v for k, v in changes.items()})
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in doc.items()}
 
 
 def launch(ec2, role: str) -> str:
@@ -48,59 +36,74 @@ def launch(ec2, role: str) -> str:
 
 
 @pytest.fixture
-def pulumi_cli(tmp_path, monkeypatch):
-    """A stand-in Pulumi CLI (the real one is not installable here) that logs every call."""
+def ec2(aws):
+    return boto3.client("ec2", region_name="us-east-1")
+
+
+@pytest.fixture
+def stack(fake_pulumi, tmp_path, monkeypatch):
+    """A saved inventory of cluster imagenet made by stack aws-16-gpu, and that stack (storage only once GPUs go)."""
     monkeypatch.setenv("TRAINRIG_HOME", str(tmp_path / "home"))
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    calls = tmp_path / "calls"
-    storage_only = {**OUTPUTS, "inventory": {**OUTPUTS["inventory"], "nodes": [NODE]}}
-    script = bin_dir / "pulumi"
-    script.write_text(f"""#!/bin/sh
-echo "$*" >> {calls}
-case "$*" in
-  "stack output --json"*) cat {tmp_path / "outputs.json"} ;;
-  "stack --show-name") echo {STACK} ;;
-esac
-""")
-    (tmp_path / "outputs.json").write_text(json.dumps(storage_only))
-    script.chmod(script.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    gpu = {**NODE, "name": "node0", "role": "gpu", "private_address": "10.42.0.10", "gpu_count": 16, "gpu_model": "K80"}
-    inventory.save(inventory.parse(json.dumps({**OUTPUTS["inventory"], "nodes": [gpu, NODE]}), "test"))
-    return lambda: calls.read_text().splitlines()
+    storage_only = {**OUTPUTS, "inventory": {**OUTPUTS["inventory"], "stack": STACK, "nodes": [NODE]}}
+    fake = fake_pulumi(storage_only, stack_config())
+    inventory.save(inventory.parse(json.dumps({**OUTPUTS["inventory"], "stack": STACK, "nodes": [GPU, NODE]}), "test"))
+    return fake
 
 
-def test_down_removes_compute_keeps_storage(ec2, pulumi_cli):
+def test_down_removes_compute_keeps_storage(ec2, stack):
     launch(ec2, "storage")
     remaining = lifecycle.down(inventory.load("imagenet"), purge=False)
-    assert pulumi_cli()[:3] == ["stack --show-name", "config set trainrig:gpu_nodes 0", "up --yes --skip-preview"]
+    verbs = stack.verbs()
+    assert verbs.index("config set") < verbs.index("up") and "destroy" not in verbs
+    assert ["config", "set", "trainrig:gpu_nodes", "--plaintext", "--stack", STACK, "--", "0"] in stack.calls()
+    assert all(STACK in call for call in stack.calls() if call[:1] != ["version"])  # always the named stack
     assert [n.name for n in remaining.nodes] == ["storage"]
     assert inventory.load("imagenet").gpu_nodes == []
 
 
-def test_down_fails_when_the_cloud_still_lists_compute(ec2, pulumi_cli):
+def test_down_fails_when_the_cloud_still_lists_compute(ec2, stack):
     gpu = launch(ec2, "gpu")
     with pytest.raises(TrainrigError, match=rf"aws still lists compute of 'imagenet': instance {gpu} \(p2.16xlarge, running, gpu\)"):
         lifecycle.down(inventory.load("imagenet"), purge=False, stack=STACK)
-    assert pulumi_cli()[0] == "config set trainrig:gpu_nodes 0 --stack aws-16-gpu"
 
 
-def test_purge_destroys_everything_and_checks(ec2, pulumi_cli, tmp_path):
+def test_purge_destroys_everything_and_checks(ec2, stack, tmp_path):
     storage = launch(ec2, "storage")
     with pytest.raises(TrainrigError, match=f"aws still lists for 'imagenet': instance {storage}"):
         lifecycle.down(inventory.load("imagenet"), purge=True)
     ec2.terminate_instances(InstanceIds=[storage])
     assert lifecycle.down(inventory.load("imagenet"), purge=True) is None
-    assert pulumi_cli()[-2:] == ["state unprotect --all --yes", "destroy --yes --skip-preview"]
+    verbs = [v for v in stack.verbs() if v != "stack history"]
+    assert verbs[-2:] == ["state unprotect", "destroy"]
+    assert ["state", "unprotect", "--yes", "--all", "--stack", STACK] in [c[:6] for c in stack.calls()]
     assert not (tmp_path / "home" / "clusters" / "imagenet").exists()
+
+
+def test_a_stack_of_another_cluster_is_refused_before_anything_changes(ec2, stack):
+    stack.set(config=stack_config(cluster="other"))
+    with pytest.raises(TrainrigError, match=r"stack aws-16-gpu is cluster 'other' on aws, not 'imagenet' on aws"):
+        lifecycle.down(inventory.load("imagenet"), purge=True)
+    assert not {"config set", "up", "destroy", "state unprotect"} & set(stack.verbs())
+    assert inventory.load("imagenet").gpu_nodes  # nothing forgotten either
+
+
+def test_a_stack_other_than_the_one_that_made_the_cluster_is_refused(ec2, stack):
+    with pytest.raises(TrainrigError, match=r"made by stack aws-16-gpu, not prod; run again with --stack aws-16-gpu"):
+        lifecycle.down(inventory.load("imagenet"), purge=True, stack="prod")
+    assert stack.calls() == []
+
+
+def test_a_failing_update_is_one_line(ec2, stack):
+    stack.failing("up")
+    with pytest.raises(TrainrigError, match=r"^pulumi up of imagenet without GPU nodes failed: error: up refused"):
+        lifecycle.down(inventory.load("imagenet"), purge=False)
 
 
 def test_without_the_pulumi_cli_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("TRAINRIG_HOME", str(tmp_path))
     monkeypatch.setenv("PATH", str(tmp_path))
-    inv = inventory.parse(json.dumps(OUTPUTS["inventory"]), "test")
-    with pytest.raises(TrainrigError, match=r"runs the Pulumi CLI, which is not installed: .*pulumi config set trainrig:gpu_nodes 0"):
+    inv = inventory.parse(json.dumps({**OUTPUTS["inventory"], "stack": STACK}), "test")
+    with pytest.raises(TrainrigError, match=r"runs the Pulumi CLI, which is not installed: install it"):
         lifecycle.down(inv, purge=False)
 
 

@@ -6,8 +6,9 @@ import subprocess
 import pytest
 import yaml
 
-from cluster import inventory, lifecycle, provision
-from infra.backends.local.instance import LABEL
+from cluster import lifecycle, provision
+from infra import inventory
+from infra.clouds.local.instance import LABEL
 
 # Distinct names let two test sessions share one Docker engine.
 CLUSTER = os.environ.get("TRAINRIG_TEST_CLUSTER", "pytest-it")

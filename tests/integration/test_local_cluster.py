@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import yaml
 
-from cluster import inventory, jobs, keys, lifecycle, monitor, provision, results, runs, ssh
-from cluster.errors import TrainrigError
-from infra import backends
+from cluster import jobs, lifecycle, monitor, provision, results, runs
+from infra import inventory, keys, ssh
+from infra.errors import TrainrigError
+from infra import clouds
 from tests.integration.conftest import CLUSTER
 
 pytestmark = pytest.mark.integration

@@ -6,9 +6,10 @@ import os
 
 import pytest
 
-from cluster import provision, ssh
-from cluster.commands import wait_until
-from cluster.inventory import SharedStorage
+from cluster import provision
+from infra import ssh
+from infra.commands import wait_until
+from infra.inventory import SharedStorage
 from tests.integration.conftest import CLUSTER, REGISTRY, REGISTRY_USER, node_exec
 
 pytestmark = pytest.mark.integration

@@ -13,9 +13,10 @@ import pulumi
 from pulumi.dynamic import Resource
 
 from infra import catalog, program
-from infra.backends.ibm_provider import Listing, SshKeyProvider, VirtualServerProvider
-from infra.config import StackConfig
-from infra.plan import STORAGE_NODE, Plan, PlannedNode
+from infra.clouds.ibm.softlayer import SshKeyProvider, VirtualServerProvider
+from infra.clouds.ibm import IbmConfig
+from infra.blueprint import Blueprint, PlannedNode
+from infra.inventory import STORAGE_NODE
 
 PRIVATE_NETWORK = "10.0.0.0/8"
 BOOT_DISK_GB = 100
@@ -36,15 +37,15 @@ class VirtualServer(Resource, module="ibm", name="VirtualServer"):
     guest_id: pulumi.Output[int]
 
     def __init__(self, name: str, props: dict, opts: pulumi.ResourceOptions | None = None):
-        sizes = {k: (m.cpus, m.memory_gb) for k, m in catalog.load().ibm.flavors.items()}
+        sizes = {k: (m.cpus, m.memory_gb) for k, m in catalog.load("ibm").machines.items()}
         super().__init__(VirtualServerProvider(flavor_sizes=sizes), name,
                          {**props, "public_ip": None, "private_ip": None, "guest_id": None}, opts)
 
 
-def build(parent: pulumi.ComponentResource, name: str, cfg: StackConfig, plan: Plan) -> pulumi.Output:
+def build(parent: pulumi.ComponentResource, name: str, cfg: IbmConfig, blueprint: Blueprint) -> pulumi.Output:
     key = SshKey(f"{name}-key", cfg.ssh_public_key, f"trainrig-{cfg.cluster}", opts=program.child(parent, protect=True))
     records = []
-    for planned in plan.nodes:  # GPU nodes, then the storage node
+    for planned in blueprint.nodes:  # GPU nodes, then the storage node
         storage = planned.role == "storage"
         host_key = program.HostKey(f"{name}-{planned.name}-hostkey", planned.name,
                                    opts=program.child(parent, protect=storage))
@@ -54,7 +55,7 @@ def build(parent: pulumi.ComponentResource, name: str, cfg: StackConfig, plan: P
     return program.inventory(cfg, records, f"{cfg.cluster}-private", PRIVATE_NETWORK)
 
 
-def _server_props(cfg: StackConfig, planned: PlannedNode, key: SshKey, host_key: program.HostKey) -> dict:
+def _server_props(cfg: IbmConfig, planned: PlannedNode, key: SshKey, host_key: program.HostKey) -> dict:
     image = {"os_code": cfg.image or "UBUNTU_22_64", "image_id": None}
     if cfg.image and not OS_CODE.match(cfg.image):
         image = {"os_code": None, "image_id": cfg.image}
@@ -67,8 +68,3 @@ def _server_props(cfg: StackConfig, planned: PlannedNode, key: SshKey, host_key:
                         *(f"{k}:{v}" for k, v in cfg.tags.items())]),
         "user_data": program.cloud_init(host_key, cfg, PRIVATE_NETWORK, firewall=True),
     }
-
-
-def billable(cluster: str, cfg: StackConfig, transport=None) -> list[str]:
-    """What the account still lists for the cluster: one line per server, named by hostname."""
-    return Listing(transport).servers(cluster)

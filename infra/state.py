@@ -7,7 +7,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from cluster.errors import TrainrigError
+from infra.errors import TrainrigError
 
 CLUSTER_NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 

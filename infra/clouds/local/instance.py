@@ -10,22 +10,21 @@ import shutil
 import tarfile
 from pathlib import Path
 
-from cluster import inventory as inventory_mod
-from cluster import keys, ssh, state
-from cluster.commands import run, wait_until
-from cluster.errors import TrainrigError
-from cluster.inventory import DataDisk, Inventory, Network, Node, Retained, SharedStorage
-from infra.backends import ClusterRequest
-from infra.backends.local import engine, image
+from infra import inventory as inventory_mod
+from infra import keys, ssh, state
+from infra.commands import run, wait_until
+from infra.errors import TrainrigError
+from infra.inventory import STORAGE_NODE, DataDisk, Inventory, Network, Node, Retained, SharedStorage, gpu_node_names
+from infra.clouds import ClusterRequest
+from infra.clouds.local import engine, image
 
 LABEL = "trainrig.cluster"
 SHARED_MOUNT = "/data"
 DISK_DEVICE = "/dev/xvdc"
-STORAGE_NODE = "storage"
 READY_TIMEOUT = 120
 
 # What lets systemd, loop devices and Docker-in-Docker work in a node without --privileged
-# (which this sandbox refuses): see shared/ENVIRONMENT.md.
+# (which hosts without CAP_SYS_RESOURCE, such as nested containers, refuse).
 VM_OPTIONS = [
     "--cap-add", "ALL", "--cap-drop", "SYS_RESOURCE",
     "--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined",
@@ -66,7 +65,7 @@ class LocalBackend:
         cdir = state.cluster_dir(cluster)
         fresh = not cdir.exists()
         login_pub = keys.ensure_login_key(cdir / "id_ed25519", f"trainrig-{cluster}")
-        names = [f"node{i}" for i in range(request.gpu_nodes)] + [STORAGE_NODE]
+        names = [*gpu_node_names(request.gpu_nodes), STORAGE_NODE]
         created_volume = not self._exists("volume", volume_name(cluster))
         try:
             self._create_network(cluster)
@@ -242,3 +241,6 @@ def _add(tar: tarfile.TarFile, name: str, text: str | None, mode: int) -> None:
         data = text.encode()
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
+
+
+BACKEND = LocalBackend()

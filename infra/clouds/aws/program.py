@@ -14,8 +14,9 @@ import pulumi
 import pulumi_aws as aws
 
 from infra import program
-from infra.config import StackConfig
-from infra.plan import STORAGE_NODE, Plan
+from infra.clouds.aws import AwsConfig
+from infra.blueprint import Blueprint
+from infra.inventory import STORAGE_NODE
 
 DLAMI_NAME = "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) *"
 UBUNTU_NAME = "ubuntu/images/hvm-ssd*/ubuntu-jammy-22.04-amd64-server-*"
@@ -39,7 +40,7 @@ def data_device(instance_type: str, volume_id) -> pulumi.Output[str]:
         lambda vid: f"/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_{vid.replace('-', '')}")
 
 
-def build(parent: pulumi.ComponentResource, name: str, cfg: StackConfig, plan: Plan) -> pulumi.Output:
+def build(parent: pulumi.ComponentResource, name: str, cfg: AwsConfig, blueprint: Blueprint) -> pulumi.Output:
     tags = {**cfg.tags, "trainrig:cluster": cfg.cluster}
     provider = aws.Provider(f"{name}-aws", region=cfg.region, default_tags={"tags": tags}, opts=program.child(parent))
     opts = program.child(parent, provider=provider)
@@ -62,14 +63,14 @@ def build(parent: pulumi.ComponentResource, name: str, cfg: StackConfig, plan: P
     if cfg.storage == "efs":
         storage_record, efs_address = None, _efs(name, cfg, subnet_id, group, parent, provider)
     else:
-        storage_record, efs_address = _nfs_server(name, cfg, plan, subnet_id, group, key, parent, provider, invoke), None
+        storage_record, efs_address = _nfs_server(name, cfg, blueprint, subnet_id, group, key, parent, provider, invoke), None
 
     placement = None
     if cfg.gpu_nodes > 1:
         placement = aws.ec2.PlacementGroup(f"{name}-placement", strategy="cluster", opts=opts)
     ami = cfg.image or _deep_learning_ami(invoke)
     records = []
-    for planned in plan.nodes:
+    for planned in blueprint.nodes:
         if planned.role != "gpu":
             continue
         host_key = program.HostKey(f"{name}-{planned.name}-hostkey", planned.name, opts=program.child(parent))
@@ -91,7 +92,7 @@ def build(parent: pulumi.ComponentResource, name: str, cfg: StackConfig, plan: P
     return program.inventory(cfg, records, pulumi.Output.from_input(vpc_id), vpc_cidr, efs_address)
 
 
-def _nfs_server(name, cfg, plan, subnet_id, group, key, parent, provider, invoke) -> pulumi.Output[dict]:
+def _nfs_server(name, cfg, blueprint, subnet_id, group, key, parent, provider, invoke) -> pulumi.Output[dict]:
     """The storage node: an instance that serves its protected EBS volume over NFS; its inventory record."""
     storage_key = program.HostKey(f"{name}-{STORAGE_NODE}-hostkey", STORAGE_NODE, opts=program.child(parent, protect=True))
     storage = aws.ec2.Instance(
@@ -107,7 +108,7 @@ def _nfs_server(name, cfg, plan, subnet_id, group, key, parent, provider, invoke
                             opts=program.child(parent, provider=provider, protect=True))
     aws.ec2.VolumeAttachment(f"{name}-{STORAGE_NODE}-data-attach", device_name=EBS_DEVICE_NAME, volume_id=volume.id,
                              instance_id=storage.id, opts=program.child(parent, provider=provider, protect=True))
-    return program.node_record(plan.node(STORAGE_NODE), storage.public_ip, storage.private_ip,
+    return program.node_record(blueprint.node(STORAGE_NODE), storage.public_ip, storage.private_ip,
                                storage_key.public_key, data_device(cfg.storage_flavor, volume.id))
 
 
@@ -126,7 +127,7 @@ def _efs(name, cfg, subnet_id, group, parent, provider) -> pulumi.Output[str]:
     return target.ip_address
 
 
-def _network(name: str, cfg: StackConfig, opts: pulumi.ResourceOptions, invoke: pulumi.InvokeOptions):
+def _network(name: str, cfg: AwsConfig, opts: pulumi.ResourceOptions, invoke: pulumi.InvokeOptions):
     """(vpc id, vpc cidr, subnet id): the region's default VPC, or a new VPC with one public subnet."""
     if cfg.vpc == "default":
         vpc = aws.ec2.get_vpc_output(default=True, opts=invoke)
@@ -155,34 +156,3 @@ def _deep_learning_ami(invoke: pulumi.InvokeOptions) -> pulumi.Output[str]:
 def _ubuntu_ami(invoke: pulumi.InvokeOptions) -> pulumi.Output[str]:
     return aws.ec2.get_ami_output(most_recent=True, owners=[CANONICAL],
                                   filters=[{"name": "name", "values": [UBUNTU_NAME]}], opts=invoke).id
-
-
-def billable(cluster: str, cfg: StackConfig, endpoint_url: str | None = None) -> list[str]:
-    """What AWS's own listings still hold for a cluster (instances not terminated, volumes, EFS, VPCs, groups)."""
-    import boto3
-
-    ec2 = boto3.client("ec2", region_name=cfg.region, endpoint_url=endpoint_url)
-    tag = [{"Name": "tag:trainrig:cluster", "Values": [cluster]}]
-    found = []
-    for reservation in ec2.describe_instances(Filters=tag)["Reservations"]:
-        for inst in reservation["Instances"]:
-            if inst["State"]["Name"] not in ("terminated", "shutting-down"):
-                role = next((t["Value"] for t in inst.get("Tags", []) if t["Key"] == "trainrig:role"), "?")
-                found.append(f"instance {inst['InstanceId']} ({inst['InstanceType']}, {inst['State']['Name']}, {role})")
-    found += [f"volume {v['VolumeId']} ({v['Size']} GB)" for v in ec2.describe_volumes(Filters=tag)["Volumes"]]
-    found += [f"vpc {v['VpcId']}" for v in ec2.describe_vpcs(Filters=tag)["Vpcs"]]
-    found += [f"security group {g['GroupId']}" for g in ec2.describe_security_groups(Filters=tag)["SecurityGroups"]]
-    found += [f"key pair {k['KeyName']}" for k in ec2.describe_key_pairs(Filters=tag)["KeyPairs"]]
-    found += _efs_billable(cluster, cfg, endpoint_url)
-    return found
-
-
-def _efs_billable(cluster: str, cfg: StackConfig, endpoint_url: str | None) -> list[str]:
-    """EFS file systems, which the EFS API lists with their tags (it has no tag filter)."""
-    import boto3
-
-    efs = boto3.client("efs", region_name=cfg.region, endpoint_url=endpoint_url)
-    ours = {"Key": "trainrig:cluster", "Value": cluster}
-    return [f"efs {fs['FileSystemId']} ({fs['SizeInBytes']['Value'] / 2**30:.1f} GB stored)"
-            for page in efs.get_paginator("describe_file_systems").paginate()
-            for fs in page["FileSystems"] if ours in fs.get("Tags", [])]

@@ -8,9 +8,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from cluster import ui
-from cluster.commands import run, stream
-from cluster.errors import TrainrigError
+from infra import ui
+from infra.commands import run, stream
+from infra.errors import TrainrigError
 
 DEFINITION = Path(__file__).parent / "node_image"
 REGISTRY_BASE = "debian:bookworm-slim"

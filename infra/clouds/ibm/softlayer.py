@@ -9,14 +9,14 @@ pickling. Waits poll the API with a deadline; a server that never becomes ready 
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
 import SoftLayer
 from pulumi.dynamic import CreateResult, DiffResult, ReadResult, ResourceProvider, UpdateResult
 from SoftLayer import utils as sl_utils
 
-from cluster.errors import TrainrigError
+from infra.commands import wait_until
+from infra.errors import TrainrigError
 
 READY_MASK = "mask[id,provisionDate,activeTransaction[id],lastOperatingSystemReload[id]," \
              "primaryIpAddress,primaryBackendIpAddress,hostname,domain,status]"
@@ -130,15 +130,13 @@ class VirtualServerProvider(_Credentials, ResourceProvider):
         return image["globalIdentifier"]
 
     def _wait_ready(self, vs: SoftLayer.VSManager, guest_id: int, name: str, pending: bool = False) -> dict:
-        deadline = time.monotonic() + self.ready_timeout_s
-        while True:
+        def ready() -> dict | None:
             guest = vs.get_instance(guest_id, mask=READY_MASK)
-            if sl_utils.is_ready(guest, pending):
-                return guest
-            if time.monotonic() >= deadline:
-                raise IbmError(f"server {name} (id {guest_id}) was not ready within {self.ready_timeout_s:.0f}s; "
-                               "the order was cancelled")
-            time.sleep(self.poll_interval_s)
+            return guest if sl_utils.is_ready(guest, pending) else None
+
+        return wait_until(ready, timeout=self.ready_timeout_s, interval=self.poll_interval_s, what=f"server {name}",
+                          error=IbmError(f"server {name} (id {guest_id}) was not ready within "
+                                         f"{self.ready_timeout_s:.0f}s; the order was cancelled"))
 
     def _cancel_and_confirm(self, vs: SoftLayer.VSManager, guest_id: int, name: str) -> None:
         try:
@@ -148,12 +146,9 @@ class VirtualServerProvider(_Credentials, ResourceProvider):
                 return
             raise _api_error(f"cancel server {name} (id {guest_id}); cancel it by hand: ibmcloud sl vs cancel {guest_id}",
                              exc) from None
-        deadline = time.monotonic() + self.ready_timeout_s
-        while self._exists(vs, guest_id):
-            if time.monotonic() >= deadline:
-                raise IbmError(f"server {name} (id {guest_id}) was cancelled but is still listed after "
-                               f"{self.ready_timeout_s:.0f}s; check: ibmcloud sl vs detail {guest_id}")
-            time.sleep(self.poll_interval_s)
+        wait_until(lambda: not self._exists(vs, guest_id), timeout=self.ready_timeout_s, interval=self.poll_interval_s,
+                   what=f"server {name} to go", error=IbmError(f"server {name} (id {guest_id}) was cancelled but is still "
+                   f"listed after {self.ready_timeout_s:.0f}s; check: ibmcloud sl vs detail {guest_id}"))
 
     @staticmethod
     def _exists(vs: SoftLayer.VSManager, guest_id: int) -> bool:
@@ -242,8 +237,10 @@ def _outputs(props: dict[str, Any], guest: dict[str, Any]) -> dict[str, Any]:
 class Listing(_Credentials):
     """The account's own list of a cluster's servers (what still bills), by the tag every server carries."""
 
-    def __init__(self, transport=None):
+    def __init__(self, transport=None, credentials: tuple[str, str] | None = None):
         self.transport = transport  # tests only: the SDK's fixture transport
+        # The stack's secret config, when the credentials were kept there rather than in the environment.
+        self._stack_credentials = credentials
 
     def servers(self, cluster: str) -> list[str]:
         try:

@@ -1,4 +1,4 @@
-"""The local cloud for the Pulumi program: one dynamic resource over the local backend (infra/backends/local).
+"""The local cloud for the Pulumi program: one dynamic resource over the local backend (instance.py beside it).
 
 `pulumi up` then does what `fab up` does, with the same code; `pulumi destroy` removes the
 nodes and network and keeps storage (the shared volume and data disks), like `fab down`.
@@ -12,10 +12,11 @@ from typing import Any
 import pulumi
 from pulumi.dynamic import CreateResult, DiffResult, ReadResult, Resource, ResourceProvider
 
-from cluster.errors import TrainrigError
-from infra import backends
-from infra.config import StackConfig
-from infra.plan import Plan
+from infra.errors import TrainrigError
+from infra.clouds import ClusterRequest
+from infra.clouds.local.instance import BACKEND
+from infra.clouds.local import LocalConfig
+from infra.blueprint import Blueprint
 
 
 class _QuietBoard:
@@ -27,28 +28,26 @@ class _QuietBoard:
 
 class LocalClusterProvider(ResourceProvider):
     def create(self, props: dict[str, Any]) -> CreateResult:
-        backend = backends.get("local")
-        request = backends.ClusterRequest(name=props["cluster"], cloud="local", gpu_nodes=int(props["gpu_nodes"]),
+        request = ClusterRequest(name=props["cluster"], cloud="local", gpu_nodes=int(props["gpu_nodes"]),
                                           data_disk_gb=int(props["data_disk_gb"]))
         board = _QuietBoard()
-        inv = backend.create(request, board)
+        inv = BACKEND.create(request, board)
         try:
-            backend.wait_ready(inv, board)
+            BACKEND.wait_ready(inv, board)
         except BaseException:
-            backend.destroy(inv, purge=False)
+            BACKEND.destroy(inv, purge=False)
             raise
         return CreateResult(props["cluster"], {**props, "inventory": _plain(inv)})
 
     def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
-        return ReadResult(id_, {**props, "inventory": _plain(backends.get("local").describe(id_))})
+        return ReadResult(id_, {**props, "inventory": _plain(BACKEND.describe(id_))})
 
     def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
         changed = [k for k in ("cluster", "gpu_nodes", "data_disk_gb") if olds.get(k) != news.get(k)]
         return DiffResult(changes=bool(changed), replaces=changed, delete_before_replace=True)
 
     def delete(self, id_: str, props: dict[str, Any]) -> None:
-        backend = backends.get("local")
-        backend.destroy(backend.describe(id_), purge=False)
+        BACKEND.destroy(BACKEND.describe(id_), purge=False)
 
 
 def _plain(inv) -> dict:
@@ -63,7 +62,7 @@ class LocalCluster(Resource, module="local", name="Cluster"):
         super().__init__(LocalClusterProvider(), name, {**props, "inventory": None}, opts)
 
 
-def build(parent: pulumi.ComponentResource, name: str, cfg: StackConfig, plan: Plan) -> pulumi.Output:
+def build(parent: pulumi.ComponentResource, name: str, cfg: LocalConfig, blueprint: Blueprint) -> pulumi.Output:
     if cfg.gpu_nodes == 0:
         raise TrainrigError("trainrig:gpu_nodes: a local cluster needs at least 1 node; "
                                      "remove compute with: pulumi destroy (storage is kept)")

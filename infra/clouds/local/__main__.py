@@ -1,16 +1,16 @@
-"""`python -m infra.backends.local engine|image`: the Makefile's set-up steps for the local cloud."""
+"""`python -m infra.clouds.local engine|image`: the Makefile's set-up steps for the local cloud."""
 
 import sys
 
-from cluster.errors import TrainrigError
-from infra.backends.local import engine, image
+from infra.errors import TrainrigError
+from infra.clouds.local import engine, image
 
 STEPS = {"engine": lambda: engine.ensure() or "Docker engine is running", "image": image.ensure_image}
 
 if __name__ == "__main__":
     step = sys.argv[1] if len(sys.argv) > 1 else ""
     if step not in STEPS:
-        sys.exit(f"usage: python -m infra.backends.local {'|'.join(STEPS)}")
+        sys.exit(f"usage: python -m infra.clouds.local {'|'.join(STEPS)}")
     try:
         print(STEPS[step]())
     except TrainrigError as exc:

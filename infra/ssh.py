@@ -13,8 +13,8 @@ import paramiko
 from fabric import Config, Connection
 from invoke.exceptions import CommandTimedOut
 
-from cluster.errors import TrainrigError
-from cluster.inventory import Inventory, Node
+from infra.errors import TrainrigError
+from infra.inventory import Inventory, Node
 
 T = TypeVar("T")
 # Paramiko logs a traceback for every refused attempt while a node boots; our waits report instead.

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from cluster.errors import TrainrigError
+from infra.errors import TrainrigError
 
 log = logging.getLogger("trainrig.commands")
 T = TypeVar("T")
@@ -48,15 +48,16 @@ def wait_until(
     timeout: float,
     interval: float = 0.5,
     what: str,
+    error: TrainrigError | None = None,
 ) -> T:
-    """Poll predicate until it returns something truthy; raise a clear error at the deadline."""
+    """Poll predicate until it returns something truthy; raise a clear error (or `error`) at the deadline."""
     deadline = time.monotonic() + timeout
     while True:
         result = predicate()
         if result:
             return result
         if time.monotonic() >= deadline:
-            raise TrainrigError(f"timed out after {timeout:.0f}s waiting for {what}")
+            raise error or TrainrigError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
 
 

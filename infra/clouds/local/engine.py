@@ -6,9 +6,9 @@ import os
 import shutil
 import subprocess
 
-from cluster import state
-from cluster.commands import run, wait_until
-from cluster.errors import TrainrigError
+from infra import state
+from infra.commands import run, wait_until
+from infra.errors import TrainrigError
 
 INSTALL_HINT = "install it with `apt-get install -y docker.io` (as root), or run `make docker`"
 

@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import json
-import shutil
 from datetime import datetime, timezone
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from cluster import state
-from cluster.errors import TrainrigError
+from infra import state
+from infra.errors import TrainrigError
+from infra.models import Strict, first_error
 
 SCHEMA_VERSION = 1
 HOSTNAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+STORAGE_NODE = "storage"
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+def gpu_node_names(count: int) -> list[str]:
+    """The names every cloud gives its GPU nodes, in order: node0, node1, ..."""
+    return [f"node{i}" for i in range(count)]
 
 
 class DataDisk(Strict):
@@ -65,7 +67,8 @@ class Retained(Strict):
 class Inventory(Strict):
     schema_version: Literal[1] = SCHEMA_VERSION
     cluster: str = Field(pattern=state.CLUSTER_NAME.pattern)
-    cloud: Literal["local", "aws", "ibm"]
+    cloud: str = Field(description="a registered cloud: a package under infra/clouds/")
+    stack: str | None = Field(default=None, description="the Pulumi stack that made the cluster, if one did")
     ssh_user: str = Field(min_length=1)
     ssh_private_key: Path
     nodes: list[Node] = []
@@ -73,6 +76,15 @@ class Inventory(Strict):
     network: Network | None = None
     retained: list[Retained] = []
     updated_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+
+    @field_validator("cloud")
+    @classmethod
+    def _registered(cls, cloud: str) -> str:
+        from infra import clouds  # the registry imports this module
+
+        if cloud not in clouds.names():
+            raise ValueError(f"unknown cloud {cloud!r}; one of: {', '.join(clouds.names())}")
+        return cloud
 
     @model_validator(mode="after")
     def _consistent(self) -> Inventory:
@@ -122,18 +134,11 @@ def _host_pattern(address: str, port: int) -> str:
     return address if port == 22 else f"[{address}]:{port}"
 
 
-def describe_errors(exc: ValidationError) -> str:
-    first = exc.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"{where}: {first['msg']}{more}"
-
-
 def parse(text: str, source: str) -> Inventory:
     try:
         return Inventory.model_validate_json(text)
     except ValidationError as exc:
-        raise TrainrigError(f"invalid inventory {source}: {describe_errors(exc)}") from exc
+        raise TrainrigError(f"invalid inventory {source}: {first_error(exc)}") from exc
 
 
 def path_for(cluster: str) -> Path:
@@ -160,7 +165,7 @@ STACK_SOURCE = "stack"
 
 
 def from_stack_output(text: str, source: str) -> Inventory:
-    """`pulumi stack output --json` -> Inventory (the output named 'inventory'; the rest, e.g. the price, is ignored)."""
+    """A saved `pulumi stack output --json` -> Inventory (the output named 'inventory'; the rest, e.g. the price, is ignored)."""
     try:
         outputs = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -170,39 +175,31 @@ def from_stack_output(text: str, source: str) -> Inventory:
     return parse(json.dumps(outputs["inventory"]), source)
 
 
-def load_stack(stack: str | None = None) -> Inventory:
-    """The inventory of a Pulumi stack (the selected one unless named), read with the Pulumi CLI."""
-    from cluster.commands import run
-
-    argv = ["pulumi", "stack", "output", "--json", *(["--stack", stack] if stack else [])]
-    text = run(argv, what="reading the stack's outputs (pulumi stack output --json)").stdout
-    return from_stack_output(text, f"of stack {stack or '(selected)'}")
-
-
-def for_task(name: str | None, default_name: str, source: str | None) -> Inventory:
+def for_task(name: str | None, default_name: str, source: str | None, stack: str | None = None) -> Inventory:
     """The inventory a fab task works on.
 
     With a source ('stack', 'stack:NAME' or a file) it comes from there. Without one: the saved
-    inventory of the cluster (--name, else the default); when there is none and the Pulumi CLI
-    is installed beside a Pulumi.yaml, the selected stack's outputs, so `pulumi up` then
-    `fab provision` needs no extra step.
+    inventory of the cluster (--name, else the default); when there is none and a stack is named
+    (trainrig.stack), that stack's outputs, so `pulumi up` then `fab provision` needs no extra step.
     """
-    if not source and not path_for(name or default_name).is_file() and shutil.which("pulumi") and Path("Pulumi.yaml").is_file():
-        source = STACK_SOURCE
+    if not source and not path_for(name or default_name).is_file() and stack:
+        source = f"{STACK_SOURCE}:{stack}"
     if not source:
         return load(name or default_name)
-    inv = resolve(source)
+    inv = resolve(source, stack)
     if name and inv.cluster != name:
         raise TrainrigError(f"the inventory from {source} is for cluster {inv.cluster!r}, not {name!r}")
     return inv
 
 
-def resolve(source: str) -> Inventory:
-    """An inventory from 'stack', 'stack:NAME' (the Pulumi stack's outputs) or a saved file (stack output or
-    inventory.json). It is saved under the cluster's state directory with its pinned host keys, so SSH
-    and later tasks by name use it."""
+def resolve(source: str, default_stack: str | None = None) -> Inventory:
+    """An inventory from 'stack:NAME' or 'stack' (a Pulumi stack's outputs; 'stack' alone needs trainrig.stack) or a
+    saved file (stack output or inventory.json). It is saved under the cluster's state directory with its pinned host
+    keys, so SSH and later tasks by name use it."""
     if source == STACK_SOURCE or source.startswith(STACK_SOURCE + ":"):
-        inv = load_stack(source.partition(":")[2] or None)
+        from infra import automation  # the Pulumi SDK is loaded only when a stack is asked for
+
+        inv = automation.stack_inventory(source.partition(":")[2] or default_stack)
     else:
         path = Path(source).expanduser()
         if not path.is_file():
@@ -237,10 +234,12 @@ def require_running(inv: Inventory) -> Inventory:
 
 
 def how_to_start(inv: Inventory) -> str:
-    """Local clusters come up through fab; cloud ones through their Pulumi stack."""
-    if inv.cloud == "local":
+    """Clouds that `fab up` can create start that way; the others through their Pulumi stack."""
+    from infra import clouds
+
+    if "create" in clouds.get(inv.cloud).capabilities:
         return f"fab up --name {inv.cluster}"
-    return "pulumi config set trainrig:gpu_nodes N && pulumi up"
+    return f"pulumi config set trainrig:gpu_nodes N --stack {inv.stack or 'STACK'} && pulumi up --stack {inv.stack or 'STACK'}"
 
 
 def dumps(inv: Inventory) -> str:

@@ -1,0 +1,111 @@
+"""What a stack configuration will create and what it costs per hour, computed without the Pulumi CLI (`fab plan` prints it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from infra import catalog
+from infra.config import StackConfig
+from infra.inventory import STORAGE_NODE
+
+NFS_EXPORT = "/data"
+
+
+@dataclass(frozen=True)
+class PlannedNode:
+    name: str
+    role: str  # gpu / storage
+    flavor: str
+    gpus: int
+    gpu_model: str | None
+    cpus: int
+    data_disk_gb: int | None
+    machine_usd_per_hour: float
+    disk_usd_per_hour: float
+
+    @property
+    def usd_per_hour(self) -> float:
+        return self.machine_usd_per_hour + self.disk_usd_per_hour
+
+
+@dataclass(frozen=True)
+class Blueprint:
+    config: StackConfig
+    nodes: list[PlannedNode]
+    shared_fs_usd_per_hour: float = 0.0  # a managed file system (EFS), billed per GB stored
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def compute_usd_per_hour(self) -> float:
+        return sum(n.usd_per_hour for n in self.nodes if n.role == "gpu")
+
+    @property
+    def storage_usd_per_hour(self) -> float:
+        return sum(n.usd_per_hour for n in self.nodes if n.role == "storage") + self.shared_fs_usd_per_hour
+
+    @property
+    def total_usd_per_hour(self) -> float:
+        return self.compute_usd_per_hour + self.storage_usd_per_hour
+
+    def node(self, name: str) -> PlannedNode:
+        return next(n for n in self.nodes if n.name == name)
+
+    def hourly_cost(self) -> dict[str, float | str]:
+        """The stack output `hourly_cost_usd`."""
+        prices = self.config.prices
+        return {
+            "compute": round(self.compute_usd_per_hour, 4),
+            "storage": round(self.storage_usd_per_hour, 4),
+            "total": round(self.total_usd_per_hour, 4),
+            "prices_as_of": str(prices.as_of),
+            "prices_source": prices.source,
+        }
+
+
+def blueprint(cfg: StackConfig) -> Blueprint:
+    prices = cfg.prices
+    nodes = [_node(cfg, name, "gpu", getattr(cfg, "flavor", None), cfg.machine, cfg.data_disk_gb)
+             for name in cfg.gpu_node_names()]
+    shared = 0.0
+    if cfg.shared_fs:
+        shared = prices.shared_fs_usd_per_hour(cfg.storage_size_gb)
+    else:
+        nodes.append(_node(cfg, STORAGE_NODE, "storage", getattr(cfg, "storage_flavor", None), cfg.storage_machine,
+                           cfg.storage_size_gb))
+    return Blueprint(cfg, nodes, shared, cfg.notes())
+
+
+def _node(cfg: StackConfig, name: str, role: str, flavor: str | None, machine: catalog.Machine | None,
+          disk_gb: int) -> PlannedNode:
+    return PlannedNode(
+        name=name, role=role, flavor=flavor or "container",
+        gpus=machine.gpus if machine else 0, gpu_model=machine.gpu_model if machine else None,
+        cpus=machine.cpus if machine else 1, data_disk_gb=disk_gb,
+        machine_usd_per_hour=machine.usd_per_hour if machine else 0.0,
+        disk_usd_per_hour=cfg.prices.disk_usd_per_hour(disk_gb),
+    )
+
+
+def table(bp: Blueprint):
+    """The blueprint as a rich table: one row per node, then compute, storage and total $/hour."""
+    from rich import box
+    from rich.table import Table
+
+    cfg = bp.config
+    t = Table(title=f"stack plan: cluster {cfg.cluster} on {cfg.cloud} ({cfg.where})", title_justify="left",
+              box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("node", "role", "flavor", "gpus", "cpus", "data disk", "$/hour"):
+        t.add_column(column, justify="right" if column in ("cpus", "$/hour") else "left")
+    for n in bp.nodes:
+        gpus = f"{n.gpus} x {n.gpu_model}" if n.gpus else "-"
+        disk = f"{n.data_disk_gb} GB" if n.data_disk_gb else "-"
+        t.add_row(n.name, n.role, n.flavor, gpus, str(n.cpus), disk, f"{n.usd_per_hour:.3f}")
+    if bp.shared_fs_usd_per_hour:
+        t.add_row("efs", "storage", "EFS", "-", "-", f"{cfg.storage_size_gb} GB", f"{bp.shared_fs_usd_per_hour:.3f}")
+    t.add_section()
+    t.add_row("compute", "", "", "", "", "", f"{bp.compute_usd_per_hour:.3f}")
+    t.add_row("storage (kept by fab down)", "", "", "", "", "", f"{bp.storage_usd_per_hour:.3f}")
+    t.add_row("[bold]total[/]", "", "", "", "", "", f"[bold]{bp.total_usd_per_hour:.3f}[/]")
+    t.caption = f"prices as of {cfg.prices.as_of}: {cfg.prices.source}" + "".join(f"\n{note}" for note in bp.notes)
+    t.caption_justify = "left"
+    return t

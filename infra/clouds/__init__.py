@@ -1,0 +1,97 @@
+"""Clouds behind one small interface, and the registry that finds them.
+
+A cloud is a package infra/clouds/<name>/ whose __init__ defines CLOUD, with:
+    name            the value of trainrig:cloud and of the inventory's `cloud`
+    Config          its stack config model (infra.config.StackBase or MachineStack, cloud: Literal[name])
+    capabilities    what trainrig may ask of it (CAPABILITIES below); anything else fails early
+    build(parent, name, cfg, blueprint) -> Output[dict]
+                    its part of the Pulumi program: storage (protected) and compute, children of
+                    `parent` named f"{name}-...", returning the inventory once the cloud has answered
+    backend(stack)  the runtime verbs on its clusters (the Backend protocol below)
+    billable(cluster, cfg) -> list[str]
+                    what the cloud's own listing still holds for a cluster (teardown is checked with it)
+and beside it prices.yaml, its dated price table (infra/catalog.py). Adding a cloud is that package,
+its price rows and a sample stack in stacks/; nothing else lists the clouds.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pydantic import Field
+
+from infra.errors import TrainrigError
+from infra.inventory import Inventory
+from infra.models import Strict
+from infra.state import CLUSTER_NAME
+
+if TYPE_CHECKING:
+    import pulumi
+
+    from infra.blueprint import Blueprint
+    from infra.config import StackBase
+
+CAPABILITIES = frozenset({
+    "create",        # `fab up` makes its clusters (otherwise `pulumi up` of a stack does)
+    "pulumi_stack",  # its clusters live in a Pulumi stack, which `fab down` changes
+    "gpu",           # its nodes can have GPUs
+    "data_disk", "shared_storage", "ssh_mesh",
+})
+
+
+class ClusterRequest(Strict):
+    """What `fab up` asks a backend for."""
+
+    name: str = Field(pattern=CLUSTER_NAME.pattern)
+    cloud: str = "local"
+    gpu_nodes: int = Field(ge=1, le=16)
+    data_disk_gb: int = Field(default=2, ge=1, le=64)
+
+
+class Progress(Protocol):
+    """Where a backend reports what each node is doing (a live table, or Pulumi's log)."""
+
+    def update(self, node: str, text: str) -> None: ...
+
+
+class Backend(Protocol):
+    """The verbs on a running cluster."""
+
+    def create(self, request: ClusterRequest, board: Progress) -> Inventory: ...
+    def wait_ready(self, inv: Inventory, board: Progress) -> None: ...
+    def describe(self, cluster: str) -> Inventory: ...
+    def destroy(self, inv: Inventory, purge: bool) -> Inventory | None: ...
+    def billable(self, cluster: str) -> list[str]: ...
+
+
+class Cloud(Protocol):
+    name: str
+    Config: type[StackBase]
+    capabilities: frozenset[str]
+
+    def build(self, parent: pulumi.ComponentResource, name: str, cfg: Any, blueprint: Blueprint) -> pulumi.Output: ...
+    def backend(self, stack: str | None = None) -> Backend: ...
+    def billable(self, cluster: str, cfg: Any) -> list[str]: ...
+
+
+def names() -> list[str]:
+    """Every registered cloud: the packages under infra/clouds/ (found without importing them)."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.ispkg)
+
+
+def get(name: str) -> Cloud:
+    if name not in names():
+        raise TrainrigError(f"cloud {name!r} is not supported; choose one of: {', '.join(names())}")
+    return importlib.import_module(f"{__name__}.{name}").CLOUD
+
+
+def all_clouds() -> list[Cloud]:
+    return [get(n) for n in names()]
+
+
+def require(cloud: Cloud, capability: str, why: str) -> None:
+    """Refuse early, with a reason, what a cloud cannot do."""
+    if capability not in cloud.capabilities:
+        raise TrainrigError(f"{cloud.name} clusters cannot {why}")

@@ -1,0 +1,119 @@
+"""AWS: GPU instances, an NFS server instance with an EBS disk or EFS, in the default or a new VPC (pulumi_aws)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from ipaddress import IPv4Network
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from infra.config import ConfigError, MachineStack
+
+
+class AwsConfig(MachineStack):
+    hints: ClassVar[dict[str, str]] = {
+        **MachineStack.hints,
+        "region": "set trainrig:region to an AWS region, e.g. us-east-1",
+        "storage": "set trainrig:storage to nfs_server (an NFS server instance with an EBS disk) or efs",
+    }
+    machine_word: ClassVar[str] = "instance type"
+
+    cloud: Literal["aws"]
+    image: str | None = Field(default=None, description="AMI id (default: the Deep Learning AMI)")
+    region: str = Field(pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]$")
+    zone: str | None = Field(default=None, pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9][a-z]$")
+    spot: bool = False
+    vpc: Literal["default", "new"] = "default"
+    vpc_cidr: IPv4Network = IPv4Network("10.42.0.0/16")
+    storage: Literal["nfs_server", "efs"] = Field(
+        default="nfs_server", description="an NFS server instance with an EBS disk, or EFS (no server to run)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _efs_has_no_server(cls, values):
+        if isinstance(values, dict) and values.get("storage") == "efs" and values.get("storage_flavor") is not None:
+            raise ConfigError("storage_flavor", "does not apply with storage efs (EFS has no server)",
+                              "remove it, or set trainrig:storage to nfs_server")
+        return values
+
+    @model_validator(mode="after")
+    def _zone_in_region(self) -> AwsConfig:
+        if self.zone and not self.zone.startswith(self.region):
+            raise ConfigError("zone", f"{self.zone} is not in region {self.region}")
+        return self
+
+    @property
+    def shared_fs(self) -> bool:
+        return self.storage == "efs"
+
+    @property
+    def where(self) -> str:
+        return self.zone or self.region
+
+    def notes(self) -> list[str]:
+        notes = []
+        if self.shared_fs:
+            notes.append(f"EFS is billed per GB stored: priced here at {self.storage_disk_gb} GB (trainrig:storage_disk_gb)")
+        if self.spot:
+            notes.append("spot instances: priced here at on-demand rates, the most they can cost")
+        return notes
+
+    def check_credentials(self, environ: Mapping[str, str] = os.environ) -> None:
+        home = Path(environ.get("HOME", "~")).expanduser()
+        in_env = (environ.get("AWS_ACCESS_KEY_ID") and environ.get("AWS_SECRET_ACCESS_KEY")) or environ.get("AWS_PROFILE")
+        files = (home / ".aws" / "credentials", home / ".aws" / "config")
+        if not (in_env or any(f.is_file() for f in files)):
+            raise ConfigError("AWS_ACCESS_KEY_ID", "AWS credentials are missing",
+                              "export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or run: aws configure",
+                              namespaced=False)
+
+
+class AwsCloud:
+    name = "aws"
+    Config = AwsConfig
+    capabilities = frozenset({"pulumi_stack", "gpu", "data_disk", "shared_storage", "ssh_mesh"})
+
+    def build(self, parent, name, cfg, blueprint):
+        from infra.clouds.aws import program
+
+        return program.build(parent, name, cfg, blueprint)
+
+    def backend(self, stack=None):
+        from infra.automation import StackBackend
+
+        return StackBackend(self, stack)
+
+    def billable(self, cluster: str, cfg: AwsConfig, endpoint_url: str | None = None) -> list[str]:
+        """What AWS's own listings still hold for a cluster (instances not terminated, volumes, EFS, VPCs, groups)."""
+        import boto3
+
+        ec2 = boto3.client("ec2", region_name=cfg.region, endpoint_url=endpoint_url)
+        tag = [{"Name": "tag:trainrig:cluster", "Values": [cluster]}]
+        found = []
+        for reservation in ec2.describe_instances(Filters=tag)["Reservations"]:
+            for inst in reservation["Instances"]:
+                if inst["State"]["Name"] not in ("terminated", "shutting-down"):
+                    role = next((t["Value"] for t in inst.get("Tags", []) if t["Key"] == "trainrig:role"), "?")
+                    found.append(f"instance {inst['InstanceId']} ({inst['InstanceType']}, {inst['State']['Name']}, {role})")
+        found += [f"volume {v['VolumeId']} ({v['Size']} GB)" for v in ec2.describe_volumes(Filters=tag)["Volumes"]]
+        found += [f"vpc {v['VpcId']}" for v in ec2.describe_vpcs(Filters=tag)["Vpcs"]]
+        found += [f"security group {g['GroupId']}" for g in ec2.describe_security_groups(Filters=tag)["SecurityGroups"]]
+        found += [f"key pair {k['KeyName']}" for k in ec2.describe_key_pairs(Filters=tag)["KeyPairs"]]
+        return found + self._efs_billable(cluster, cfg, endpoint_url)
+
+    @staticmethod
+    def _efs_billable(cluster: str, cfg: AwsConfig, endpoint_url: str | None) -> list[str]:
+        """EFS file systems, which the EFS API lists with their tags (it has no tag filter)."""
+        import boto3
+
+        efs = boto3.client("efs", region_name=cfg.region, endpoint_url=endpoint_url)
+        ours = {"Key": "trainrig:cluster", "Value": cluster}
+        return [f"efs {fs['FileSystemId']} ({fs['SizeInBytes']['Value'] / 2**30:.1f} GB stored)"
+                for page in efs.get_paginator("describe_file_systems").paginate()
+                for fs in page["FileSystems"] if ours in fs.get("Tags", [])]
+
+
+CLOUD = AwsCloud()

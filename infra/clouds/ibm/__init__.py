@@ -1,0 +1,82 @@
+"""IBM Cloud classic (SoftLayer): virtual servers with SAN disks, one of them an NFS server (dynamic providers over the softlayer SDK)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from pydantic import Field, SecretStr, model_validator
+
+from infra.config import ConfigError, MachineStack, secret
+
+
+class IbmConfig(MachineStack):
+    hints: ClassVar[dict[str, str]] = {
+        **MachineStack.hints,
+        "datacenter": "set trainrig:datacenter to an IBM Cloud classic datacenter, e.g. dal10",
+    }
+    secret_keys: ClassVar[tuple[str, ...]] = ("sl_api_key", "sl_username")
+
+    cloud: Literal["ibm"]
+    image: str | None = Field(default=None, description="OS code, or a private image by number or GUID")
+    datacenter: str = Field(pattern=r"^[a-z]{3}[0-9]{2}$")
+    hourly: bool = True
+    nic_speed: int = 1000
+    private_vlan: int | None = None
+    domain: str = Field(default="trainrig.example", pattern=r"^[a-z0-9.-]+\.[a-z]{2,}$")
+    sl_username: SecretStr | None = None
+    sl_api_key: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _nic_offered(self) -> IbmConfig:
+        if self.nic_speed not in (100, 1000, 10000):
+            raise ConfigError("nic_speed", f"{self.nic_speed} Mbps is not offered", "use 100, 1000 or 10000")
+        return self
+
+    @property
+    def where(self) -> str:
+        return self.datacenter
+
+    @property
+    def stack_credentials(self) -> tuple[str, str] | None:
+        username, api_key = secret(self.sl_username), secret(self.sl_api_key)
+        return (username, api_key) if username and api_key else None
+
+    def notes(self) -> list[str]:
+        return [] if self.hourly else ["monthly billing: priced here at the hourly rate"]
+
+    def check_credentials(self, environ: Mapping[str, str] = os.environ) -> None:
+        home = Path(environ.get("HOME", "~")).expanduser()
+        in_env = environ.get("SL_USERNAME") and environ.get("SL_API_KEY")
+        in_stack = self.sl_username is not None and self.sl_api_key is not None
+        if not (in_env or in_stack or (home / ".softlayer").is_file()):
+            raise ConfigError("SL_USERNAME/SL_API_KEY", "IBM Cloud classic credentials are missing",
+                              "export SL_USERNAME and SL_API_KEY, or: pulumi config set --secret sl_api_key KEY "
+                              "(and sl_username)", namespaced=False)
+
+
+class IbmCloud:
+    name = "ibm"
+    Config = IbmConfig
+    capabilities = frozenset({"pulumi_stack", "gpu", "data_disk", "shared_storage", "ssh_mesh"})
+
+    def build(self, parent, name, cfg, blueprint):
+        from infra.clouds.ibm import program
+
+        return program.build(parent, name, cfg, blueprint)
+
+    def backend(self, stack=None):
+        from infra.automation import StackBackend
+
+        return StackBackend(self, stack)
+
+    def billable(self, cluster: str, cfg: IbmConfig | None, transport=None) -> list[str]:
+        """What the account still lists for the cluster: one line per server, named by hostname."""
+        from infra.clouds.ibm.softlayer import Listing
+
+        return Listing(transport, cfg.stack_credentials if cfg else None).servers(cluster)
+
+
+CLOUD = IbmCloud()

@@ -1,0 +1,47 @@
+"""The local cloud: Docker containers that behave like VMs (systemd, sshd, a data disk, shared storage), free and offline."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from infra.config import ConfigError, StackBase
+
+
+class LocalConfig(StackBase):
+    hints: ClassVar[dict[str, str]] = {**StackBase.hints, "data_disk_gb": "use 1-64"}
+
+    cloud: Literal["local"]
+    data_disk_gb: int = Field(default=2, ge=1, le=16000)
+
+    @model_validator(mode="after")
+    def _fits_this_machine(self) -> LocalConfig:
+        if self.data_disk_gb > 64:
+            raise ConfigError("data_disk_gb", f"{self.data_disk_gb} is too big for a local node", "use 1-64")
+        return self
+
+    def notes(self) -> list[str]:
+        return ["local nodes are Docker containers on this machine: no GPUs, no charge"]
+
+
+class LocalCloud:
+    name = "local"
+    Config = LocalConfig
+    capabilities = frozenset({"create", "data_disk", "shared_storage", "ssh_mesh"})
+
+    def build(self, parent, name, cfg, blueprint):
+        from infra.clouds.local import program
+
+        return program.build(parent, name, cfg, blueprint)
+
+    def backend(self, stack=None):
+        from infra.clouds.local.instance import BACKEND
+
+        return BACKEND
+
+    def billable(self, cluster: str, cfg=None) -> list[str]:
+        return self.backend().billable(cluster)
+
+
+CLOUD = LocalCloud()
