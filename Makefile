@@ -12,7 +12,9 @@ export DEBIAN_FRONTEND := noninteractive
 demo: image
 	$(BIN)/fab demo
 
-test: image
+# Lint and type check first (seconds), then every test: unit tests, and integration tests on a
+# real local cluster. `pytest -m "not integration"` runs the fast part alone.
+test: lint image
 	$(BIN)/pytest
 
 # Host tools the local cloud drives: the Docker engine, debootstrap (node image without a
@@ -41,6 +43,9 @@ image: docker
 	$(BIN)/python -m infra.clouds.local image
 
 lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/ansible-playbook --syntax-check -i localhost, playbooks/site.yml
 
 clean:

@@ -17,6 +17,7 @@ import time
 from cluster import lifecycle, provision
 from infra import inventory
 
+
 # Ansible's own defaults where ours differ: 5 forks, no pipelining, facts gathered by every play,
 # ssh_args "-C -o ControlMaster=auto -o ControlPersist=60s" (plus our pinned known_hosts file).
 def ansible_defaults(inv) -> dict[str, str]:

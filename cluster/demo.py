@@ -22,8 +22,10 @@ def demo(name: str, gpu_nodes: int, job_path: Path = DEFAULT_JOB, keep: bool = F
     if inventory_mod.path_for(name).is_file():
         earlier = inventory_mod.load(name)
         if earlier.cloud != "local":  # the demo is local: it never removes what someone pays for
-            raise TrainrigError(f"cluster {name!r} is on {earlier.cloud}; the demo runs on a local cluster: "
-                                "pass another name with --name")
+            raise TrainrigError(
+                f"cluster {name!r} is on {earlier.cloud}; the demo runs on a local cluster: "
+                "pass another name with --name"
+            )
         ui.console.print(f"removing the earlier {name!r} cluster first")
         lifecycle.down(earlier, purge=True)
     inv = None

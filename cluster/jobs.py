@@ -117,7 +117,8 @@ def check_fits(spec: JobSpec, inv: Inventory) -> None:
     gpu_nodes = inv.gpu_nodes
     if spec.nodes > len(gpu_nodes):
         raise TrainrigError(
-            f"job {spec.name!r} asks for {spec.nodes} nodes but cluster {inv.cluster!r} has {len(gpu_nodes)} GPU nodes; "
+            f"job {spec.name!r} asks for {spec.nodes} nodes but cluster {inv.cluster!r} has {len(gpu_nodes)} GPU nodes;"
+            " "
             f"lower `nodes` or recreate the cluster with more (fab up --nodes {spec.nodes})"
         )
     short = [n.name for n in gpu_nodes[: spec.nodes] if n.gpu_count and n.gpu_count < spec.gpus_per_node]

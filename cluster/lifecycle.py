@@ -39,8 +39,8 @@ def _request(**fields) -> ClusterRequest:
         return ClusterRequest(**fields)
     except ValidationError as exc:
         first = exc.errors()[0]
-        flag = FLAGS.get(str(first["loc"][0]), str(first["loc"][0]))
-        raise TrainrigError(f"{flag} {fields.get(first['loc'][0])!r}: {first['msg']}") from exc
+        field = str(first["loc"][0])
+        raise TrainrigError(f"{FLAGS.get(field, field)} {fields.get(field)!r}: {first['msg']}") from exc
 
 
 def down(inv: Inventory, purge: bool, stack: str | None = None) -> Inventory | None:
@@ -54,15 +54,25 @@ def down(inv: Inventory, purge: bool, stack: str | None = None) -> Inventory | N
 
 def status_table(inv: Inventory) -> Table:
     reachable = ssh.on_nodes(inv.nodes, lambda n: ssh.reachable(inv, n))
-    table = Table(title=f"cluster {inv.cluster} ({inv.cloud})", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(
+        title=f"cluster {inv.cluster} ({inv.cloud})", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False
+    )
     for column in ("node", "role", "private", "ssh", "gpus", "data disk", "$/h", "reachable"):
         table.add_column(column)
     for n in inv.nodes:
         gpus = f"{n.gpu_count} x {n.gpu_model}" if n.gpu_count else "-"
         disks = ", ".join(f"{d.device.removeprefix('/dev/')} {d.size_gb}G" for d in n.data_disks) or "-"
         ok = "[green]yes[/]" if reachable[n.name] else "[red]no[/]"
-        table.add_row(n.name, n.role, str(n.private_address), f"{n.public_address}:{n.ssh_port}", gpus, disks,
-                      f"{n.hourly_price_usd:.2f}", ok)
+        table.add_row(
+            n.name,
+            n.role,
+            str(n.private_address),
+            f"{n.public_address}:{n.ssh_port}",
+            gpus,
+            disks,
+            f"{n.hourly_price_usd:.2f}",
+            ok,
+        )
     for r in inv.retained:
         table.add_row(f"[dim]{r.name}[/]", f"kept {r.kind}", "", "", "", "", f"{r.hourly_price_usd:.2f}", "")
     return table

@@ -13,10 +13,10 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from cluster import runs
+from cluster.runs import FINAL_STATES, RunRecord
 from infra import ssh, ui
 from infra.errors import TrainrigError
 from infra.inventory import Inventory
-from cluster.runs import FINAL_STATES, RunRecord
 
 SPARK = "▁▂▃▄▅▆▇█"
 UNIT_CHECK_EVERY = 5.0
@@ -127,8 +127,11 @@ def monitor(inv: Inventory, record: RunRecord, *, interval: float = 1.0, timeout
                 if time.monotonic() - last_unit_check > UNIT_CHECK_EVERY and node.name == record.node:
                     last_unit_check = time.monotonic()
                     if _vanished(conn, record, sftp):
-                        view.status = {**(view.status or {"started_at": time.time()}), "state": "failed",
-                                       "reason": "the run's supervisor stopped without reporting"}
+                        view.status = {
+                            **(view.status or {"started_at": time.time()}),
+                            "state": "failed",
+                            "reason": "the run's supervisor stopped without reporting",
+                        }
                         break
                 if deadline and time.monotonic() > deadline:
                     raise TrainrigError(f"run {record.id} still {view.state} after {timeout:.0f}s (it keeps running)")

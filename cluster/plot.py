@@ -26,16 +26,18 @@ def plot_run(run_dir: Path, title: str) -> Path:
     losses = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
     rates = [(m["step"], m["throughput"]) for m in metrics if "throughput" in m]
     if not losses and not rates:
-        raise TrainrigError(f"{run_dir / 'metrics.jsonl'} holds no loss or throughput yet; check the job's metrics patterns")
+        raise TrainrigError(
+            f"{run_dir / 'metrics.jsonl'} holds no loss or throughput yet; check the job's metrics patterns"
+        )
     fig, (loss_ax, rate_ax) = plt.subplots(2, 1, sharex=True, figsize=(8, 6), height_ratios=[2, 1])
     if losses:
-        loss_ax.plot(*zip(*losses), color="tab:blue")
+        loss_ax.plot(*zip(*losses, strict=True), color="tab:blue")
         loss_ax.set_yscale("log" if min(v for _, v in losses) > 0 else "linear")
     loss_ax.set_ylabel("training loss")
     loss_ax.grid(True, which="both", alpha=0.3)
     loss_ax.set_title(title)
     if rates:
-        rate_ax.plot(*zip(*rates), color="tab:green")
+        rate_ax.plot(*zip(*rates, strict=True), color="tab:green")
     rate_ax.set_ylim(bottom=0)  # a dip should look like a dip, not like a collapse
     rate_ax.set_ylabel("samples/s")
     rate_ax.set_xlabel("step")

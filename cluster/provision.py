@@ -23,19 +23,21 @@ from infra.inventory import Inventory
 PLAYBOOKS = Path(__file__).resolve().parent.parent / "playbooks"
 # What AWS recommends for EFS (NFS 4.1, 1 MiB transfers, long timeouts, a fresh port on
 # reconnect), plus ours: mounted on first access, never blocking boot.
-EFS_MOUNT_OPTIONS = ("nfsvers=4.1,rsize=1048576,wsize=1048576,hard,timeo=600,retrans=2,noresvport,"
-                     "_netdev,nofail,x-systemd.automount")
+EFS_MOUNT_OPTIONS = (
+    "nfsvers=4.1,rsize=1048576,wsize=1048576,hard,timeo=600,retrans=2,noresvport,_netdev,nofail,x-systemd.automount"
+)
 
 
 def ansible_inventory(inv: Inventory, host_vars: dict[str, dict] | None = None) -> dict:
     """The trainrig inventory as Ansible's: one host per node, grouped by role; host_vars per node."""
-    nodes = [
-        {"name": n.name, "private_address": str(n.private_address), "host_key": n.host_key} for n in inv.nodes
-    ]
+    nodes = [{"name": n.name, "private_address": str(n.private_address), "host_key": n.host_key} for n in inv.nodes]
     hosts = {
         n.name: {
-            "ansible_host": n.public_address, "ansible_port": n.ssh_port, "trainrig_role": n.role,
-            "trainrig_gpu_count": n.gpu_count, "trainrig_gpu_model": n.gpu_model,
+            "ansible_host": n.public_address,
+            "ansible_port": n.ssh_port,
+            "trainrig_role": n.role,
+            "trainrig_gpu_count": n.gpu_count,
+            "trainrig_gpu_model": n.gpu_model,
             "trainrig_data_disks": [d.model_dump() for d in n.data_disks],
             **(host_vars or {}).get(n.name, {}),
         }
@@ -59,13 +61,18 @@ def ansible_inventory(inv: Inventory, host_vars: dict[str, dict] | None = None) 
     server = inv.storage_node
     if inv.storage and inv.storage.kind == "efs":
         variables["trainrig_storage"] = {
-            "server": "", "server_address": inv.storage.server, "export": inv.storage.export,
-            "mount_point": inv.storage.mount_point, "mount_options": EFS_MOUNT_OPTIONS,
+            "server": "",
+            "server_address": inv.storage.server,
+            "export": inv.storage.export,
+            "mount_point": inv.storage.mount_point,
+            "mount_options": EFS_MOUNT_OPTIONS,
         }
     elif server:
         variables["trainrig_storage"] = {
-            "server": server.name, "server_address": str(server.private_address),
-            "export": inv.storage.export, "mount_point": inv.storage.mount_point,
+            "server": server.name,
+            "server_address": str(server.private_address),
+            "export": inv.storage.export,
+            "mount_point": inv.storage.mount_point,
         }
     return {"all": {"hosts": hosts, "children": groups, "vars": variables}}
 
@@ -75,9 +82,12 @@ def ansible_env(inv: Inventory) -> dict[str, str]:
     known_hosts = inventory_mod.write_known_hosts(inv)
     control = control_dir()
     ssh_args = [
-        "-o ControlMaster=auto", "-o ControlPersist=120s",
-        f"-o UserKnownHostsFile={known_hosts}", "-o StrictHostKeyChecking=yes",
-        "-o IdentitiesOnly=yes", "-o ConnectTimeout=15",
+        "-o ControlMaster=auto",
+        "-o ControlPersist=120s",
+        f"-o UserKnownHostsFile={known_hosts}",
+        "-o StrictHostKeyChecking=yes",
+        "-o IdentitiesOnly=yes",
+        "-o ConnectTimeout=15",
     ]
     return {
         "ANSIBLE_HOST_KEY_CHECKING": "True",
@@ -109,8 +119,20 @@ def control_dir() -> Path:
 
 def close_connection(inv: Inventory, node) -> None:
     """End Ansible's persistent SSH master to a node (it outlives sshd restarts otherwise)."""
-    run(["ssh", "-O", "exit", "-o", f"ControlPath={control_dir()}/%C", "-p", str(node.ssh_port),
-         f"{inv.ssh_user}@{node.public_address}"], check=False, timeout=30)
+    run(
+        [
+            "ssh",
+            "-O",
+            "exit",
+            "-o",
+            f"ControlPath={control_dir()}/%C",
+            "-p",
+            str(node.ssh_port),
+            f"{inv.ssh_user}@{node.public_address}",
+        ],
+        check=False,
+        timeout=30,
+    )
 
 
 def cluster_vars_path(cluster: str) -> Path:
@@ -207,8 +229,13 @@ def _record_files(rec: HostRecap, res: dict) -> None:
     for diff in diffs if isinstance(diffs, list) else [diffs]:
         if isinstance(diff, dict) and diff.get("after_header") and isinstance(diff.get("after"), str):
             # A template's after_header names its source; the module's own arguments name the file.
-            target = (res.get("dest") or res.get("path") or res.get("invocation", {}).get("dest")
-                      or diff.get("before_header") or diff["after_header"]).split(" (")[0]
+            target = (
+                res.get("dest")
+                or res.get("path")
+                or res.get("invocation", {}).get("dest")
+                or diff.get("before_header")
+                or diff["after_header"]
+            ).split(" (")[0]
             rec.files[target] = diff["after"]
 
 
@@ -249,8 +276,11 @@ def provision(
         targets = [h for h in _previously_failed(inv.cluster) if h in targets]
     recap = Recap(hosts={h: HostRecap() for h in targets})
     with contextlib.ExitStack() as stack:
-        private_dir = str(keep_artifacts) if keep_artifacts else stack.enter_context(
-            tempfile.TemporaryDirectory(prefix="trainrig-ansible-"))
+        private_dir = (
+            str(keep_artifacts)
+            if keep_artifacts
+            else stack.enter_context(tempfile.TemporaryDirectory(prefix="trainrig-ansible-"))
+        )
         with ui.NodeBoard(f"provisioning {inv.cluster} ({playbook})", targets) as board:
             runner = ansible_runner.run(
                 private_data_dir=private_dir,
@@ -281,9 +311,10 @@ def provision(
     if did_not_run:
         raise TrainrigError(f"ansible-playbook did not run ({runner.status}): {error}")
     if failed:
-        raise ProvisionFailed(recap,
+        raise ProvisionFailed(
+            recap,
             f"provisioning failed on {', '.join(failed)}: {recap.hosts[failed[0]].message}; "
-            f"fix it, then run: fab provision --name {inv.cluster} --retry-failed"
+            f"fix it, then run: fab provision --name {inv.cluster} --retry-failed",
         )
     return recap
 

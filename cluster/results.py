@@ -9,9 +9,9 @@ from pathlib import Path
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 from cluster import runs
+from cluster.runs import RunRecord
 from infra import ssh, ui
 from infra.inventory import Inventory
-from cluster.runs import RunRecord
 
 
 def destination(inv: Inventory, record: RunRecord, root: Path = Path("runs")) -> Path:
@@ -33,7 +33,11 @@ def fetch(inv: Inventory, record: RunRecord, root: Path = Path("runs")) -> Path:
                 local = dest / posixpath.relpath(remote, record.run_dir)
                 local.parent.mkdir(parents=True, exist_ok=True)
                 done = progress.tasks[task].completed
-                sftp.get(remote, str(local), callback=lambda sent, _t, base=done: progress.update(task, completed=base + sent))
+                sftp.get(
+                    remote,
+                    str(local),
+                    callback=lambda sent, _t, base=done: progress.update(task, completed=base + sent),
+                )
     return dest
 
 

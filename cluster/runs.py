@@ -7,7 +7,7 @@ import posixpath
 import secrets
 import stat
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pydantic import TypeAdapter
@@ -59,7 +59,9 @@ def find(cluster: str, run_id: str | None) -> RunRecord:
     """A run by id (or unique prefix); the latest run when no id is given."""
     known = records(cluster)
     if not known:
-        raise TrainrigError(f"cluster {cluster!r} has no runs yet; start one with: fab train --job training_jobs/<job>.yaml")
+        raise TrainrigError(
+            f"cluster {cluster!r} has no runs yet; start one with: fab train --job training_jobs/<job>.yaml"
+        )
     if not run_id:
         return known[-1]
     matches = [r for r in known if r.id == run_id] or [r for r in known if r.id.startswith(run_id)]
@@ -83,8 +85,10 @@ def launch(inv: Inventory, job: jobs.LoadedJob) -> RunRecord:
     if inv.ssh_user != "root":
         # Runs are system units whose ranks write to the shared storage as root; a sudo login
         # would create the run directory as itself, which root (squashed over NFS) cannot write.
-        raise TrainrigError(f"cluster {inv.cluster!r} logs in as {inv.ssh_user!r}; runs need the root login: "
-                            "remove trainrig:ssh_user from the stack (root is the default) and pulumi up")
+        raise TrainrigError(
+            f"cluster {inv.cluster!r} logs in as {inv.ssh_user!r}; runs need the root login: "
+            "remove trainrig:ssh_user from the stack (root is the default) and pulumi up"
+        )
     nodes = inv.gpu_nodes[: spec.nodes]
     preflight(inv, nodes)
     run_id = new_run_id(spec.name)
@@ -97,9 +101,16 @@ def launch(inv: Inventory, job: jobs.LoadedJob) -> RunRecord:
         "metrics": spec.metrics.model_dump(),
         "max_steps": spec.max_steps,
     }
-    record = RunRecord(id=run_id, job=spec.name, node=nodes[0].name, run_dir=run_dir, ranks=spec.ranks,
-                       max_steps=spec.max_steps, started_at=datetime.now(timezone.utc),
-                       nodes=[n.name for n in nodes])
+    record = RunRecord(
+        id=run_id,
+        job=spec.name,
+        node=nodes[0].name,
+        run_dir=run_dir,
+        ranks=spec.ranks,
+        max_steps=spec.max_steps,
+        started_at=datetime.now(UTC),
+        nodes=[n.name for n in nodes],
+    )
     with ssh.open_checked(inv, nodes[0]) as conn:
         ssh.run(conn, ["mkdir", "-p", f"{run_dir}/{spec.checkpoint_dir}"], what="creating the run directory")
         sftp = conn.sftp()
@@ -108,9 +119,22 @@ def launch(inv: Inventory, job: jobs.LoadedJob) -> RunRecord:
         sftp.put(str(SUPERVISOR), f"{run_dir}/supervisor.py")
         sftp.put(str(job.path), f"{run_dir}/job.yaml")
         _put_text(sftp, f"{run_dir}/run.json", json.dumps(run_json, indent=2))
-        ssh.run(conn, ["systemd-run", "--quiet", "--collect", "--unit", record.unit,
-                       "--property", f"Description=trainrig run {run_id}",
-                       "python3", f"{run_dir}/supervisor.py", run_dir], what="starting the run under systemd")
+        ssh.run(
+            conn,
+            [
+                "systemd-run",
+                "--quiet",
+                "--collect",
+                "--unit",
+                record.unit,
+                "--property",
+                f"Description=trainrig run {run_id}",
+                "python3",
+                f"{run_dir}/supervisor.py",
+                run_dir,
+            ],
+            what="starting the run under systemd",
+        )
     _remember(inv.cluster, record)
     return record
 
@@ -125,7 +149,9 @@ def preflight(inv: Inventory, nodes: list[Node]) -> None:
                 probe = ssh.run(conn, ["sh", "-c", 'test -d "$1" && command -v mpirun', "probe", mount], check=False)
         except TrainrigError as exc:
             return str(exc)
-        return None if probe.exited == 0 else f"{node.name}: shared storage {mount} or mpirun missing (run fab provision)"
+        return (
+            None if probe.exited == 0 else f"{node.name}: shared storage {mount} or mpirun missing (run fab provision)"
+        )
 
     problems = [p for p in ssh.on_nodes(nodes, check).values() if p]
     if problems:
@@ -183,8 +209,9 @@ def reader_node(inv: Inventory, record: RunRecord) -> Node:
     if inv.storage_node:
         return inv.storage_node
     # EFS has no node of its own: with the GPU nodes gone, nothing can read the share.
-    raise TrainrigError(f"no node of {inv.cluster!r} is up to read run {record.id} from; "
-                        f"start it with: {how_to_start(inv)}")
+    raise TrainrigError(
+        f"no node of {inv.cluster!r} is up to read run {record.id} from; start it with: {how_to_start(inv)}"
+    )
 
 
 def cancel(inv: Inventory, record: RunRecord, timeout: float = 60, grace: float = 10) -> dict:
@@ -201,8 +228,10 @@ def cancel(inv: Inventory, record: RunRecord, timeout: float = 60, grace: float 
         if status.get("state") not in FINAL_STATES:
             ssh.run(conn, ["systemctl", "stop", record.unit], check=False, timeout=timeout, what="stopping the run")
             status = wait_until(
-                lambda: (s := read_status(sftp, record)) and s.get("state") in FINAL_STATES and s,
-                timeout=timeout, interval=0.5, what=f"run {record.id} to stop",
+                lambda: _final(read_status(sftp, record)),
+                timeout=timeout,
+                interval=0.5,
+                what=f"run {record.id} to stop",
             )
     present = {n.name for n in inv.nodes}
     nodes = [inv.node(name) for name in (record.nodes or [n.name for n in inv.gpu_nodes]) if name in present]
@@ -213,17 +242,34 @@ def cancel(inv: Inventory, record: RunRecord, timeout: float = 60, grace: float 
 def _rank_pids(conn, record: RunRecord) -> list[str]:
     """Processes of this run on a node: the ranks carry TRAINRIG_RUN_DIR=<run dir> in their environment."""
     marker = f"TRAINRIG_RUN_DIR={record.run_dir}"
-    found = ssh.run(conn, ["sh", "-c", 'grep -lszxF -- "$1" /proc/[0-9]*/environ', "find-ranks", marker],
-                    check=False, what="looking for the run's ranks")
+    found = ssh.run(
+        conn,
+        ["sh", "-c", 'grep -lszxF -- "$1" /proc/[0-9]*/environ', "find-ranks", marker],
+        check=False,
+        what="looking for the run's ranks",
+    )
     return [path.split("/")[2] for path in found.stdout.split() if path.startswith("/proc/")]
 
 
 def _end_ranks(inv: Inventory, node: Node, record: RunRecord, grace: float) -> None:
     with ssh.open_checked(inv, node) as conn:
         try:
-            wait_until(lambda: not _rank_pids(conn, record), timeout=grace, interval=0.25,
-                       what=f"the ranks of {record.id} on {node.name} to exit")
+            wait_until(
+                lambda: not _rank_pids(conn, record),
+                timeout=grace,
+                interval=0.25,
+                what=f"the ranks of {record.id} on {node.name} to exit",
+            )
         except TrainrigError:
             ssh.run(conn, ["kill", "-KILL", *_rank_pids(conn, record)], check=False, what="killing left-over ranks")
-            wait_until(lambda: not _rank_pids(conn, record), timeout=grace, interval=0.25,
-                       what=f"the ranks of {record.id} on {node.name} to be killed")
+            wait_until(
+                lambda: not _rank_pids(conn, record),
+                timeout=grace,
+                interval=0.25,
+                what=f"the ranks of {record.id} on {node.name} to be killed",
+            )
+
+
+def _final(status: dict | None) -> dict | None:
+    """The status once the run has ended, else None (what a wait polls for)."""
+    return status if status and status.get("state") in FINAL_STATES else None

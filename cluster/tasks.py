@@ -9,15 +9,20 @@ from invoke import Collection, task
 from invoke.exceptions import Exit
 
 from cluster import demo as demo_mod
+from cluster import jobs, lifecycle, results, runs
+from cluster import monitor as monitor_mod
+from cluster import plot as plot_mod
+from cluster import provision as provision_mod
 from infra import inventory as inventory_mod
-from cluster import jobs, lifecycle, monitor as monitor_mod, plot as plot_mod, provision as provision_mod, results, runs
 from infra import ui
 from infra.errors import TrainrigError
 
 NAME_HELP = "cluster name (default: trainrig.cluster in Fabric config, 'dev')"
-INVENTORY_HELP = ("where the inventory comes from: 'stack:NAME' (a Pulumi stack's outputs; 'stack' alone: "
-                  "trainrig.stack), or a saved file "
-                  "(default: trainrig.inventory, else the cluster's own)")
+INVENTORY_HELP = (
+    "where the inventory comes from: 'stack:NAME' (a Pulumi stack's outputs; 'stack' alone: "
+    "trainrig.stack), or a saved file "
+    "(default: trainrig.inventory, else the cluster's own)"
+)
 
 
 def friendly(body):
@@ -44,7 +49,9 @@ def _inventory(c, name: str | None, inventory: str | None = None):
     return inventory_mod.for_task(name, cfg.cluster, inventory or cfg.inventory, cfg.stack)
 
 
-@task(help={"name": NAME_HELP, "nodes": "number of GPU-role nodes (default 2)", "disk_gb": "data disk size per node, GB"})
+@task(
+    help={"name": NAME_HELP, "nodes": "number of GPU-role nodes (default 2)", "disk_gb": "data disk size per node, GB"}
+)
 @friendly
 def up(c, name=None, nodes=None, disk_gb=None):
     """Create a local cluster: N GPU-role nodes and one storage node as Docker 'VMs'."""
@@ -64,17 +71,29 @@ def status(c, name=None, inventory=None):
         ui.console.print(f"no nodes running; start them with: fab up --name {inv.cluster}")
 
 
-@task(help={"name": NAME_HELP, "tags": "run only these playbook tags (e.g. ssh_mesh)",
-            "retry_failed": "re-run only the hosts that failed or were unreachable last time",
-            "playbook": "playbook under playbooks/ (default site.yml)", "inventory": INVENTORY_HELP})
+@task(
+    help={
+        "name": NAME_HELP,
+        "tags": "run only these playbook tags (e.g. ssh_mesh)",
+        "retry_failed": "re-run only the hosts that failed or were unreachable last time",
+        "playbook": "playbook under playbooks/ (default site.yml)",
+        "inventory": INVENTORY_HELP,
+    }
+)
 @friendly
 def provision(c, name=None, tags=None, retry_failed=False, playbook="site.yml", inventory=None):
     """Run the Ansible playbooks on every node in parallel, with a per-host recap."""
     provision_mod.provision(_inventory(c, name, inventory), playbook=playbook, tags=tags, retry_failed=retry_failed)
 
 
-@task(help={"job": "job spec, e.g. training_jobs/dp-mlp.yaml", "name": NAME_HELP,
-            "follow": "monitor the run until it ends (exit status = the run's)", "inventory": INVENTORY_HELP})
+@task(
+    help={
+        "job": "job spec, e.g. training_jobs/dp-mlp.yaml",
+        "name": NAME_HELP,
+        "follow": "monitor the run until it ends (exit status = the run's)",
+        "inventory": INVENTORY_HELP,
+    }
+)
 @friendly
 def train(c, job, name=None, follow=False, inventory=None):
     """Launch a training job across the cluster, detached; prints the run id."""
@@ -88,8 +107,14 @@ def train(c, job, name=None, follow=False, inventory=None):
         ui.console.print(f"follow it with: fab monitor --run {record.id} --name {inv.cluster}")
 
 
-@task(help={"run": "run id or prefix (default: the latest)", "name": NAME_HELP,
-            "timeout": "give up watching after this many seconds (the run goes on)", "inventory": INVENTORY_HELP})
+@task(
+    help={
+        "run": "run id or prefix (default: the latest)",
+        "name": NAME_HELP,
+        "timeout": "give up watching after this many seconds (the run goes on)",
+        "inventory": INVENTORY_HELP,
+    }
+)
 @friendly
 def monitor(c, run=None, name=None, timeout=None, inventory=None):
     """Follow a run live (step, loss, samples/s); exits with the run's success or failure."""
@@ -108,7 +133,14 @@ def _follow(inv, record, timeout=None):
     ui.console.print(summary)
 
 
-@task(help={"run": "run id or prefix (default: the latest)", "name": NAME_HELP, "follow": "keep printing until the run ends", "inventory": INVENTORY_HELP})
+@task(
+    help={
+        "run": "run id or prefix (default: the latest)",
+        "name": NAME_HELP,
+        "follow": "keep printing until the run ends",
+        "inventory": INVENTORY_HELP,
+    }
+)
 @friendly
 def logs(c, run=None, name=None, follow=False, inventory=None):
     """Print a run's log, or follow it."""
@@ -126,7 +158,14 @@ def cancel(c, run=None, name=None, inventory=None):
     ui.console.print(f"run {record.id} {status['state']}")
 
 
-@task(help={"run": "run id or prefix (default: the latest)", "name": NAME_HELP, "dest": "local folder (default ./runs)", "inventory": INVENTORY_HELP})
+@task(
+    help={
+        "run": "run id or prefix (default: the latest)",
+        "name": NAME_HELP,
+        "dest": "local folder (default ./runs)",
+        "inventory": INVENTORY_HELP,
+    }
+)
 @friendly
 def fetch(c, run=None, name=None, dest="runs", inventory=None):
     """Copy a run's checkpoints, log and metrics to ./runs/<cluster>/<run-id>/."""
@@ -135,8 +174,14 @@ def fetch(c, run=None, name=None, dest="runs", inventory=None):
     ui.console.print(f"results in {path}")
 
 
-@task(help={"run": "run id or prefix (default: the latest)", "name": NAME_HELP, "dest": "local folder (default ./runs)",
-            "inventory": INVENTORY_HELP})
+@task(
+    help={
+        "run": "run id or prefix (default: the latest)",
+        "name": NAME_HELP,
+        "dest": "local folder (default ./runs)",
+        "inventory": INVENTORY_HELP,
+    }
+)
 @friendly
 def plot(c, run=None, name=None, dest="runs", inventory=None):
     """Draw a run's loss and samples/s curves to ./runs/<cluster>/<run-id>/curves.png."""
@@ -148,8 +193,13 @@ def plot(c, run=None, name=None, dest="runs", inventory=None):
     ui.console.print(f"curves in {plot_mod.plot_run(local, f'{record.job}: {record.id} ({record.ranks} ranks)')}")
 
 
-@task(help={"name": NAME_HELP, "purge": "also delete storage: the shared volume or NFS server, data disks, keys and inventory",
-            "stack": "Pulumi stack of a cluster that a stack made (default: the one its inventory names)"})
+@task(
+    help={
+        "name": NAME_HELP,
+        "purge": "also delete storage: the shared volume or NFS server, data disks, keys and inventory",
+        "stack": "Pulumi stack of a cluster that a stack made (default: the one its inventory names)",
+    }
+)
 @friendly
 def down(c, name=None, purge=False, stack=None):
     """Remove compute; storage is kept unless --purge. Checked against the cloud's listing; safe twice."""
@@ -176,8 +226,14 @@ def plan(c, stack=None):
     ui.console.print(blueprint.table(blueprint.blueprint(config.load_named(stack or c.config.trainrig.stack))))
 
 
-@task(help={"name": "cluster name for the demo (default 'demo')", "nodes": "GPU-role nodes (default 2)",
-            "job": "job spec (default training_jobs/dp-mlp.yaml)", "keep": "leave the cluster up afterwards"})
+@task(
+    help={
+        "name": "cluster name for the demo (default 'demo')",
+        "nodes": "GPU-role nodes (default 2)",
+        "job": "job spec (default training_jobs/dp-mlp.yaml)",
+        "keep": "leave the cluster up afterwards",
+    }
+)
 @friendly
 def demo(c, name="demo", nodes=2, job=None, keep=False):
     """Up, provision, train, monitor, fetch and down in one command, with a summary."""

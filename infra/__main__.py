@@ -1,4 +1,4 @@
-"""The Pulumi program (Pulumi.yaml: main: infra/): validate the stack's config, build one GpuCluster, export the inventory."""
+"""The Pulumi program (Pulumi.yaml: main: infra/): validate the stack config, build a GpuCluster, export inventory."""
 
 import pulumi
 from pulumi.runtime import config as runtime_config

@@ -1,4 +1,4 @@
-"""Clusters that live in a Pulumi stack, driven through pulumi.automation: always a named stack, streamed progress, typed outputs.
+"""Clusters that live in a Pulumi stack, driven through pulumi.automation: a named stack, live progress, typed outputs.
 
 Compute and storage have separate lifecycles. `down` sets trainrig:gpu_nodes to 0 and runs an
 update: the GPU nodes go, the protected NFS server and its disk stay. `down --purge` lifts the
@@ -29,7 +29,9 @@ INSTALL_HINT = "install it (https://www.pulumi.com/docs/install/)"
 def select(stack: str | None, what: str) -> auto.Stack:
     """The named stack of this project; never whichever stack happens to be selected."""
     if not stack:
-        raise TrainrigError(f"{what} needs a Pulumi stack: pass --stack NAME or set trainrig.stack in your Fabric config")
+        raise TrainrigError(
+            f"{what} needs a Pulumi stack: pass --stack NAME or set trainrig.stack in your Fabric config"
+        )
     if shutil.which("pulumi") is None:
         raise TrainrigError(f"{what} runs the Pulumi CLI, which is not installed: {INSTALL_HINT}")
     from pulumi import automation as auto
@@ -59,15 +61,17 @@ def stack_config(stack: auto.Stack) -> config.StackConfig:
 
 
 class StackBackend:
-    """The runtime verbs for a cloud whose clusters `pulumi up` makes; teardown through the stack, checked by the cloud."""
+    """The runtime verbs for a cloud whose clusters `pulumi up` makes: teardown through the stack."""
 
     def __init__(self, cloud: Cloud, stack: str | None = None):
         self.cloud = cloud
         self.stack = stack
 
     def create(self, request: ClusterRequest, board: Progress) -> Inventory:
-        raise TrainrigError(f"{self.cloud.name} clusters are created from their stack: fab plan --stack NAME, "
-                            "then pulumi up --stack NAME")
+        raise TrainrigError(
+            f"{self.cloud.name} clusters are created from their stack: fab plan --stack NAME, "
+            "then pulumi up --stack NAME"
+        )
 
     def wait_ready(self, inv: Inventory, board: Progress) -> None:
         """`pulumi up` returns once the cloud reports the servers ready; SSH is checked by provisioning."""
@@ -79,13 +83,19 @@ class StackBackend:
         stack = self._stack_for(inv)
         cfg = stack_config(stack)
         if (cfg.cluster, cfg.cloud) != (inv.cluster, inv.cloud):
-            raise TrainrigError(f"stack {stack.name} is cluster {cfg.cluster!r} on {cfg.cloud}, not {inv.cluster!r} "
-                                f"on {inv.cloud}; name the stack that made {inv.cluster!r} with --stack")
+            raise TrainrigError(
+                f"stack {stack.name} is cluster {cfg.cluster!r} on {cfg.cloud}, not {inv.cluster!r} "
+                f"on {inv.cloud}; name the stack that made {inv.cluster!r} with --stack"
+            )
         if purge:
             from pulumi.automation.interface import API
 
-            _step(f"lifting storage protection of {inv.cluster}", lambda out: API(stack.workspace.pulumi_command)
-                  .state_unprotect(all=True, stack=stack.name, cwd=str(config.ROOT), on_output=out))
+            _step(
+                f"lifting storage protection of {inv.cluster}",
+                lambda out: API(stack.workspace.pulumi_command).state_unprotect(
+                    all=True, stack=stack.name, cwd=str(config.ROOT), on_output=out
+                ),
+            )
             _step(f"pulumi destroy of {inv.cluster}", lambda out: stack.destroy(on_output=out))
             leftovers = self.cloud.billable(inv.cluster, cfg)
             if leftovers:
@@ -96,8 +106,11 @@ class StackBackend:
         stack.set_config(f"{config.NAMESPACE}:gpu_nodes", auto.ConfigValue(value="0"))
         _step(f"pulumi up of {inv.cluster} without GPU nodes", lambda out: stack.up(on_output=out))
         # Listings end each server's line with its role or hostname: "(..., storage)" / "(storage)".
-        compute = [item for item in self.cloud.billable(inv.cluster, cfg)
-                   if item.startswith(("instance", "virtual server")) and not item.endswith("storage)")]
+        compute = [
+            item
+            for item in self.cloud.billable(inv.cluster, cfg)
+            if item.startswith(("instance", "virtual server")) and not item.endswith("storage)")
+        ]
         if compute:
             raise TrainrigError(f"{self.cloud.name} still lists compute of {inv.cluster!r}: {', '.join(compute)}")
         remaining = inventory_of(stack)
@@ -110,8 +123,10 @@ class StackBackend:
 
     def _stack_for(self, inv: Inventory) -> auto.Stack:
         if self.stack and inv.stack and self.stack != inv.stack:
-            raise TrainrigError(f"cluster {inv.cluster!r} was made by stack {inv.stack}, not {self.stack}; "
-                                f"run again with --stack {inv.stack}")
+            raise TrainrigError(
+                f"cluster {inv.cluster!r} was made by stack {inv.stack}, not {self.stack}; "
+                f"run again with --stack {inv.stack}"
+            )
         return select(self.stack or inv.stack, f"changing cluster {inv.cluster!r} on {self.cloud.name}")
 
 

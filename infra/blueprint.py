@@ -1,4 +1,4 @@
-"""What a stack configuration will create and what it costs per hour, computed without the Pulumi CLI (`fab plan` prints it)."""
+"""What a stack configuration will create and what it costs per hour, without the Pulumi CLI (`fab plan` prints it)."""
 
 from __future__ import annotations
 
@@ -64,23 +64,38 @@ class Blueprint:
 
 def blueprint(cfg: StackConfig) -> Blueprint:
     prices = cfg.prices
-    nodes = [_node(cfg, name, "gpu", getattr(cfg, "flavor", None), cfg.machine, cfg.data_disk_gb)
-             for name in cfg.gpu_node_names()]
+    nodes = [
+        _node(cfg, name, "gpu", getattr(cfg, "flavor", None), cfg.machine, cfg.data_disk_gb)
+        for name in cfg.gpu_node_names()
+    ]
     shared = 0.0
     if cfg.shared_fs:
         shared = prices.shared_fs_usd_per_hour(cfg.storage_size_gb)
     else:
-        nodes.append(_node(cfg, STORAGE_NODE, "storage", getattr(cfg, "storage_flavor", None), cfg.storage_machine,
-                           cfg.storage_size_gb))
+        nodes.append(
+            _node(
+                cfg,
+                STORAGE_NODE,
+                "storage",
+                getattr(cfg, "storage_flavor", None),
+                cfg.storage_machine,
+                cfg.storage_size_gb,
+            )
+        )
     return Blueprint(cfg, nodes, shared, cfg.notes())
 
 
-def _node(cfg: StackConfig, name: str, role: str, flavor: str | None, machine: catalog.Machine | None,
-          disk_gb: int) -> PlannedNode:
+def _node(
+    cfg: StackConfig, name: str, role: str, flavor: str | None, machine: catalog.Machine | None, disk_gb: int
+) -> PlannedNode:
     return PlannedNode(
-        name=name, role=role, flavor=flavor or "container",
-        gpus=machine.gpus if machine else 0, gpu_model=machine.gpu_model if machine else None,
-        cpus=machine.cpus if machine else 1, data_disk_gb=disk_gb,
+        name=name,
+        role=role,
+        flavor=flavor or "container",
+        gpus=machine.gpus if machine else 0,
+        gpu_model=machine.gpu_model if machine else None,
+        cpus=machine.cpus if machine else 1,
+        data_disk_gb=disk_gb,
         machine_usd_per_hour=machine.usd_per_hour if machine else 0.0,
         disk_usd_per_hour=cfg.prices.disk_usd_per_hour(disk_gb),
     )
@@ -92,8 +107,12 @@ def table(bp: Blueprint):
     from rich.table import Table
 
     cfg = bp.config
-    t = Table(title=f"stack plan: cluster {cfg.cluster} on {cfg.cloud} ({cfg.where})", title_justify="left",
-              box=box.SIMPLE_HEAD, pad_edge=False)
+    t = Table(
+        title=f"stack plan: cluster {cfg.cluster} on {cfg.cloud} ({cfg.where})",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
     for column in ("node", "role", "flavor", "gpus", "cpus", "data disk", "$/hour"):
         t.add_column(column, justify="right" if column in ("cpus", "$/hour") else "left")
     for n in bp.nodes:

@@ -1,4 +1,4 @@
-"""GpuCluster: the one Pulumi component. It asks the cloud's package for nodes and storage and outputs the inventory and $/hour."""
+"""GpuCluster, the one Pulumi component: the cloud's package makes nodes and storage; it outputs inventory, $/hour."""
 
 from __future__ import annotations
 

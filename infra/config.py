@@ -1,4 +1,4 @@
-"""The stack configuration: `trainrig:*` keys of a Pulumi stack, validated into its cloud's typed model before anything is created.
+"""The stack configuration: `trainrig:*` keys of a Pulumi stack, validated into its cloud's typed model first.
 
 StackConfig is one model per cloud, picked by `cloud`: each cloud's package (infra/clouds/<cloud>)
 defines its model on StackBase, or on MachineStack when machines are ordered by flavor. The same
@@ -124,9 +124,13 @@ class MachineStack(StackBase):
     @model_validator(mode="after")
     def _machines_exist(self) -> MachineStack:
         if self.admin_cidr.prefixlen == 0:
-            raise ConfigError("admin_cidr", f"{self.admin_cidr} opens SSH to the whole internet", self.hints["admin_cidr"])
+            raise ConfigError(
+                "admin_cidr", f"{self.admin_cidr} opens SSH to the whole internet", self.hints["admin_cidr"]
+            )
         if self.storage_disk_gb < 1:
-            raise ConfigError("storage_disk_gb", f"{self.storage_disk_gb} GB is not a disk", self.hints["storage_disk_gb"])
+            raise ConfigError(
+                "storage_disk_gb", f"{self.storage_disk_gb} GB is not a disk", self.hints["storage_disk_gb"]
+            )
         if self.storage_flavor is None and not self.shared_fs:
             raise ConfigError("storage_flavor", "missing", f"set trainrig:storage_flavor to a CPU {self.machine_word}")
         known = self.prices.machines
@@ -134,14 +138,22 @@ class MachineStack(StackBase):
             name = getattr(self, key)
             if name not in known:
                 choices = sorted(k for k, m in known.items() if (m.gpus > 0) == (key == "flavor"))
-                raise ConfigError(key, f"unknown {self.machine_word} {name!r}", f"set trainrig:{key} to one of: {', '.join(choices)}")
+                raise ConfigError(
+                    key, f"unknown {self.machine_word} {name!r}", f"set trainrig:{key} to one of: {', '.join(choices)}"
+                )
         machine = known[self.flavor]
         if machine.gpus == 0:
-            raise ConfigError("flavor", f"{self.flavor} has no GPU",
-                              f"choose a GPU {self.machine_word} (see infra/clouds/{self.cloud}/prices.yaml)")
+            raise ConfigError(
+                "flavor",
+                f"{self.flavor} has no GPU",
+                f"choose a GPU {self.machine_word} (see infra/clouds/{self.cloud}/prices.yaml)",
+            )
         if self.gpus_per_node is not None and self.gpus_per_node != machine.gpus:
-            raise ConfigError("gpus_per_node", f"{self.flavor} has {machine.gpus} GPU(s), not {self.gpus_per_node}",
-                              f"remove trainrig:gpus_per_node or choose a {self.machine_word} with {self.gpus_per_node} GPUs")
+            raise ConfigError(
+                "gpus_per_node",
+                f"{self.flavor} has {machine.gpus} GPU(s), not {self.gpus_per_node}",
+                f"remove trainrig:gpus_per_node or choose a {self.machine_word} with {self.gpus_per_node} GPUs",
+            )
         return self
 
     @property
@@ -242,15 +254,19 @@ def load_stack_file(path: Path) -> StackConfig:
     for key in model.secret_keys:
         value = ours.get(key)
         if value is not None and not (isinstance(value, dict) and "secure" in value):
-            raise ConfigError(key, "is stored in plain text", f"remove it and run: pulumi config set --secret {key} VALUE")
+            raise ConfigError(
+                key, "is stored in plain text", f"remove it and run: pulumi config set --secret {key} VALUE"
+            )
     return validate(ours, source=str(path))
 
 
 def load_named(stack: str | None, root: Path = ROOT, environ: Mapping[str, str] = os.environ) -> StackConfig:
     """A validated stack config with its credentials checked, or a one-line error."""
     if not stack:
-        raise TrainrigError(f"no stack selected; pass --stack NAME (one of: {', '.join(available(root))}) "
-                            "or set trainrig.stack in your Fabric config")
+        raise TrainrigError(
+            f"no stack selected; pass --stack NAME (one of: {', '.join(available(root))}) "
+            "or set trainrig.stack in your Fabric config"
+        )
     cfg = load_stack_file(stack_file(stack, root))
     cfg.check_credentials(environ)
     return cfg
@@ -263,7 +279,7 @@ def from_pulumi_config(values: Mapping[str, Any]) -> StackConfig:
 
 def _ours(config: Mapping[str, Any]) -> dict[str, Any]:
     prefix = f"{NAMESPACE}:"
-    return {k[len(prefix):]: v for k, v in config.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in config.items() if k.startswith(prefix)}
 
 
 def secret(value: SecretStr | None) -> str | None:

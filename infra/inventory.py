@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Literal
@@ -14,7 +14,7 @@ from infra import state
 from infra.errors import TrainrigError
 from infra.models import Strict, first_error
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 HOSTNAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 STORAGE_NODE = "storage"
 
@@ -46,7 +46,9 @@ class Node(Strict):
 
 class SharedStorage(Strict):
     kind: Literal["node", "efs"] = Field(default="node", description="served by a storage node, or by Amazon EFS")
-    server: str = Field(description="name of the storage node that serves the share; for efs, its mount target's address")
+    server: str = Field(
+        description="name of the storage node that serves the share; for efs, its mount target's address"
+    )
     export: str = Field(pattern=r"^/")
     mount_point: str = Field(pattern=r"^/")
 
@@ -75,7 +77,7 @@ class Inventory(Strict):
     storage: SharedStorage | None = None
     network: Network | None = None
     retained: list[Retained] = []
-    updated_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    updated_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
     @field_validator("cloud")
     @classmethod
@@ -165,7 +167,7 @@ STACK_SOURCE = "stack"
 
 
 def from_stack_output(text: str, source: str) -> Inventory:
-    """A saved `pulumi stack output --json` -> Inventory (the output named 'inventory'; the rest, e.g. the price, is ignored)."""
+    """A saved `pulumi stack output --json` -> Inventory (the output named 'inventory'; the rest is ignored)."""
     try:
         outputs = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -239,7 +241,8 @@ def how_to_start(inv: Inventory) -> str:
 
     if "create" in clouds.get(inv.cloud).capabilities:
         return f"fab up --name {inv.cluster}"
-    return f"pulumi config set trainrig:gpu_nodes N --stack {inv.stack or 'STACK'} && pulumi up --stack {inv.stack or 'STACK'}"
+    stack = inv.stack or "STACK"
+    return f"pulumi config set trainrig:gpu_nodes N --stack {stack} && pulumi up --stack {stack}"
 
 
 def dumps(inv: Inventory) -> str:

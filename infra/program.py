@@ -13,10 +13,9 @@ import yaml
 from pulumi.dynamic import CreateResult, DiffResult, Resource, ResourceProvider
 
 from infra import keys
-from infra.config import MachineStack
 from infra.blueprint import NFS_EXPORT, PlannedNode
+from infra.config import MachineStack
 from infra.inventory import STORAGE_NODE
-
 
 
 class HostKeyProvider(ResourceProvider):
@@ -24,11 +23,15 @@ class HostKeyProvider(ResourceProvider):
 
     def create(self, props: dict[str, Any]) -> CreateResult:
         pair = keys.generate(props.get("comment", ""))
-        return CreateResult(props["node"], {**props, "public_key": keys.bare(pair.public_openssh),
-                                            "private_key": pair.private_openssh})
+        return CreateResult(
+            props["node"], {**props, "public_key": keys.bare(pair.public_openssh), "private_key": pair.private_openssh}
+        )
 
     def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
-        return DiffResult(changes=olds.get("node") != news.get("node"), replaces=["node"] if olds.get("node") != news.get("node") else [])
+        return DiffResult(
+            changes=olds.get("node") != news.get("node"),
+            replaces=["node"] if olds.get("node") != news.get("node") else [],
+        )
 
 
 class HostKey(Resource, module="trainrig", name="HostKey"):
@@ -37,19 +40,27 @@ class HostKey(Resource, module="trainrig", name="HostKey"):
 
     def __init__(self, name: str, node: str, opts: pulumi.ResourceOptions | None = None):
         opts = pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(additional_secret_outputs=["private_key"]))
-        super().__init__(HostKeyProvider(), name, {"node": node, "comment": f"root@{node}", "public_key": None,
-                                                   "private_key": None}, opts)
+        super().__init__(
+            HostKeyProvider(),
+            name,
+            {"node": node, "comment": f"root@{node}", "public_key": None, "private_key": None},
+            opts,
+        )
 
 
 def cloud_init(host_key: HostKey, cfg: MachineStack, private_cidr: str, firewall: bool) -> pulumi.Output[str]:
-    """User data: the pinned host key; with firewall, SSH only from admin_cidr and everything from the private network."""
+    """User data: the pinned host key; with firewall, SSH only from admin_cidr and all from the private network."""
 
     def render(private_key: str, public_key: str) -> str:
         # disable_root off: the key pair logs in as root (key only, from admin_cidr), as on IBM and
         # local nodes. Runs are system units writing to the shared storage as root, and Ubuntu
         # images otherwise answer root with "Please login as the user ubuntu".
-        doc: dict[str, Any] = {"ssh_keys": {"ed25519_private": private_key, "ed25519_public": public_key},
-                               "ssh_deletekeys": True, "ssh_genkeytypes": [], "disable_root": False}
+        doc: dict[str, Any] = {
+            "ssh_keys": {"ed25519_private": private_key, "ed25519_public": public_key},
+            "ssh_deletekeys": True,
+            "ssh_genkeytypes": [],
+            "disable_root": False,
+        }
         if firewall:
             doc["runcmd"] = [
                 ["ufw", "default", "deny", "incoming"],
@@ -59,7 +70,9 @@ def cloud_init(host_key: HostKey, cfg: MachineStack, private_cidr: str, firewall
             ]
         return "#cloud-config\n" + yaml.safe_dump(doc, sort_keys=True)
 
-    return pulumi.Output.secret(pulumi.Output.all(host_key.private_key, host_key.public_key).apply(lambda kv: render(*kv)))
+    return pulumi.Output.secret(
+        pulumi.Output.all(host_key.private_key, host_key.public_key).apply(lambda kv: render(*kv))
+    )
 
 
 def node_record(planned: PlannedNode, public_ip, private_ip, host_key, device) -> pulumi.Output[dict]:
@@ -68,17 +81,25 @@ def node_record(planned: PlannedNode, public_ip, private_ip, host_key, device) -
     def record(values) -> dict:
         public, private, key, device = values
         return {
-            "name": planned.name, "role": planned.role, "public_address": public or private, "private_address": private,
-            "ssh_port": 22, "host_key": key, "gpu_count": planned.gpus, "gpu_model": planned.gpu_model,
-            "cpus": planned.cpus, "data_disks": [{"device": device, "size_gb": planned.data_disk_gb}],
+            "name": planned.name,
+            "role": planned.role,
+            "public_address": public or private,
+            "private_address": private,
+            "ssh_port": 22,
+            "host_key": key,
+            "gpu_count": planned.gpus,
+            "gpu_model": planned.gpu_model,
+            "cpus": planned.cpus,
+            "data_disks": [{"device": device, "size_gb": planned.data_disk_gb}],
             "hourly_price_usd": round(planned.usd_per_hour, 4),
         }
 
     return pulumi.Output.all(public_ip, private_ip, host_key, device).apply(record)
 
 
-def inventory(cfg: MachineStack, nodes: list[pulumi.Output], network_name, network_cidr,
-              efs_address=None) -> pulumi.Output[dict]:
+def inventory(
+    cfg: MachineStack, nodes: list[pulumi.Output], network_name, network_cidr, efs_address=None
+) -> pulumi.Output[dict]:
     """The whole inventory: storage node last, shared storage served from it over NFS (or from EFS)."""
 
     def assemble(values) -> dict:
@@ -87,8 +108,13 @@ def inventory(cfg: MachineStack, nodes: list[pulumi.Output], network_name, netwo
         if efs:
             storage = {"kind": "efs", "server": efs, "export": "/", "mount_point": NFS_EXPORT}
         return {
-            "schema_version": 1, "cluster": cfg.cluster, "cloud": cfg.cloud, "ssh_user": cfg.login_user,
-            "ssh_private_key": str(cfg.private_key_path), "nodes": records, "storage": storage,
+            "schema_version": 1,
+            "cluster": cfg.cluster,
+            "cloud": cfg.cloud,
+            "ssh_user": cfg.login_user,
+            "ssh_private_key": str(cfg.private_key_path),
+            "nodes": records,
+            "storage": storage,
             "network": {"name": net_name, "cidr": str(IPv4Network(cidr))},
         }
 

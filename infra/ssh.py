@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import shlex
-import socket
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -59,7 +58,7 @@ def open_checked(inv: Inventory, node: Node, timeout: float = 10) -> Connection:
         ) from exc
     except paramiko.AuthenticationException as exc:
         raise TrainrigError(f"{node.name}: the cluster key {inv.ssh_private_key} was refused") from exc
-    except (paramiko.SSHException, OSError, socket.timeout) as exc:
+    except (TimeoutError, paramiko.SSHException, OSError) as exc:
         raise TrainrigError(f"{node.name} unreachable at {node.public_address}:{node.ssh_port}: {exc}") from exc
     return conn
 

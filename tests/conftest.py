@@ -50,7 +50,9 @@ class FakePulumi:
         if outputs is not None:
             (self.root / "outputs.json").write_text(json.dumps(outputs))
         if config is not None:
-            (self.root / "config.json").write_text(json.dumps({k: {"value": v, "secret": False} for k, v in config.items()}))
+            (self.root / "config.json").write_text(
+                json.dumps({k: {"value": v, "secret": False} for k, v in config.items()})
+            )
 
     def calls(self) -> list[list[str]]:
         log = self.root / "calls"
@@ -58,9 +60,11 @@ class FakePulumi:
 
     def verbs(self) -> list[str]:
         """Each call as 'verb subverb' without flags, e.g. 'config set', 'up', 'state unprotect'."""
-        return [" ".join(a for a in call[:2] if not a.startswith("-")) for call in self.calls() if call[:1] != ["version"]]
+        return [
+            " ".join(a for a in call[:2] if not a.startswith("-")) for call in self.calls() if call[:1] != ["version"]
+        ]
 
-    SCRIPT = '''#!{python}
+    SCRIPT = """#!{python}
 import json, pathlib, sys
 root = pathlib.Path({root!r})
 args = [a for a in sys.argv[1:] if a != "--non-interactive"]
@@ -84,7 +88,7 @@ elif verb == "config set":
     (root / "config.json").write_text(json.dumps(config))
 elif args[:1] == ["config"] and "--json" in args:
     print((root / "config.json").read_text())
-'''
+"""
 
     def install(self, bin_dir: Path) -> None:
         script = bin_dir / "pulumi"

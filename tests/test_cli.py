@@ -43,15 +43,21 @@ def test_every_flag_has_help(tmp_path):
         assert options and all(len(opt.split(None, 1)) == 2 for opt in options), f"{name}: {options}"
 
 
-@pytest.mark.parametrize("args, text", [
-    (["train", "--job", "training_jobs/nope.yaml"], "job file training_jobs/nope.yaml does not exist"),
-    (["train", "--job", "tests/cluster/cases/job_specs.yaml"], "expected a mapping of job settings"),
-    (["train", "--job", "training_jobs/dp-mlp.yaml"], "no cluster named 'dev' (no clusters exist yet); create it with: fab up --name dev"),
-    (["status", "--name", "nope"], "no cluster named 'nope'"),
-    (["monitor", "--name", "Bad_Name"], "cluster name 'Bad_Name' is invalid"),
-    (["up", "--nodes", "0"], "--nodes 0: Input should be greater than or equal to 1"),
-    (["provision", "--name", "ghost"], "create it with: fab up --name ghost"),
-])
+@pytest.mark.parametrize(
+    "args, text",
+    [
+        (["train", "--job", "training_jobs/nope.yaml"], "job file training_jobs/nope.yaml does not exist"),
+        (["train", "--job", "tests/cluster/cases/job_specs.yaml"], "expected a mapping of job settings"),
+        (
+            ["train", "--job", "training_jobs/dp-mlp.yaml"],
+            "no cluster named 'dev' (no clusters exist yet); create it with: fab up --name dev",
+        ),
+        (["status", "--name", "nope"], "no cluster named 'nope'"),
+        (["monitor", "--name", "Bad_Name"], "cluster name 'Bad_Name' is invalid"),
+        (["up", "--nodes", "0"], "--nodes 0: Input should be greater than or equal to 1"),
+        (["provision", "--name", "ghost"], "create it with: fab up --name ghost"),
+    ],
+)
 def test_bad_input(tmp_path, args, text):
     assert_one_line_error(fab(*args, home=tmp_path), text)
     assert not (tmp_path / "clusters").exists(), "nothing half-created"
@@ -70,9 +76,17 @@ def test_no_docker_engine_and_no_way_to_start_one(tmp_path):
     (bin_dir / "docker").symlink_to(shutil.which("docker"))
     env_home = tmp_path / "home"
     result = subprocess.run(
-        [str(FAB), "up", "--name", "nodocker"], cwd=ROOT, capture_output=True, text=True, timeout=120,
-        env={**os.environ, "TRAINRIG_HOME": str(env_home), "PATH": str(bin_dir),
-             "DOCKER_HOST": f"unix://{tmp_path}/absent.sock"},
+        [str(FAB), "up", "--name", "nodocker"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={
+            **os.environ,
+            "TRAINRIG_HOME": str(env_home),
+            "PATH": str(bin_dir),
+            "DOCKER_HOST": f"unix://{tmp_path}/absent.sock",
+        },
     )
     assert_one_line_error(result, "the Docker engine is not running and trainrig cannot start it")
     assert not (env_home / "clusters").exists()

@@ -48,8 +48,13 @@ def main(run_dir):
     write_json(status_path, status)
 
     proc = subprocess.Popen(
-        run["argv"], cwd=run["workdir"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, errors="replace", start_new_session=True,
+        run["argv"],
+        cwd=run["workdir"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        start_new_session=True,
     )
     cancelled = []
 
@@ -59,7 +64,10 @@ def main(run_dir):
 
     signal.signal(signal.SIGTERM, cancel)
     signal.signal(signal.SIGINT, cancel)
-    with open(os.path.join(run_dir, "train.log"), "a") as log, open(os.path.join(run_dir, "metrics.jsonl"), "a") as metrics:
+    with (
+        open(os.path.join(run_dir, "train.log"), "a") as log,
+        open(os.path.join(run_dir, "metrics.jsonl"), "a") as metrics,
+    ):
         for line in proc.stdout:
             log.write(line)
             log.flush()

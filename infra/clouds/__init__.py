@@ -33,12 +33,16 @@ if TYPE_CHECKING:
     from infra.blueprint import Blueprint
     from infra.config import StackBase
 
-CAPABILITIES = frozenset({
-    "create",        # `fab up` makes its clusters (otherwise `pulumi up` of a stack does)
-    "pulumi_stack",  # its clusters live in a Pulumi stack, which `fab down` changes
-    "gpu",           # its nodes can have GPUs
-    "data_disk", "shared_storage", "ssh_mesh",
-})
+CAPABILITIES = frozenset(
+    {
+        "create",  # `fab up` makes its clusters (otherwise `pulumi up` of a stack does)
+        "pulumi_stack",  # its clusters live in a Pulumi stack, which `fab down` changes
+        "gpu",  # its nodes can have GPUs
+        "data_disk",
+        "shared_storage",
+        "ssh_mesh",
+    }
+)
 
 
 class ClusterRequest(Strict):

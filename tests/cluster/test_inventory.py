@@ -1,6 +1,7 @@
 """The inventory contract: validation that names the field, round trips, pinned host keys."""
 
 import json
+from datetime import UTC
 
 import pytest
 
@@ -29,16 +30,19 @@ def test_cost_adds_nodes_and_kept_storage():
     assert make_inventory(gpu_nodes=2).hourly_cost_usd() == pytest.approx(3.2)
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda d: d.update(cloud="gcp"), "cloud: Value error, unknown cloud 'gcp'; one of: aws, ibm, local"),
-    (lambda d: d["nodes"][0].update(ssh_port=0), "nodes.0.ssh_port: Input should be greater than or equal to 1"),
-    (lambda d: d["nodes"][1].update(name="node0"), "node names must be unique, repeated: node0"),
-    (lambda d: d["nodes"][0].update(host_key="not-a-key"), "nodes.0.host_key: String should match pattern"),
-    (lambda d: d["nodes"][0].update(private_address="192.168.1.1"), "nodes outside network 10.9.0.0/24: node0"),
-    (lambda d: d["storage"].update(server="node0"), "storage.server 'node0' is not a storage node"),
-    (lambda d: d.update(schema_version=2), "schema_version: Input should be 1"),
-    (lambda d: d["nodes"][0].update(role="gpu", rack=3), "nodes.0.rack: Extra inputs are not permitted"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d.update(cloud="gcp"), "cloud: Value error, unknown cloud 'gcp'; one of: aws, ibm, local"),
+        (lambda d: d["nodes"][0].update(ssh_port=0), "nodes.0.ssh_port: Input should be greater than or equal to 1"),
+        (lambda d: d["nodes"][1].update(name="node0"), "node names must be unique, repeated: node0"),
+        (lambda d: d["nodes"][0].update(host_key="not-a-key"), "nodes.0.host_key: String should match pattern"),
+        (lambda d: d["nodes"][0].update(private_address="192.168.1.1"), "nodes outside network 10.9.0.0/24: node0"),
+        (lambda d: d["storage"].update(server="node0"), "storage.server 'node0' is not a storage node"),
+        (lambda d: d.update(schema_version=2), "schema_version: Input should be 1"),
+        (lambda d: d["nodes"][0].update(role="gpu", rack=3), "nodes.0.rack: Extra inputs are not permitted"),
+    ],
+)
 def test_invalid_inventory_names_the_field(tmp_path, mutate, message):
     data = json.loads(inventory.dumps(make_inventory()))
     mutate(data)
@@ -51,7 +55,9 @@ def test_invalid_inventory_names_the_field(tmp_path, mutate, message):
 
 def test_unknown_cluster_lists_the_known_ones():
     inventory.save(make_inventory(cluster="alpha"))
-    with pytest.raises(TrainrigError, match=r"no cluster named 'beta' \(known clusters: alpha\); create it with: fab up --name beta"):
+    with pytest.raises(
+        TrainrigError, match=r"no cluster named 'beta' \(known clusters: alpha\); create it with: fab up --name beta"
+    ):
         inventory.load("beta")
 
 
@@ -74,24 +80,31 @@ def test_secret_files_are_owner_only(home):
 
 
 def test_efs_storage_needs_no_storage_node_and_reads_from_a_gpu_node():
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from cluster.runs import RunRecord, reader_node
 
     base = make_inventory(gpu_nodes=2)
     data = json.loads(inventory.dumps(base))
-    data.update(cloud="aws", nodes=data["nodes"][:2],
-                storage={"kind": "efs", "server": "10.9.0.99", "export": "/", "mount_point": "/data"})
+    data.update(
+        cloud="aws",
+        nodes=data["nodes"][:2],
+        storage={"kind": "efs", "server": "10.9.0.99", "export": "/", "mount_point": "/data"},
+    )
     inv = inventory.parse(json.dumps(data), "test")
     assert inv.storage_node is None and inv.storage.kind == "efs"
-    record = RunRecord(id="r", job="j", node="node1", run_dir="/data/r", ranks=2, max_steps=1,
-                       started_at=datetime.now(timezone.utc))
+    record = RunRecord(
+        id="r", job="j", node="node1", run_dir="/data/r", ranks=2, max_steps=1, started_at=datetime.now(UTC)
+    )
     assert reader_node(inv, record).name == "node1"
     # After fab down an EFS cluster has no node at all: say how to bring one back, for this cloud.
     down = inv.model_copy(update={"nodes": [], "stack": "efs-demo"})
-    with pytest.raises(TrainrigError, match=r"no node of 'unit' is up to read run r from; start it with: "
-                                            r"pulumi config set trainrig:gpu_nodes N --stack efs-demo && "
-                                            r"pulumi up --stack efs-demo$"):
+    with pytest.raises(
+        TrainrigError,
+        match=r"no node of 'unit' is up to read run r from; start it with: "
+        r"pulumi config set trainrig:gpu_nodes N --stack efs-demo && "
+        r"pulumi up --stack efs-demo$",
+    ):
         reader_node(down, record)
     with pytest.raises(TrainrigError, match=r"has no nodes running; start it with: pulumi config set"):
         inventory.require_running(down)

@@ -3,19 +3,38 @@
 from __future__ import annotations
 
 import json
+
 import pytest
 
 from infra import inventory
 from infra.errors import TrainrigError
 
-NODE = {"name": "storage", "role": "storage", "public_address": "203.0.113.9", "private_address": "10.42.0.9",
-        "ssh_port": 22, "host_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB6cRZlMx0", "gpu_count": 0, "gpu_model": None,
-        "cpus": 16, "data_disks": [{"device": "/dev/xvdf", "size_gb": 2000}], "hourly_price_usd": 1.467}
-OUTPUTS = {"inventory": {"schema_version": 1, "cluster": "imagenet", "cloud": "aws", "ssh_user": "ubuntu",
-                         "ssh_private_key": "/home/op/.ssh/id_ed25519", "nodes": [NODE],
-                         "storage": {"server": "storage", "export": "/data", "mount_point": "/data"},
-                         "network": {"name": "vpc-1", "cidr": "10.42.0.0/16"}},
-           "hourly_cost_usd": {"compute": 0.0, "storage": 1.467, "total": 1.467}}
+NODE = {
+    "name": "storage",
+    "role": "storage",
+    "public_address": "203.0.113.9",
+    "private_address": "10.42.0.9",
+    "ssh_port": 22,
+    "host_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB6cRZlMx0",
+    "gpu_count": 0,
+    "gpu_model": None,
+    "cpus": 16,
+    "data_disks": [{"device": "/dev/xvdf", "size_gb": 2000}],
+    "hourly_price_usd": 1.467,
+}
+OUTPUTS = {
+    "inventory": {
+        "schema_version": 1,
+        "cluster": "imagenet",
+        "cloud": "aws",
+        "ssh_user": "ubuntu",
+        "ssh_private_key": "/home/op/.ssh/id_ed25519",
+        "nodes": [NODE],
+        "storage": {"server": "storage", "export": "/data", "mount_point": "/data"},
+        "network": {"name": "vpc-1", "cidr": "10.42.0.0/16"},
+    },
+    "hourly_cost_usd": {"compute": 0.0, "storage": 1.467, "total": 1.467},
+}
 
 
 @pytest.fixture(autouse=True)
@@ -67,7 +86,9 @@ def test_a_stack_is_never_whichever_is_selected(fake_pulumi):
 
 def test_a_stack_the_cli_refuses_is_one_line(fake_pulumi):
     fake_pulumi(OUTPUTS, {}).failing("stack select")
-    with pytest.raises(TrainrigError, match=r"^Pulumi stack 'prod': error: stack select refused by the stand-in cloud$"):
+    with pytest.raises(
+        TrainrigError, match=r"^Pulumi stack 'prod': error: stack select refused by the stand-in cloud$"
+    ):
         inventory.for_task(None, "dev", "stack:prod")
 
 

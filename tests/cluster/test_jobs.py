@@ -43,10 +43,13 @@ def test_missing_file_says_where_examples_are(tmp_path):
         jobs.load(tmp_path / "nope.yaml")
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("name: [unclosed", "not valid YAML at line 1"),
-    ("- a\n- b\n", "expected a mapping of job settings, got list"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("name: [unclosed", "not valid YAML at line 1"),
+        ("- a\n- b\n", "expected a mapping of job settings, got list"),
+    ],
+)
 def test_malformed_yaml(tmp_path, text, expected):
     path = tmp_path / "job.yaml"
     path.write_text(text)
@@ -74,16 +77,49 @@ def test_more_gpus_per_node_than_the_nodes_have():
 
 
 def test_mpirun_line():
-    spec = jobs.JobSpec(name="j", code="src", command=["python3", "train.py", "--steps", "{max_steps}", "--ck", "{checkpoint_dir}"],
-                        nodes=2, gpus_per_node=2, env={"NCCL_DEBUG": "INFO"}, max_steps=50)
+    spec = jobs.JobSpec(
+        name="j",
+        code="src",
+        command=["python3", "train.py", "--steps", "{max_steps}", "--ck", "{checkpoint_dir}"],
+        nodes=2,
+        gpus_per_node=2,
+        env={"NCCL_DEBUG": "INFO"},
+        max_steps=50,
+    )
     argv = jobs.mpirun_argv(spec, make_inventory(gpu_nodes=3), "/data/runs/r1")
     assert argv == [
-        "mpirun", "--allow-run-as-root", "-np", "4", "-H", "node0:2,node1:2",
-        "--bind-to", "none", "--map-by", "slot", "--wdir", "/data/runs/r1/code",
-        "--mca", "btl_tcp_if_include", "10.9.0.0/24", "--mca", "oob_tcp_if_include", "10.9.0.0/24",
-        "-x", "TRAINRIG_RUN_DIR=/data/runs/r1", "-x", "TRAINRIG_CHECKPOINT_DIR=/data/runs/r1/checkpoints",
-        "-x", "PYTHONUNBUFFERED=1", "-x", "NCCL_DEBUG=INFO",
-        "python3", "train.py", "--steps", "50", "--ck", "/data/runs/r1/checkpoints",
+        "mpirun",
+        "--allow-run-as-root",
+        "-np",
+        "4",
+        "-H",
+        "node0:2,node1:2",
+        "--bind-to",
+        "none",
+        "--map-by",
+        "slot",
+        "--wdir",
+        "/data/runs/r1/code",
+        "--mca",
+        "btl_tcp_if_include",
+        "10.9.0.0/24",
+        "--mca",
+        "oob_tcp_if_include",
+        "10.9.0.0/24",
+        "-x",
+        "TRAINRIG_RUN_DIR=/data/runs/r1",
+        "-x",
+        "TRAINRIG_CHECKPOINT_DIR=/data/runs/r1/checkpoints",
+        "-x",
+        "PYTHONUNBUFFERED=1",
+        "-x",
+        "NCCL_DEBUG=INFO",
+        "python3",
+        "train.py",
+        "--steps",
+        "50",
+        "--ck",
+        "/data/runs/r1/checkpoints",
     ]
 
 

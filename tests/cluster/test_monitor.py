@@ -1,12 +1,13 @@
 """The monitor's view of a run: partial lines, state, sparkline."""
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from cluster.monitor import RunView, sparkline
 from cluster.runs import RunRecord
 
-RECORD = RunRecord(id="r", job="j", node="node0", run_dir="/data/r", ranks=4, max_steps=100,
-                   started_at=datetime.now(timezone.utc))
+RECORD = RunRecord(
+    id="r", job="j", node="node0", run_dir="/data/r", ranks=4, max_steps=100, started_at=datetime.now(UTC)
+)
 
 
 def test_feed_keeps_partial_lines_for_later():

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from infra.errors import TrainrigError
 from cluster.plot import plot_run
+from infra.errors import TrainrigError
 
 
 def test_writes_a_png_of_the_curves(tmp_path):

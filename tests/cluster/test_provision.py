@@ -1,5 +1,7 @@
 """Provisioning settings: the Ansible inventory built from ours, speed settings, pinned keys."""
 
+from pathlib import Path
+
 import pytest
 
 from cluster import provision
@@ -15,11 +17,16 @@ def home(tmp_path, monkeypatch):
 def test_ansible_inventory_groups_and_vars():
     data = provision.ansible_inventory(make_inventory(gpu_nodes=2))["all"]
     assert {k: data["hosts"]["node1"][k] for k in ("ansible_host", "ansible_port", "trainrig_role")} == {
-        "ansible_host": "127.0.0.1", "ansible_port": 2201, "trainrig_role": "gpu"}
+        "ansible_host": "127.0.0.1",
+        "ansible_port": 2201,
+        "trainrig_role": "gpu",
+    }
     assert set(data["children"]["gpu"]["hosts"]) == {"node0", "node1"}
     assert set(data["children"]["storage"]["hosts"]) == {"storage"}
     assert data["vars"]["trainrig_nodes"][2] == {
-        "name": "storage", "private_address": "10.9.0.12", "host_key": data["vars"]["trainrig_nodes"][0]["host_key"]
+        "name": "storage",
+        "private_address": "10.9.0.12",
+        "host_key": data["vars"]["trainrig_nodes"][0]["host_key"],
     }
 
 
@@ -42,32 +49,48 @@ def test_host_keys_stay_pinned_and_settings_are_fast():
     assert int(env["ANSIBLE_FORKS"]) >= len(inv.nodes)
     assert env["ANSIBLE_PIPELINING"] == "True" and "ControlPersist" in env["ANSIBLE_SSH_ARGS"]
     known_hosts = env["ANSIBLE_SSH_ARGS"].split("UserKnownHostsFile=")[1].split()[0]
-    assert open(known_hosts).read().count("ssh-ed25519") == len(inv.nodes)
+    assert Path(known_hosts).read_text().count("ssh-ed25519") == len(inv.nodes)
 
 
 def test_recap_failed_hosts():
-    recap = provision.Recap(hosts={"a": provision.HostRecap(ok=3), "b": provision.HostRecap(unreachable=1),
-                                   "c": provision.HostRecap(failed=1)})
+    recap = provision.Recap(
+        hosts={
+            "a": provision.HostRecap(ok=3),
+            "b": provision.HostRecap(unreachable=1),
+            "c": provision.HostRecap(failed=1),
+        }
+    )
     assert recap.failed_hosts == ["b", "c"]
 
 
 def test_inventory_carries_what_the_roles_read():
-    data = provision.ansible_inventory(make_inventory(gpu_nodes=1), host_vars={"node0": {"data_disk_label": "x"}})["all"]
+    data = provision.ansible_inventory(make_inventory(gpu_nodes=1), host_vars={"node0": {"data_disk_label": "x"}})[
+        "all"
+    ]
     assert data["hosts"]["node0"]["data_disk_label"] == "x"
     assert data["hosts"]["node0"]["trainrig_data_disks"] == [
-        {"device": d.device, "size_gb": d.size_gb} for d in make_inventory(gpu_nodes=1).nodes[0].data_disks]
+        {"device": d.device, "size_gb": d.size_gb} for d in make_inventory(gpu_nodes=1).nodes[0].data_disks
+    ]
     storage = data["vars"]["trainrig_storage"]
     assert storage["server"] == "storage" and storage["export"] and storage["server_address"]
 
 
 def test_efs_storage_is_mounted_from_its_address_with_efs_options():
     inv = make_inventory(gpu_nodes=2)
-    efs = inv.model_copy(update={"nodes": inv.gpu_nodes, "storage": SharedStorage(
-        kind="efs", server="10.9.0.200", export="/", mount_point="/data")})
+    efs = inv.model_copy(
+        update={
+            "nodes": inv.gpu_nodes,
+            "storage": SharedStorage(kind="efs", server="10.9.0.200", export="/", mount_point="/data"),
+        }
+    )
     data = provision.ansible_inventory(efs)["all"]
     assert data["vars"]["trainrig_storage"] == {
-        "server": "", "server_address": "10.9.0.200", "export": "/", "mount_point": "/data",
-        "mount_options": provision.EFS_MOUNT_OPTIONS}
+        "server": "",
+        "server_address": "10.9.0.200",
+        "export": "/",
+        "mount_point": "/data",
+        "mount_options": provision.EFS_MOUNT_OPTIONS,
+    }
     assert "nfsvers=4.1" in provision.EFS_MOUNT_OPTIONS and "x-systemd.automount" in provision.EFS_MOUNT_OPTIONS
     assert data["children"]["storage"]["hosts"] == {}
 
@@ -88,11 +111,24 @@ def test_counts_are_ansibles_own_and_files_come_from_diffs():
     recap = provision.Recap(hosts={"a": provision.HostRecap()})
     progress = provision._Progress(type("Board", (), {"update": lambda *a: None})(), recap)
     # A no_log result is censored down to nothing: only Ansible's own recap knows it changed.
-    progress({"event": "runner_on_ok", "stdout": "changed: [a]",
-              "event_data": {"host": "a", "res": {"censored": "hidden"}}})
-    progress({"event": "runner_on_ok", "stdout": "ok: [a]",
-              "event_data": {"host": "a", "res": {"changed": False, "diff": [
-                  {"before_header": "/etc/x (content)", "after_header": "/etc/x (content)", "after": "new\n"}]}}})
+    progress(
+        {"event": "runner_on_ok", "stdout": "changed: [a]", "event_data": {"host": "a", "res": {"censored": "hidden"}}}
+    )
+    progress(
+        {
+            "event": "runner_on_ok",
+            "stdout": "ok: [a]",
+            "event_data": {
+                "host": "a",
+                "res": {
+                    "changed": False,
+                    "diff": [
+                        {"before_header": "/etc/x (content)", "after_header": "/etc/x (content)", "after": "new\n"}
+                    ],
+                },
+            },
+        }
+    )
     progress({"event": "playbook_on_stats", "event_data": {"ok": {"a": 2}, "changed": {"a": 1}}})
     assert (recap.hosts["a"].ok, recap.hosts["a"].changed) == (2, 1)
     assert recap.hosts["a"].files == {"/etc/x": "new\n"}
@@ -103,7 +139,9 @@ def test_an_ignored_unreachable_peer_does_not_fail_the_host_but_a_real_one_does(
     progress = provision._Progress(type("Board", (), {"update": lambda *a: None})(), recap)
     # a read a key from a peer that is down (ignore_unreachable); b itself was down.
     for host in ("a", "b"):
-        progress({"event": "runner_on_unreachable", "event_data": {"host": host, "task": "Read", "res": {"msg": "down"}}})
+        progress(
+            {"event": "runner_on_unreachable", "event_data": {"host": host, "task": "Read", "res": {"msg": "down"}}}
+        )
     assert recap.failed_hosts == ["a", "b"]
     progress({"event": "playbook_on_stats", "event_data": {"ok": {"a": 9}, "ignored": {"a": 1}, "dark": {"b": 1}}})
     assert recap.failed_hosts == ["b"] and recap.hosts["a"].message == "" and recap.hosts["a"].ok == 9
@@ -119,7 +157,9 @@ def test_cluster_vars_file_must_be_a_mapping(tmp_path):
 def test_a_broken_playbook_is_an_error_not_a_quiet_success(tmp_path, monkeypatch):
     # ansible-playbook stops before any host: no host failed, yet nothing was provisioned.
     (tmp_path / "roles").mkdir()
-    (tmp_path / "broken.yml").write_text("- name: Broken\n  hosts: all\n  tasks:\n    - ansible.builtin.debug: msg: x: y\n")
+    (tmp_path / "broken.yml").write_text(
+        "- name: Broken\n  hosts: all\n  tasks:\n    - ansible.builtin.debug: msg: x: y\n"
+    )
     monkeypatch.setattr(provision, "PLAYBOOKS", tmp_path)
     with pytest.raises(provision.TrainrigError, match=r"^ansible-playbook did not run \(failed\): .*ERROR"):
         provision.provision(make_inventory(gpu_nodes=1), playbook="broken.yml")

@@ -17,15 +17,23 @@ SUPERVISOR = Path(supervisor.__file__)
 def test_parse_metrics_with_default_patterns():
     patterns = {k: re.compile(v) for k, v in MetricPatterns().model_dump().items()}
     assert supervisor.parse_metrics("step 40/300 loss 0.812 samples/s 1234.5\n", patterns) == {
-        "step": 40, "loss": 0.812, "throughput": 1234.5}
+        "step": 40,
+        "loss": 0.812,
+        "throughput": 1234.5,
+    }
     assert supervisor.parse_metrics("final loss 0.1\n", patterns) is None
 
 
 def run_supervised(tmp_path, script: str):
-    (tmp_path / "run.json").write_text(json.dumps({
-        "argv": [sys.executable, "-c", script], "workdir": str(tmp_path),
-        "metrics": MetricPatterns().model_dump(),
-    }))
+    (tmp_path / "run.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-c", script],
+                "workdir": str(tmp_path),
+                "metrics": MetricPatterns().model_dump(),
+            }
+        )
+    )
     code = subprocess.run([sys.executable, str(SUPERVISOR), str(tmp_path)], timeout=60).returncode
     return code, json.loads((tmp_path / "status.json").read_text())
 

@@ -37,8 +37,12 @@ class CloudMocks(pulumi.runtime.Mocks):
         n = next(self.counter)
         state = dict(args.inputs)
         if args.typ == "aws:ec2/instance:Instance":
-            state.update(publicIp=f"203.0.113.{n}", privateIp=f"{self.private_prefix}{n}", availabilityZone="us-east-1a",
-                         ebsBlockDevices=[{**d, "volumeId": f"vol-0{n:016x}"} for d in args.inputs.get("ebsBlockDevices", [])])
+            state.update(
+                publicIp=f"203.0.113.{n}",
+                privateIp=f"{self.private_prefix}{n}",
+                availabilityZone="us-east-1a",
+                ebsBlockDevices=[{**d, "volumeId": f"vol-0{n:016x}"} for d in args.inputs.get("ebsBlockDevices", [])],
+            )
         elif args.typ == "aws:efs/mountTarget:MountTarget":
             state.update(ipAddress=f"{self.private_prefix}{n}")
         elif args.typ == "aws:ec2/placementGroup:PlacementGroup":
@@ -48,8 +52,15 @@ class CloudMocks(pulumi.runtime.Mocks):
         elif args.typ.endswith("ibm:VirtualServer"):
             state.update(public_ip=f"169.45.0.{n}", private_ip=f"10.45.19.{n}", guest_id=n)
         elif args.typ.endswith("local:Cluster"):
-            state.update(inventory={"cluster": args.inputs["cluster"], "cloud": "local", "ssh_user": "root",
-                                    "ssh_private_key": "/tmp/id_ed25519", "nodes": []})
+            state.update(
+                inventory={
+                    "cluster": args.inputs["cluster"],
+                    "cloud": "local",
+                    "ssh_user": "root",
+                    "ssh_private_key": "/tmp/id_ed25519",
+                    "nodes": [],
+                }
+            )
         elif args.typ.endswith("ibm:SshKey"):
             state.update(key_id=n)
         return f"{args.name}-id", state
@@ -70,8 +81,15 @@ class RecordingMonitor(MockMonitor):
     def RegisterResource(self, request):
         response = super().RegisterResource(request)
         if request.type != "pulumi:pulumi:Stack":
-            self.mocks.resources.append(Registered(request.type, request.name, self.resources[response.urn].state,
-                                                   bool(request.protect), request.parent))
+            self.mocks.resources.append(
+                Registered(
+                    request.type,
+                    request.name,
+                    self.resources[response.urn].state,
+                    bool(request.protect),
+                    request.parent,
+                )
+            )
         return response
 
 

@@ -1,11 +1,10 @@
-"""AWS calls trainrig makes itself (billable: teardown verified against the cloud's listing), against moto's server on loopback."""
+"""AWS calls trainrig makes itself (the billable listing teardown is checked against), on moto's server on loopback."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import boto3
-import pytest
 
 from infra.clouds.aws import CLOUD as AWS
 
@@ -17,12 +16,21 @@ def test_billable_lists_what_is_left_and_nothing_once_gone(aws):
     ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=endpoint)
     tags = [{"Key": "trainrig:cluster", "Value": "imagenet"}]
     ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
-    instance = ec2.run_instances(ImageId=ami, InstanceType="p2.16xlarge", MinCount=1, MaxCount=1,
-                                 TagSpecifications=[{"ResourceType": "instance", "Tags": tags}])["Instances"][0]
-    volume = ec2.create_volume(AvailabilityZone="us-east-1a", Size=2000,
-                               TagSpecifications=[{"ResourceType": "volume", "Tags": tags}])
-    other = ec2.create_volume(AvailabilityZone="us-east-1a", Size=10,
-                              TagSpecifications=[{"ResourceType": "volume", "Tags": [{"Key": "trainrig:cluster", "Value": "x"}]}])
+    instance = ec2.run_instances(
+        ImageId=ami,
+        InstanceType="p2.16xlarge",
+        MinCount=1,
+        MaxCount=1,
+        TagSpecifications=[{"ResourceType": "instance", "Tags": tags}],
+    )["Instances"][0]
+    volume = ec2.create_volume(
+        AvailabilityZone="us-east-1a", Size=2000, TagSpecifications=[{"ResourceType": "volume", "Tags": tags}]
+    )
+    other = ec2.create_volume(
+        AvailabilityZone="us-east-1a",
+        Size=10,
+        TagSpecifications=[{"ResourceType": "volume", "Tags": [{"Key": "trainrig:cluster", "Value": "x"}]}],
+    )
     efs = boto3.client("efs", region_name="us-east-1", endpoint_url=endpoint)
     shared = efs.create_file_system(CreationToken="trainrig-imagenet", Encrypted=True, Tags=tags)
     efs.create_file_system(CreationToken="trainrig-x", Tags=[{"Key": "trainrig:cluster", "Value": "x"}])

@@ -10,9 +10,9 @@ import pulumi
 import pytest
 import yaml
 
-from infra.inventory import Inventory
 from infra import config
 from infra.component import GpuCluster, GpuClusterArgs
+from infra.inventory import Inventory
 from tests.infra.conftest import STACKS
 
 CLOUD_STACKS = [p for p in STACKS if "local" not in p.name]
@@ -45,8 +45,11 @@ def test_outputs_are_an_inventory_and_a_price(mocks, path):
             assert inv.ssh_user == "root", "runs are system units: the key pair logs in as root"
             if cfg.cloud == "aws":
                 # A path that names the EBS volume itself: NVMe numbering follows discovery order.
-                want = (r"^/dev/xvdf$" if cfg.flavor.startswith(("p2.", "p3."))
-                        else r"^/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol0[0-9a-f]{16}$")
+                want = (
+                    r"^/dev/xvdf$"
+                    if cfg.flavor.startswith(("p2.", "p3."))
+                    else r"^/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol0[0-9a-f]{16}$"
+                )
                 assert all(re.match(want, n.data_disks[0].device) for n in inv.gpu_nodes), inv.gpu_nodes[0].data_disks
             if cfg.shared_fs:
                 # Mounted from the mount target's address, inside the cluster's network; no server.
@@ -60,6 +63,7 @@ def test_outputs_are_an_inventory_and_a_price(mocks, path):
             assert cost["total"] == pytest.approx(cost["compute"] + cost["storage"], abs=1e-3)
             assert cost["compute"] == pytest.approx(round(inv.hourly_cost_usd() - storage_node_price, 4), abs=1e-3)
             assert cost["storage"] > 0
+
         return outputs(cluster).apply(verify)
 
     check()
@@ -111,8 +115,9 @@ def test_aws_only_ssh_from_admin_reaches_in(mocks, path):
     group_id = f"{groups[0].name}-id"
     ingress = mocks.of_type("aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule")
     from_outside = [r.inputs for r in ingress if "referencedSecurityGroupId" not in r.inputs]
-    assert from_outside == [{**from_outside[0], "ipProtocol": "tcp", "fromPort": 22, "toPort": 22,
-                             "cidrIpv4": str(cfg.admin_cidr)}]
+    assert from_outside == [
+        {**from_outside[0], "ipProtocol": "tcp", "fromPort": 22, "toPort": 22, "cidrIpv4": str(cfg.admin_cidr)}
+    ]
     inside = [r.inputs for r in ingress if "referencedSecurityGroupId" in r.inputs]
     assert inside and all(r["referencedSecurityGroupId"] == group_id for r in inside), "NFS and MPI only from members"
     for instance in mocks.of_type("aws:ec2/instance:Instance"):
@@ -160,6 +165,7 @@ def test_zero_gpu_nodes_keeps_storage(mocks, path):
             inv = Inventory.model_validate_json(json.dumps(inventory))
             assert [n.name for n in inv.nodes] == ([] if cfg.shared_fs else ["storage"])
             assert inv.storage is not None
+
         return cluster.inventory.apply(verify)
 
     check()

@@ -1,4 +1,4 @@
-"""Stack configuration: every sample stack validates and prices; bad input is one line naming the key (cases as data)."""
+"""Stack configuration: every sample stack validates and prices; bad input is one line naming the key (cases: data)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from infra.errors import TrainrigError
 from infra import blueprint, catalog, clouds, config
+from infra.errors import TrainrigError
 from tests.infra.conftest import ROOT, STACKS
 
 CASES = yaml.safe_load((Path(__file__).parent / "cases" / "stack_config_errors.yaml").read_text())
-CREDENTIALS = {"SL_USERNAME": "u", "SL_API_KEY": "k", "AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b", "HOME": "/nonexistent"}
+CREDENTIALS = {
+    "SL_USERNAME": "u",
+    "SL_API_KEY": "k",
+    "AWS_ACCESS_KEY_ID": "a",
+    "AWS_SECRET_ACCESS_KEY": "b",
+    "HOME": "/nonexistent",
+}
 
 
 @pytest.mark.parametrize("path", STACKS, ids=lambda p: p.stem)
@@ -29,9 +35,21 @@ def test_every_sample_stack_validates_and_prices(path):
 
 def test_seed_clusters():
     dal10 = config.load_stack_file(config.stack_file("ibm-dal10-v100", ROOT))
-    assert (dal10.datacenter, dal10.flavor, dal10.gpus, dal10.data_disk_gb, dal10.storage_disk_gb) == ("dal10", "AC2_8X60X100", 1, 2000, 2000)
+    assert (dal10.datacenter, dal10.flavor, dal10.gpus, dal10.data_disk_gb, dal10.storage_disk_gb) == (
+        "dal10",
+        "AC2_8X60X100",
+        1,
+        2000,
+        2000,
+    )
     syd04 = config.load_stack_file(config.stack_file("ibm-syd04-dual-v100", ROOT))
-    assert (syd04.datacenter, syd04.flavor, syd04.gpu_nodes, syd04.gpus, syd04.data_disk_gb) == ("syd04", "AC2_16X120X100", 2, 2, 2000)
+    assert (syd04.datacenter, syd04.flavor, syd04.gpu_nodes, syd04.gpus, syd04.data_disk_gb) == (
+        "syd04",
+        "AC2_16X120X100",
+        2,
+        2,
+        2000,
+    )
     aws = config.load_stack_file(config.stack_file("aws-16-gpu", ROOT))
     assert (aws.gpu_nodes, aws.flavor, aws.gpus) == (16, "p2.16xlarge", 16)
 
@@ -61,10 +79,21 @@ def test_the_program_reads_the_same_keys_from_the_engine():
     assert cfg.gpu_nodes == 2 and cfg.hourly is True and cfg.tags == {"a": "b"}
 
 
-@pytest.mark.parametrize("stack, env, error", [
-    ("ibm-dal10-v100", {"HOME": "/nonexistent"}, "SL_USERNAME/SL_API_KEY: IBM Cloud classic credentials are missing; export SL_USERNAME"),
-    ("aws-16-gpu", {"HOME": "/nonexistent"}, "AWS_ACCESS_KEY_ID: AWS credentials are missing; export AWS_ACCESS_KEY_ID"),
-])
+@pytest.mark.parametrize(
+    "stack, env, error",
+    [
+        (
+            "ibm-dal10-v100",
+            {"HOME": "/nonexistent"},
+            "SL_USERNAME/SL_API_KEY: IBM Cloud classic credentials are missing; export SL_USERNAME",
+        ),
+        (
+            "aws-16-gpu",
+            {"HOME": "/nonexistent"},
+            "AWS_ACCESS_KEY_ID: AWS credentials are missing; export AWS_ACCESS_KEY_ID",
+        ),
+    ],
+)
 def test_missing_credentials(stack, env, error):
     with pytest.raises(TrainrigError, match=error):
         config.load_named(stack, ROOT, env)

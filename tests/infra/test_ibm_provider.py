@@ -14,15 +14,33 @@ from SoftLayer.testing import MockableTransport
 
 from infra.clouds.ibm.softlayer import IbmError, SshKeyProvider, VirtualServerProvider
 
-READY = {"id": 100, "provisionDate": "2025-06-01T10:00:00", "primaryIpAddress": "169.45.0.7",
-         "primaryBackendIpAddress": "10.45.19.37", "hostname": "node0", "billingItem": {"id": 6327}}
+READY = {
+    "id": 100,
+    "provisionDate": "2025-06-01T10:00:00",
+    "primaryIpAddress": "169.45.0.7",
+    "primaryBackendIpAddress": "10.45.19.37",
+    "hostname": "node0",
+    "billingItem": {"id": 6327},
+}
 NOT_READY = {"id": 100, "activeTransaction": {"id": 1}, "billingItem": {"id": 6327}}
 GONE = SoftLayer.SoftLayerAPIError("SoftLayer_Exception_ObjectNotFound", "Unable to find object with id of '100'.")
 SIZES = {"AC2_8X60X100": (8, 60), "AC2_16X120X100": (16, 120), "B1_2X8X100": (2, 8)}
-PROPS = {"hostname": "node0", "domain": "nmt.example.com", "datacenter": "syd04", "flavor": "AC2_8X60X100",
-         "os_code": "UBUNTU_22_64", "image_id": None, "hourly": True, "local_disk": False, "disks": [100, 2000],
-         "nic_speed": 1000, "ssh_key_ids": [1234], "private_vlan": None, "tags": ["trainrig-cluster:nmt"],
-         "user_data": "#cloud-config\n"}
+PROPS = {
+    "hostname": "node0",
+    "domain": "nmt.example.com",
+    "datacenter": "syd04",
+    "flavor": "AC2_8X60X100",
+    "os_code": "UBUNTU_22_64",
+    "image_id": None,
+    "hourly": True,
+    "local_disk": False,
+    "disks": [100, 2000],
+    "nic_speed": 1000,
+    "ssh_key_ids": [1234],
+    "private_vlan": None,
+    "tags": ["trainrig-cluster:nmt"],
+    "user_data": "#cloud-config\n",
+}
 
 
 @pytest.fixture
@@ -31,8 +49,9 @@ def transport():
 
 
 def provider(transport, **kw):
-    return VirtualServerProvider(ready_timeout_s=kw.pop("timeout", 2), poll_interval_s=0.01, flavor_sizes=SIZES,
-                                 transport=transport)
+    return VirtualServerProvider(
+        ready_timeout_s=kw.pop("timeout", 2), poll_interval_s=0.01, flavor_sizes=SIZES, transport=transport
+    )
 
 
 def calls(transport, method):
@@ -55,10 +74,13 @@ def test_create_orders_what_the_seed_ordered_and_waits_until_ready(transport):
     assert len(calls(transport, "getObject")) == 3
 
 
-@pytest.mark.parametrize("image, guid", [
-    ("100", "0B5DEAF4-643D-46CA-A695-CECBE8832C9D"),  # the number the portal shows: looked up
-    ("EB38414C-2AB3-47F3-BBBD-56A5F689620B", "EB38414C-2AB3-47F3-BBBD-56A5F689620B"),  # a GUID: as given
-])
+@pytest.mark.parametrize(
+    "image, guid",
+    [
+        ("100", "0B5DEAF4-643D-46CA-A695-CECBE8832C9D"),  # the number the portal shows: looked up
+        ("EB38414C-2AB3-47F3-BBBD-56A5F689620B", "EB38414C-2AB3-47F3-BBBD-56A5F689620B"),  # a GUID: as given
+    ],
+)
 def test_an_image_orders_by_its_global_identifier(transport, image, guid):
     transport.set_mock("SoftLayer_Virtual_Guest", "getObject").return_value = READY
     provider(transport).create({**PROPS, "os_code": None, "image_id": image})
@@ -68,8 +90,11 @@ def test_an_image_orders_by_its_global_identifier(transport, image, guid):
 
 
 def test_an_image_not_in_the_account_is_one_line_and_nothing_ordered(transport):
-    transport.set_mock("SoftLayer_Virtual_Guest_Block_Device_Template_Group", "getObject").side_effect = \
-        SoftLayer.SoftLayerAPIError("SoftLayer_Exception_ObjectNotFound", "Unable to find object with id of '42'.")
+    transport.set_mock(
+        "SoftLayer_Virtual_Guest_Block_Device_Template_Group", "getObject"
+    ).side_effect = SoftLayer.SoftLayerAPIError(
+        "SoftLayer_Exception_ObjectNotFound", "Unable to find object with id of '42'."
+    )
     with pytest.raises(IbmError, match=r"^image 42 is not in this account; find yours with: ibmcloud sl image list$"):
         provider(transport).create({**PROPS, "os_code": None, "image_id": "42"})
     assert not calls(transport, "createObject")
@@ -77,8 +102,11 @@ def test_an_image_not_in_the_account_is_one_line_and_nothing_ordered(transport):
 
 def test_rejected_order_is_one_clear_error_and_nothing_to_cancel(transport):
     transport.set_mock("SoftLayer_Virtual_Guest", "createObject").side_effect = SoftLayer.SoftLayerAPIError(
-        "SoftLayer_Exception_Public", "Unable to place order: out of stock in syd04")
-    with pytest.raises(IbmError, match=r"refused to order server node0 \(AC2_8X60X100 in syd04\): Unable to place order"):
+        "SoftLayer_Exception_Public", "Unable to place order: out of stock in syd04"
+    )
+    with pytest.raises(
+        IbmError, match=r"refused to order server node0 \(AC2_8X60X100 in syd04\): Unable to place order"
+    ):
         provider(transport).create(dict(PROPS))
     assert not calls(transport, "deleteObject")
 
@@ -109,18 +137,21 @@ def test_read_returns_addresses_and_notices_a_server_that_is_gone(transport):
     assert provider(transport).read("100", dict(PROPS)).id is None
 
 
-@pytest.mark.parametrize("change, replaces", [
-    ({"flavor": "AC2_16X120X100"}, []),              # bigger flavor: in-place upgrade
-    ({"disks": [100, 2000, 2000]}, []),              # added disk: in-place upgrade
-    ({"nic_speed": 10000}, []),
-    ({"tags": ["a:b"]}, []),
-    ({"flavor": "B1_2X8X100"}, ["flavor"]),           # smaller flavor: a new server
-    ({"disks": [100]}, ["disks"]),                    # removed disk
-    ({"datacenter": "dal10"}, ["datacenter"]),
-    ({"os_code": "UBUNTU_20_64"}, ["os_code"]),
-    ({"user_data": "#cloud-config\nx: 1\n"}, ["user_data"]),
-    ({"hostname": "node9"}, ["hostname"]),
-])
+@pytest.mark.parametrize(
+    "change, replaces",
+    [
+        ({"flavor": "AC2_16X120X100"}, []),  # bigger flavor: in-place upgrade
+        ({"disks": [100, 2000, 2000]}, []),  # added disk: in-place upgrade
+        ({"nic_speed": 10000}, []),
+        ({"tags": ["a:b"]}, []),
+        ({"flavor": "B1_2X8X100"}, ["flavor"]),  # smaller flavor: a new server
+        ({"disks": [100]}, ["disks"]),  # removed disk
+        ({"datacenter": "dal10"}, ["datacenter"]),
+        ({"os_code": "UBUNTU_20_64"}, ["os_code"]),
+        ({"user_data": "#cloud-config\nx: 1\n"}, ["user_data"]),
+        ({"hostname": "node9"}, ["hostname"]),
+    ],
+)
 def test_diff_tells_upgrades_from_replacements(change, replaces):
     diff = VirtualServerProvider(flavor_sizes=SIZES).diff("100", {**PROPS, "public_ip": "1.2.3.4"}, {**PROPS, **change})
     assert diff.changes is True and diff.replaces == replaces
@@ -132,19 +163,32 @@ def test_no_change_is_no_diff():
 
 def test_update_upgrades_flavor_and_adds_a_disk_through_the_sdk(transport, monkeypatch):
     transport.set_mock("SoftLayer_Virtual_Guest", "getObject").return_value = {
-        **READY, "billingItem": {"id": 1, "package": {"keyName": "PUBLIC_CLOUD_SERVER"}, "children": []}}
+        **READY,
+        "billingItem": {"id": 1, "package": {"keyName": "PUBLIC_CLOUD_SERVER"}, "children": []},
+    }
     upgrades = []
-    monkeypatch.setattr(SoftLayer.VSManager, "upgrade", lambda self, guest_id, **kw: upgrades.append((guest_id, kw)) or True)
-    result = provider(transport).update("100", dict(PROPS), {**PROPS, "flavor": "AC2_16X120X100", "disks": [100, 2000, 500]})
-    assert upgrades == [(100, {"preset": "AC2_16X120X100", "nic_speed": None, "disk": [{"capacity": 500, "number": 0}]})]
+    monkeypatch.setattr(
+        SoftLayer.VSManager, "upgrade", lambda self, guest_id, **kw: upgrades.append((guest_id, kw)) or True
+    )
+    result = provider(transport).update(
+        "100", dict(PROPS), {**PROPS, "flavor": "AC2_16X120X100", "disks": [100, 2000, 500]}
+    )
+    assert upgrades == [
+        (100, {"preset": "AC2_16X120X100", "nic_speed": None, "disk": [{"capacity": 500, "number": 0}]})
+    ]
     assert result.outs["flavor"] == "AC2_16X120X100"
 
 
 def test_update_places_an_upgrade_order(transport):
     """The SDK's own upgrade path on its fixtures (which price a 1 Gbps port): the change becomes a Product_Order."""
     transport.set_mock("SoftLayer_Virtual_Guest", "getObject").return_value = {
-        **READY, "billingItem": {"id": 1, "package": {"keyName": "PUBLIC_CLOUD_SERVER"},
-                                 "children": [{"categoryCode": "guest_disk1"}]}}
+        **READY,
+        "billingItem": {
+            "id": 1,
+            "package": {"keyName": "PUBLIC_CLOUD_SERVER"},
+            "children": [{"categoryCode": "guest_disk1"}],
+        },
+    }
     provider(transport).update("100", {**PROPS, "nic_speed": 100}, dict(PROPS))
     order = calls(transport, "placeOrder")[0].args[0]
     assert order["virtualGuests"] == [{"id": 100}] and order["prices"]
@@ -182,7 +226,9 @@ def test_round_trip_through_pulumis_pickling_keeps_no_credentials(monkeypatch):
     secret = "sl-api-key-that-must-not-be-pickled"
     monkeypatch.setenv("SL_API_KEY", secret)
     original = VirtualServerProvider(ready_timeout_s=5, flavor_sizes=SIZES)
-    original.configure(ConfigureRequest(Config({"trainrig:sl_username": "me", "trainrig:sl_api_key": secret}, "trainrig")))
+    original.configure(
+        ConfigureRequest(Config({"trainrig:sl_username": "me", "trainrig:sl_api_key": secret}, "trainrig"))
+    )
     assert original._stack_credentials == ("me", secret)
     serialized = serialize_provider(original)  # what Pulumi stores in state (base64 of dill)
     import base64

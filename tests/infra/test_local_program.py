@@ -3,16 +3,14 @@ real one is exercised end to end by tests/integration)."""
 
 from __future__ import annotations
 
-import json
-
 import dill
 import pulumi
 import pytest
 
 from infra import config
 from infra.clouds.local import program as local_program
-from infra.inventory import Inventory
 from infra.component import GpuCluster, GpuClusterArgs
+from infra.inventory import Inventory
 from tests.infra.conftest import ROOT
 
 INV = Inventory(cluster="dev", cloud="local", ssh_user="root", ssh_private_key="/k", nodes=[])
@@ -62,8 +60,9 @@ def test_a_node_never_ready_is_rolled_back(monkeypatch):
 
 
 def test_provider_survives_pulumis_pickling():
-    assert isinstance(dill.loads(dill.dumps(local_program.LocalClusterProvider(), recurse=True)),
-                      local_program.LocalClusterProvider)
+    assert isinstance(
+        dill.loads(dill.dumps(local_program.LocalClusterProvider(), recurse=True)), local_program.LocalClusterProvider
+    )
 
 
 def test_local_stack_under_mocks(mocks):

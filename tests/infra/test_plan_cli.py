@@ -16,8 +16,14 @@ CREDENTIALS = {"SL_USERNAME": "u", "SL_API_KEY": "k", "AWS_ACCESS_KEY_ID": "a", 
 
 def fab(*args, env, tmp_path):
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("SL_", "AWS_"))}
-    return subprocess.run([FAB, *args], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                          env={**clean, "HOME": str(tmp_path), "TRAINRIG_HOME": str(tmp_path), "COLUMNS": "160", **env})
+    return subprocess.run(
+        [FAB, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**clean, "HOME": str(tmp_path), "TRAINRIG_HOME": str(tmp_path), "COLUMNS": "160", **env},
+    )
 
 
 def test_plan_prints_nodes_flavors_disks_and_price(tmp_path):
@@ -32,19 +38,31 @@ def test_plan_with_efs_prices_storage_per_gb_and_lists_no_storage_node(tmp_path)
     result = fab("plan", "--stack", "aws-4-gpu-efs", env=CREDENTIALS, tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr
     rows = [line.split() for line in result.stdout.splitlines()]
-    assert [r[0] for r in rows if r and r[0].startswith("node") and r[1] == "gpu"] == ["node0", "node1", "node2", "node3"]
+    assert [r[0] for r in rows if r and r[0].startswith("node") and r[1] == "gpu"] == [
+        "node0",
+        "node1",
+        "node2",
+        "node3",
+    ]
     assert not [r for r in rows if len(r) > 1 and r[1] == "storage" and r[0] != "efs"]
     efs = next(r for r in rows if r and r[0] == "efs")
     assert efs[-3:-1] == ["500", "GB"] and float(efs[-1]) == pytest.approx(500 * 0.30 / 730, abs=1e-3)
     assert "EFS is billed per GB stored" in result.stdout
 
 
-@pytest.mark.parametrize("args, env, error", [
-    (["plan"], CREDENTIALS, "error: no stack selected; pass --stack NAME"),
-    (["plan", "--stack", "nope"], CREDENTIALS, "error: stack file"),
-    (["plan", "--stack", "aws-16-gpu"], {}, "error: AWS_ACCESS_KEY_ID: AWS credentials are missing"),
-    (["plan", "--stack", "tests/infra/cases/stack_bad_cloud.yaml"], CREDENTIALS, "error: trainrig:cloud: unknown cloud 'gcp'"),
-])
+@pytest.mark.parametrize(
+    "args, env, error",
+    [
+        (["plan"], CREDENTIALS, "error: no stack selected; pass --stack NAME"),
+        (["plan", "--stack", "nope"], CREDENTIALS, "error: stack file"),
+        (["plan", "--stack", "aws-16-gpu"], {}, "error: AWS_ACCESS_KEY_ID: AWS credentials are missing"),
+        (
+            ["plan", "--stack", "tests/infra/cases/stack_bad_cloud.yaml"],
+            CREDENTIALS,
+            "error: trainrig:cloud: unknown cloud 'gcp'",
+        ),
+    ],
+)
 def test_plan_bad_input_is_one_line_without_traceback(tmp_path, args, env, error):
     result = fab(*args, env=env, tmp_path=tmp_path)
     assert result.returncode != 0

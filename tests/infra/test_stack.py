@@ -1,4 +1,4 @@
-"""`fab down` of a cluster that a Pulumi stack made: automation takes compute (or everything) away, the cloud's listing must agree."""
+"""`fab down` of a cluster a Pulumi stack made: automation takes compute (or all) away; the cloud's listing agrees."""
 
 from __future__ import annotations
 
@@ -31,8 +31,13 @@ def stack_config(**changes) -> dict[str, str]:
 def launch(ec2, role: str) -> str:
     ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
     tags = [{"Key": "trainrig:cluster", "Value": "imagenet"}, {"Key": "trainrig:role", "Value": role}]
-    return ec2.run_instances(ImageId=ami, InstanceType="p2.16xlarge", MinCount=1, MaxCount=1,
-                             TagSpecifications=[{"ResourceType": "instance", "Tags": tags}])["Instances"][0]["InstanceId"]
+    return ec2.run_instances(
+        ImageId=ami,
+        InstanceType="p2.16xlarge",
+        MinCount=1,
+        MaxCount=1,
+        TagSpecifications=[{"ResourceType": "instance", "Tags": tags}],
+    )["Instances"][0]["InstanceId"]
 
 
 @pytest.fixture
@@ -63,7 +68,9 @@ def test_down_removes_compute_keeps_storage(ec2, stack):
 
 def test_down_fails_when_the_cloud_still_lists_compute(ec2, stack):
     gpu = launch(ec2, "gpu")
-    with pytest.raises(TrainrigError, match=rf"aws still lists compute of 'imagenet': instance {gpu} \(p2.16xlarge, running, gpu\)"):
+    with pytest.raises(
+        TrainrigError, match=rf"aws still lists compute of 'imagenet': instance {gpu} \(p2.16xlarge, running, gpu\)"
+    ):
         lifecycle.down(inventory.load("imagenet"), purge=False, stack=STACK)
 
 

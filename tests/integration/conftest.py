@@ -18,8 +18,11 @@ def remove_leftovers(cluster: str) -> None:
     """Containers, network and volume an earlier, killed test session may have left."""
     for kind, name_format in (("container", "{{.Names}}"), ("network", "{{.Name}}"), ("volume", "{{.Name}}")):
         every = ["--all"] if kind == "container" else []
-        names = subprocess.run(["docker", kind, "ls", *every, "--filter", f"label={LABEL}={cluster}", "--format", name_format],
-                               capture_output=True, text=True).stdout.split()
+        names = subprocess.run(
+            ["docker", kind, "ls", *every, "--filter", f"label={LABEL}={cluster}", "--format", name_format],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
         if names:
             subprocess.run(["docker", kind, "rm", *(["-f"] if kind != "network" else []), *names], capture_output=True)
 
@@ -71,8 +74,14 @@ auth:
 
 def node_exec(cluster: str, node: str, *argv: str, input: str | None = None) -> subprocess.CompletedProcess:
     """A command in a node through the engine (set-up and faults, not what is under test)."""
-    return subprocess.run(["docker", "exec", "-i", f"trainrig-{cluster}-{node}", *argv], input=input,
-                          capture_output=True, text=True, timeout=300, check=True)
+    return subprocess.run(
+        ["docker", "exec", "-i", f"trainrig-{cluster}-{node}", *argv],
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -82,18 +91,31 @@ def registry(cluster, provisioned):
     import secrets
 
     password = secrets.token_urlsafe(18)
-    node_exec(CLUSTER, "storage", "apt-get", "install", "-y", "-q", "--no-install-recommends",
-              "docker-registry", "apache2-utils")
+    node_exec(
+        CLUSTER,
+        "storage",
+        "apt-get",
+        "install",
+        "-y",
+        "-q",
+        "--no-install-recommends",
+        "docker-registry",
+        "apache2-utils",
+    )
     # htpasswd reads the password from stdin (-i), so it is never on a command line.
     htpasswd = node_exec(CLUSTER, "storage", "htpasswd", "-iBn", REGISTRY_USER, input=password).stdout
     node_exec(CLUSTER, "storage", "sh", "-c", "cat > /etc/docker/registry/htpasswd", input=htpasswd)
     node_exec(CLUSTER, "storage", "sh", "-c", "cat > /etc/docker/registry/config.yml", input=REGISTRY_CONFIG)
     node_exec(CLUSTER, "storage", "systemctl", "restart", "docker-registry")
-    provision.cluster_vars_path(CLUSTER).write_text(yaml.safe_dump({
-        "docker_insecure_registries": [REGISTRY],
-        "registry_login_registry": REGISTRY,
-        "registry_login_username": REGISTRY_USER,
-    }))
+    provision.cluster_vars_path(CLUSTER).write_text(
+        yaml.safe_dump(
+            {
+                "docker_insecure_registries": [REGISTRY],
+                "registry_login_registry": REGISTRY,
+                "registry_login_username": REGISTRY_USER,
+            }
+        )
+    )
     previous = os.environ.get("TRAINRIG_REGISTRY_PASSWORD")
     os.environ["TRAINRIG_REGISTRY_PASSWORD"] = password
     try:

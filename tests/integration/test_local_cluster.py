@@ -11,9 +11,8 @@ import pytest
 import yaml
 
 from cluster import jobs, lifecycle, monitor, provision, results, runs
-from infra import inventory, keys, ssh
+from infra import clouds, inventory, keys, ssh
 from infra.errors import TrainrigError
-from infra import clouds
 from tests.integration.conftest import CLUSTER
 
 pytestmark = pytest.mark.integration
@@ -27,16 +26,22 @@ def on(inv, name, *argv, check=True):
 
 
 def fab(*args):
-    return subprocess.run([str(FAB), *args], cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [str(FAB), *args], cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=300
+    )
 
 
 # -- nodes behave like VMs ---------------------------------------------------------------
+
 
 def test_nodes_are_vm_like(cluster):
     assert [n.name for n in cluster.nodes] == ["node0", "node1", "storage"]
     for node in cluster.nodes:
         assert on(cluster, node.name, "hostname").stdout.strip() == node.name
-        assert on(cluster, node.name, "systemctl", "is-system-running", check=False).stdout.strip() in ("running", "degraded")
+        assert on(cluster, node.name, "systemctl", "is-system-running", check=False).stdout.strip() in (
+            "running",
+            "degraded",
+        )
         assert on(cluster, node.name, "systemctl", "is-active", "ssh").stdout.strip() == "active"
         # A blank data disk the node could format, like a fresh cloud volume.
         assert on(cluster, node.name, "blockdev", "--getsize64", "/dev/xvdc").stdout.strip() == str(1024**3)
@@ -47,8 +52,9 @@ def test_nodes_are_vm_like(cluster):
 def test_ssh_is_published_on_loopback_only(cluster):
     for node in cluster.nodes:
         assert node.public_address == "127.0.0.1"
-        ports = subprocess.run(["docker", "port", f"trainrig-{cluster.cluster}-{node.name}", "22/tcp"],
-                               capture_output=True, text=True).stdout.split()
+        ports = subprocess.run(
+            ["docker", "port", f"trainrig-{cluster.cluster}-{node.name}", "22/tcp"], capture_output=True, text=True
+        ).stdout.split()
         assert ports == [f"127.0.0.1:{node.ssh_port}"]
 
 
@@ -67,6 +73,7 @@ def test_a_different_host_key_is_refused(cluster):
 
 
 # -- provisioning ------------------------------------------------------------------------
+
 
 def test_provision_succeeds_then_changes_nothing(cluster, provisioned):
     assert provisioned.failed_hosts == []
@@ -87,12 +94,23 @@ def test_ssh_mesh_by_name_and_address_with_pinned_keys(cluster, provisioned):
             assert on(cluster, src.name, "ssh", dst.name, "hostname").stdout.strip() == dst.name
     assert on(cluster, "node0", "ssh", str(cluster.node("node1").private_address), "hostname").stdout.strip() == "node1"
     # Without the pinned keys the same hop is refused: nothing is trusted on first use.
-    refused = on(cluster, "node0", "ssh", "-o", "GlobalKnownHostsFile=/dev/null", "-o", "UserKnownHostsFile=/dev/null",
-                 "node1", "true", check=False)
+    refused = on(
+        cluster,
+        "node0",
+        "ssh",
+        "-o",
+        "GlobalKnownHostsFile=/dev/null",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "node1",
+        "true",
+        check=False,
+    )
     assert refused.exited != 0 and "Host key verification failed" in refused.stderr
 
 
 # -- training ----------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="session")
 def finished_run(cluster, provisioned):
@@ -149,8 +167,16 @@ def test_cli_status_logs_plot_and_monitor(cluster, finished_run, tmp_path):
 
 def test_failing_job_fails_the_monitor(cluster, provisioned, tmp_path):
     job = tmp_path / "fails.yaml"
-    job.write_text(yaml.safe_dump({"name": "fails", "nodes": 2, "max_steps": 5,
-                                   "command": ["python3", "-c", "import sys; print('step 1 loss 1.0'); sys.exit(4)"]}))
+    job.write_text(
+        yaml.safe_dump(
+            {
+                "name": "fails",
+                "nodes": 2,
+                "max_steps": 5,
+                "command": ["python3", "-c", "import sys; print('step 1 loss 1.0'); sys.exit(4)"],
+            }
+        )
+    )
     result = fab("train", "--job", str(job), "--name", cluster.cluster, "--follow")
     assert result.returncode == 1
     assert "failed" in result.stderr and "Traceback" not in result.stderr
@@ -168,9 +194,10 @@ def test_job_bigger_than_the_cluster_is_refused(cluster, provisioned, tmp_path):
 
 # -- teardown ----------------------------------------------------------------------------
 
+
 def test_down_keeps_storage_and_purge_removes_everything(home):
     name = f"{CLUSTER}-down"
-    backend = backends.get("local")
+    backend = clouds.get("local").backend()
     inv = lifecycle.up(name, gpu_nodes=1, data_disk_gb=1)
     try:
         on(inv, "node0", "sh", "-c", "echo kept > /data/survives")
@@ -188,8 +215,9 @@ def test_down_keeps_storage_and_purge_removes_everything(home):
     assert result.returncode == 0, result.stderr
     assert backend.billable(name) == []
     assert not (home / "clusters" / name).exists()
-    leftover = subprocess.run(["docker", "ps", "-a", "--filter", f"label=trainrig.cluster={name}", "-q"],
-                              capture_output=True, text=True).stdout
+    leftover = subprocess.run(
+        ["docker", "ps", "-a", "--filter", f"label=trainrig.cluster={name}", "-q"], capture_output=True, text=True
+    ).stdout
     assert leftover == ""
 
 
@@ -199,11 +227,17 @@ def test_failed_up_leaves_nothing_behind(home, tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "docker").symlink_to(subprocess.run(["which", "docker"], capture_output=True, text=True).stdout.strip())
-    result = subprocess.run([str(FAB), "up", "--name", name], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PATH": str(bin_dir)})
+    result = subprocess.run(
+        [str(FAB), "up", "--name", name],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PATH": str(bin_dir)},
+    )
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "losetup is not installed" in result.stderr
-    assert backends.get("local").billable(name) == []
+    assert clouds.get("local").backend().billable(name) == []
     assert not inventory.path_for(name).parent.exists()
 
 

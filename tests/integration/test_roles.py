@@ -2,7 +2,6 @@
 --retry-failed; and the GPU, NFS and RAID roles in check mode (no GPU, kernel NFS or md here)."""
 
 import json
-import os
 
 import pytest
 
@@ -31,10 +30,12 @@ def written(recap, host, path):
 
 # -- data disk and Docker, for real -----------------------------------------------------------
 
+
 def test_data_disk_is_mounted_by_uuid_with_noatime_nofail(cluster, provisioned):
     for node in cluster.nodes:
-        source, fstype, options = on(cluster, node.name, "findmnt", "--noheadings", "--output", "SOURCE,FSTYPE,OPTIONS",
-                                     "/data1").stdout.split()
+        source, fstype, options = on(
+            cluster, node.name, "findmnt", "--noheadings", "--output", "SOURCE,FSTYPE,OPTIONS", "/data1"
+        ).stdout.split()
         assert (source, fstype) == ("/dev/xvdc", "ext4") and "noatime" in options.split(",")
         uuid = on(cluster, node.name, "blkid", "-s", "UUID", "-o", "value", "/dev/xvdc").stdout.strip()
         assert on(cluster, node.name, "blkid", "-s", "LABEL", "-o", "value", "/dev/xvdc").stdout.strip() == "data1"
@@ -50,9 +51,17 @@ def test_docker_keeps_its_data_on_the_data_disk_and_runs_a_container(cluster, pr
         info = on(cluster, name, "docker", "info", "--format", "{{.DockerRootDir}} {{.Driver}}").stdout.split()
         assert info == ["/data1/docker", "overlay2"]
     # No registry to pull from: a real image made of the node's own echo and the libraries it needs.
-    on(cluster, "node0", "sh", "-c", "tar -ch $(ldd /usr/bin/echo | grep -o '/[^ ]*') /usr/bin/echo 2>/dev/null"
-                                     " | docker import - trainrig-test/echo:1")
-    out = on(cluster, "node0", "docker", "run", "--rm", "trainrig-test/echo:1", "/usr/bin/echo", "hello from a container")
+    on(
+        cluster,
+        "node0",
+        "sh",
+        "-c",
+        "tar -ch $(ldd /usr/bin/echo | grep -o '/[^ ]*') /usr/bin/echo 2>/dev/null"
+        " | docker import - trainrig-test/echo:1",
+    )
+    out = on(
+        cluster, "node0", "docker", "run", "--rm", "trainrig-test/echo:1", "/usr/bin/echo", "hello from a container"
+    )
     assert out.stdout.strip() == "hello from a container"
 
 
@@ -61,6 +70,7 @@ def test_storage_node_gets_no_docker(cluster, provisioned):
 
 
 # -- registry login ---------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="session")
 def logged_in(cluster, registry):
@@ -75,16 +85,27 @@ def test_registry_login_works_and_is_idempotent(cluster, registry, logged_in):
     assert {h: r.changed for h, r in again.hosts.items()} == {"node0": 0, "node1": 0, "storage": 0}
     # Logged in for real: node0 pushes an image the registry only takes with a valid login, node1 pulls it.
     image = f"{REGISTRY}/trainrig-test/echo:1"
-    on(cluster, "node0", "sh", "-c", "tar -ch $(ldd /usr/bin/echo | grep -o '/[^ ]*') /usr/bin/echo 2>/dev/null"
-                                     f" | docker import - {image}")
+    on(
+        cluster,
+        "node0",
+        "sh",
+        "-c",
+        f"tar -ch $(ldd /usr/bin/echo | grep -o '/[^ ]*') /usr/bin/echo 2>/dev/null | docker import - {image}",
+    )
     on(cluster, "node0", "docker", "push", image)
     on(cluster, "node1", "docker", "pull", image)
     assert on(cluster, "node1", "docker", "run", "--rm", image, "/usr/bin/echo", "pulled").stdout.strip() == "pulled"
 
 
 def test_registry_refuses_a_wrong_password(cluster, registry, logged_in):
-    wrong = node_exec(CLUSTER, "node1", "sh", "-c", f"docker --config /tmp/no-login login -u {REGISTRY_USER} "
-                      f"--password-stdin {REGISTRY}; echo rc=$?", input="not-the-password")
+    wrong = node_exec(
+        CLUSTER,
+        "node1",
+        "sh",
+        "-c",
+        f"docker --config /tmp/no-login login -u {REGISTRY_USER} --password-stdin {REGISTRY}; echo rc=$?",
+        input="not-the-password",
+    )
     assert "rc=0" not in wrong.stdout and "unauthorized" in (wrong.stdout + wrong.stderr).lower()
 
 
@@ -107,27 +128,54 @@ def test_a_data_disk_named_by_a_udev_link(cluster, provisioned):
     node_exec(CLUSTER, "node0", "mkdir", "-p", "/dev/disk/by-id")
     node_exec(CLUSTER, "node0", "ln", "-sfn", "/dev/xvdc", link)
     size = cluster.node("node0").data_disks[0].size_gb
-    recap = provision.provision(cluster, tags="data_disk", host_vars={
-        "node0": {"data_disk_devices": [link], "data_disk_expected_gb": {link: size}}})
+    recap = provision.provision(
+        cluster,
+        tags="data_disk",
+        host_vars={"node0": {"data_disk_devices": [link], "data_disk_expected_gb": {link: size}}},
+    )
     assert recap.hosts["node0"].succeeded and recap.hosts["node0"].changed == 0, "the same disk, already ours"
 
 
 # -- bad input: one clear line for the bad host, the others unaffected --------------------------
 
 BAD_INPUT = [
-    {"id": "disk-missing", "tags": "data_disk", "host_vars": {"data_disk_devices": ["/dev/xvdz"]},
-     "message": "data_disk: /dev/xvdz is not there"},
-    {"id": "disk-formatted", "tags": "data_disk", "host_vars": {"data_disk_label": "scratch"},
-     "message": "data_disk: /dev/xvdc already holds a ext4 file system (label 'data1'); not formatting it"},
+    {
+        "id": "disk-missing",
+        "tags": "data_disk",
+        "host_vars": {"data_disk_devices": ["/dev/xvdz"]},
+        "message": "data_disk: /dev/xvdz is not there",
+    },
+    {
+        "id": "disk-formatted",
+        "tags": "data_disk",
+        "host_vars": {"data_disk_label": "scratch"},
+        "message": "data_disk: /dev/xvdc already holds a ext4 file system (label 'data1'); not formatting it",
+    },
     # The named device is there but is not the disk the inventory ordered (a local NVMe, say).
-    {"id": "disk-wrong-size", "tags": "data_disk", "host_vars": {"data_disk_expected_gb": {"/dev/xvdc": 3800}},
-     "message": "GiB, not 3800 GB; not formatting it"},
-    {"id": "secret-unset", "tags": "registry_login", "host_vars": {"registry_login_password_env": "TRAINRIG_TEST_UNSET"},
-     "message": "registry_login: TRAINRIG_TEST_UNSET is not set"},
-    {"id": "unsupported-os", "tags": "docker", "host_vars": {"docker_supported_platforms": {"Ubuntu": ["24"]}},
-     "message": "docker: Debian 12"},
-    {"id": "nfs-without-storage", "tags": "nfs_client", "host_vars": {"nfs_client_server": ""},
-     "message": "nfs_client: NFS is asked for but the inventory has no storage node"},
+    {
+        "id": "disk-wrong-size",
+        "tags": "data_disk",
+        "host_vars": {"data_disk_expected_gb": {"/dev/xvdc": 3800}},
+        "message": "GiB, not 3800 GB; not formatting it",
+    },
+    {
+        "id": "secret-unset",
+        "tags": "registry_login",
+        "host_vars": {"registry_login_password_env": "TRAINRIG_TEST_UNSET"},
+        "message": "registry_login: TRAINRIG_TEST_UNSET is not set",
+    },
+    {
+        "id": "unsupported-os",
+        "tags": "docker",
+        "host_vars": {"docker_supported_platforms": {"Ubuntu": ["24"]}},
+        "message": "docker: Debian 12",
+    },
+    {
+        "id": "nfs-without-storage",
+        "tags": "nfs_client",
+        "host_vars": {"nfs_client_server": ""},
+        "message": "nfs_client: NFS is asked for but the inventory has no storage node",
+    },
 ]
 
 
@@ -151,6 +199,7 @@ def test_no_storage_node_in_the_inventory(cluster, provisioned):
 
 
 # -- an unreachable host, then --retry-failed ---------------------------------------------------
+
 
 def test_unreachable_host_then_retry_failed(cluster, provisioned):
     node = cluster.node("node1")
@@ -176,10 +225,13 @@ def test_unreachable_host_then_retry_failed(cluster, provisioned):
 
 # -- GPU, NFS and RAID in check mode: the files they would write --------------------------------
 
+
 def test_gpu_host_in_check_mode(cluster, provisioned):
     before = on(cluster, "node0", "cat", "/etc/docker/daemon.json").stdout
     recap = provision.provision(
-        cluster, tags="nvidia_driver,docker,nvidia_container_toolkit", check=True,
+        cluster,
+        tags="nvidia_driver,docker,nvidia_container_toolkit",
+        check=True,
         # A GPU host as sysfs would show it; this sandbox's kernel is not Debian's, so no headers package.
         extravars={"gpu_facts_nvidia_present": True, "nvidia_driver_kernel_packages": ["dkms"]},
     )
@@ -193,8 +245,12 @@ def test_gpu_host_in_check_mode(cluster, provisioned):
 
 
 def test_nfs_in_check_mode(cluster, provisioned):
-    recap = provision.provision(cluster, tags="nfs", check=True,
-                                extravars={"nfs_server_kernel_support": True, "nfs_client_kernel_support": True})
+    recap = provision.provision(
+        cluster,
+        tags="nfs",
+        check=True,
+        extravars={"nfs_server_kernel_support": True, "nfs_client_kernel_support": True},
+    )
     exports = written(recap, "storage", "/etc/exports.d/trainrig.exports")
     # Every node's own private address, never the network's CIDR (IBM classic's is 10.0.0.0/8).
     clients = " ".join(f"{n.private_address}(rw,sync,no_subtree_check,root_squash)" for n in cluster.nodes)
@@ -210,9 +266,13 @@ def test_nfs_in_check_mode(cluster, provisioned):
 def task_results(artifacts, host, task):
     """(event, result) of every run of a task on host, from the job events that keep_artifacts kept."""
     events = [json.loads(p.read_text()) for p in artifacts.rglob("job_events/*.json")]
-    return [(e["event"], e["event_data"].get("res", {})) for e in sorted(events, key=lambda e: e["counter"])
-            if e.get("event_data", {}).get("host") == host and e["event_data"].get("task") == task
-            and e["event"] in ("runner_on_ok", "runner_on_skipped", "runner_on_failed")]
+    return [
+        (e["event"], e["event_data"].get("res", {}))
+        for e in sorted(events, key=lambda e: e["counter"])
+        if e.get("event_data", {}).get("host") == host
+        and e["event_data"].get("task") == task
+        and e["event"] in ("runner_on_ok", "runner_on_skipped", "runner_on_failed")
+    ]
 
 
 def test_gpu_facts_find_no_gpu_on_the_local_nodes(cluster, provisioned, tmp_path):
@@ -223,9 +283,14 @@ def test_gpu_facts_find_no_gpu_on_the_local_nodes(cluster, provisioned, tmp_path
         [(event, res)] = task_results(tmp_path, name, "Record the NVIDIA GPUs and NVSwitches on the PCI bus")
         assert event == "runner_on_ok"
         facts = res["ansible_facts"]
-        assert (facts["gpu_facts_nvidia_gpus"], facts["gpu_facts_nvidia_present"], facts["gpu_facts_nvswitch_present"]) \
-            == ([], False, False)
-        [(event, _)] = task_results(tmp_path, name, "Install the driver branch (and the fabric manager on NVSwitch hosts)")
+        assert (
+            facts["gpu_facts_nvidia_gpus"],
+            facts["gpu_facts_nvidia_present"],
+            facts["gpu_facts_nvswitch_present"],
+        ) == ([], False, False)
+        [(event, _)] = task_results(
+            tmp_path, name, "Install the driver branch (and the fabric manager on NVSwitch hosts)"
+        )
         assert event == "runner_on_skipped"
 
 
@@ -242,9 +307,15 @@ def test_gpu_count_without_a_gpu_on_the_bus_fails_that_host(cluster, provisioned
 def test_nvswitch_host_in_check_mode(cluster, provisioned, tmp_path):
     # NVSwitches as sysfs would show them (p4d.24xlarge); node1 is a K80 (AWS p2) with the fabric manager off.
     recap = provision.provision(
-        cluster, tags="nvidia_driver", check=True, keep_artifacts=tmp_path,
-        extravars={"gpu_facts_nvidia_present": True, "gpu_facts_nvswitch_present": True,
-                   "nvidia_driver_kernel_packages": ["dkms"]},
+        cluster,
+        tags="nvidia_driver",
+        check=True,
+        keep_artifacts=tmp_path,
+        extravars={
+            "gpu_facts_nvidia_present": True,
+            "gpu_facts_nvswitch_present": True,
+            "nvidia_driver_kernel_packages": ["dkms"],
+        },
         host_vars={"node1": {"trainrig_gpu_model": "Tesla K80", "nvidia_driver_fabricmanager": False}},
     )
     assert recap.failed_hosts == []
@@ -263,8 +334,12 @@ def test_nvswitch_host_in_check_mode(cluster, provisioned, tmp_path):
 
 def test_efs_mount_in_check_mode(cluster, provisioned):
     # An AWS cluster with EFS: no storage node; the GPU nodes mount the mount target's address.
-    efs = cluster.model_copy(update={"nodes": cluster.gpu_nodes, "storage": SharedStorage(
-        kind="efs", server="10.42.0.99", export="/", mount_point="/data")})
+    efs = cluster.model_copy(
+        update={
+            "nodes": cluster.gpu_nodes,
+            "storage": SharedStorage(kind="efs", server="10.42.0.99", export="/", mount_point="/data"),
+        }
+    )
     recap = provision.provision(efs, tags="nfs", check=True, extravars={"nfs_client_kernel_support": True})
     assert set(recap.hosts) == set(GPU_NODES)
     for name in GPU_NODES:
@@ -274,10 +349,11 @@ def test_efs_mount_in_check_mode(cluster, provisioned):
 
 def test_raid0_in_check_mode(cluster, provisioned):
     disks = [{"device": f"/dev/nvme{i}n1", "fstype": "", "label": "", "uuid": ""} for i in (1, 2)]
-    recap = provision.provision(cluster, tags="data_disk", check=True,
-                                extravars={"data_disk_devices": [], "data_disk_found": disks})
+    recap = provision.provision(
+        cluster, tags="data_disk", check=True, extravars={"data_disk_devices": [], "data_disk_found": disks}
+    )
     mdadm = written(recap, "node0", "/etc/mdadm/mdadm.conf")
     assert "ARRAY /dev/md/data1 level=raid0 num-devices=2 name=data1 devices=/dev/nvme1n1,/dev/nvme2n1" in mdadm
     fstab = [line.split() for line in written(recap, "node0", "/etc/fstab").splitlines()]
-    assert [["/data1", "ext4", "noatime,nofail"]] == [f[1:4] for f in fstab if len(f) > 3 and f[1] == "/data1"]
+    assert [f[1:4] for f in fstab if len(f) > 3 and f[1] == "/data1"] == [["/data1", "ext4", "noatime,nofail"]]
     assert on(cluster, "node0", "test", "-e", "/etc/mdadm/mdadm.conf", check=False).exited != 0

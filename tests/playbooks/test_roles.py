@@ -26,6 +26,8 @@ def test_syntax_check(playbook):
     bin_dir = Path(sys.executable).parent
     result = subprocess.run(
         [bin_dir / "ansible-playbook", "--syntax-check", "-i", "localhost,", str(playbook)],
-        capture_output=True, text=True, env={"ANSIBLE_ROLES_PATH": str(PLAYBOOKS / "roles"), "PATH": str(bin_dir)},
+        capture_output=True,
+        text=True,
+        env={"ANSIBLE_ROLES_PATH": str(PLAYBOOKS / "roles"), "PATH": str(bin_dir)},
     )
     assert result.returncode == 0, result.stderr

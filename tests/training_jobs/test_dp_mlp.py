@@ -93,7 +93,7 @@ def test_shards_partition_the_dataset(world_size):
 def test_dataset_is_deterministic_and_uses_all_classes():
     first = train.make_dataset(seed=5, n_train=500, n_test=100)
     second = train.make_dataset(seed=5, n_train=500, n_test=100)
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         assert np.array_equal(a, b)
     x_train, y_train, x_test, y_test = first
     assert x_train.shape == (500, train.N_FEATURES) and x_test.shape == (100, train.N_FEATURES)
@@ -162,7 +162,7 @@ def test_resume_continues_the_same_trajectory(tmp_path):
     resumed, lines = run_training(["--steps", "80", "--resume", "--checkpoint-dir", str(tmp_path / "b")])
 
     assert "resumed from step 40" in lines
-    assert [int(STEP_LINE.match(l).group(1)) for l in lines if STEP_LINE.match(l)] == [50, 60, 70, 80]
+    assert [int(STEP_LINE.match(line).group(1)) for line in lines if STEP_LINE.match(line)] == [50, 60, 70, 80]
     assert resumed["loss"] == pytest.approx(straight["loss"], rel=1e-12)
     with np.load(tmp_path / "a" / "ckpt-step80.npz") as a, np.load(tmp_path / "b" / "ckpt-step80.npz") as b:
         for name in train.PARAM_NAMES:

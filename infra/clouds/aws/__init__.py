@@ -29,14 +29,18 @@ class AwsConfig(MachineStack):
     vpc: Literal["default", "new"] = "default"
     vpc_cidr: IPv4Network = IPv4Network("10.42.0.0/16")
     storage: Literal["nfs_server", "efs"] = Field(
-        default="nfs_server", description="an NFS server instance with an EBS disk, or EFS (no server to run)")
+        default="nfs_server", description="an NFS server instance with an EBS disk, or EFS (no server to run)"
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _efs_has_no_server(cls, values):
         if isinstance(values, dict) and values.get("storage") == "efs" and values.get("storage_flavor") is not None:
-            raise ConfigError("storage_flavor", "does not apply with storage efs (EFS has no server)",
-                              "remove it, or set trainrig:storage to nfs_server")
+            raise ConfigError(
+                "storage_flavor",
+                "does not apply with storage efs (EFS has no server)",
+                "remove it, or set trainrig:storage to nfs_server",
+            )
         return values
 
     @model_validator(mode="after")
@@ -56,19 +60,26 @@ class AwsConfig(MachineStack):
     def notes(self) -> list[str]:
         notes = []
         if self.shared_fs:
-            notes.append(f"EFS is billed per GB stored: priced here at {self.storage_disk_gb} GB (trainrig:storage_disk_gb)")
+            notes.append(
+                f"EFS is billed per GB stored: priced here at {self.storage_disk_gb} GB (trainrig:storage_disk_gb)"
+            )
         if self.spot:
             notes.append("spot instances: priced here at on-demand rates, the most they can cost")
         return notes
 
     def check_credentials(self, environ: Mapping[str, str] = os.environ) -> None:
         home = Path(environ.get("HOME", "~")).expanduser()
-        in_env = (environ.get("AWS_ACCESS_KEY_ID") and environ.get("AWS_SECRET_ACCESS_KEY")) or environ.get("AWS_PROFILE")
+        in_env = (environ.get("AWS_ACCESS_KEY_ID") and environ.get("AWS_SECRET_ACCESS_KEY")) or environ.get(
+            "AWS_PROFILE"
+        )
         files = (home / ".aws" / "credentials", home / ".aws" / "config")
         if not (in_env or any(f.is_file() for f in files)):
-            raise ConfigError("AWS_ACCESS_KEY_ID", "AWS credentials are missing",
-                              "export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or run: aws configure",
-                              namespaced=False)
+            raise ConfigError(
+                "AWS_ACCESS_KEY_ID",
+                "AWS credentials are missing",
+                "export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or run: aws configure",
+                namespaced=False,
+            )
 
 
 class AwsCloud:
@@ -97,7 +108,9 @@ class AwsCloud:
             for inst in reservation["Instances"]:
                 if inst["State"]["Name"] not in ("terminated", "shutting-down"):
                     role = next((t["Value"] for t in inst.get("Tags", []) if t["Key"] == "trainrig:role"), "?")
-                    found.append(f"instance {inst['InstanceId']} ({inst['InstanceType']}, {inst['State']['Name']}, {role})")
+                    found.append(
+                        f"instance {inst['InstanceId']} ({inst['InstanceType']}, {inst['State']['Name']}, {role})"
+                    )
         found += [f"volume {v['VolumeId']} ({v['Size']} GB)" for v in ec2.describe_volumes(Filters=tag)["Volumes"]]
         found += [f"vpc {v['VpcId']}" for v in ec2.describe_vpcs(Filters=tag)["Vpcs"]]
         found += [f"security group {g['GroupId']}" for g in ec2.describe_security_groups(Filters=tag)["SecurityGroups"]]
@@ -111,9 +124,12 @@ class AwsCloud:
 
         efs = boto3.client("efs", region_name=cfg.region, endpoint_url=endpoint_url)
         ours = {"Key": "trainrig:cluster", "Value": cluster}
-        return [f"efs {fs['FileSystemId']} ({fs['SizeInBytes']['Value'] / 2**30:.1f} GB stored)"
-                for page in efs.get_paginator("describe_file_systems").paginate()
-                for fs in page["FileSystems"] if ours in fs.get("Tags", [])]
+        return [
+            f"efs {fs['FileSystemId']} ({fs['SizeInBytes']['Value'] / 2**30:.1f} GB stored)"
+            for page in efs.get_paginator("describe_file_systems").paginate()
+            for fs in page["FileSystems"]
+            if ours in fs.get("Tags", [])
+        ]
 
 
 CLOUD = AwsCloud()

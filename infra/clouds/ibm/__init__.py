@@ -1,4 +1,4 @@
-"""IBM Cloud classic (SoftLayer): virtual servers with SAN disks, one of them an NFS server (dynamic providers over the softlayer SDK)."""
+"""IBM Cloud classic (SoftLayer): virtual servers with SAN disks, one of them an NFS server, over the softlayer SDK."""
 
 from __future__ import annotations
 
@@ -52,9 +52,12 @@ class IbmConfig(MachineStack):
         in_env = environ.get("SL_USERNAME") and environ.get("SL_API_KEY")
         in_stack = self.sl_username is not None and self.sl_api_key is not None
         if not (in_env or in_stack or (home / ".softlayer").is_file()):
-            raise ConfigError("SL_USERNAME/SL_API_KEY", "IBM Cloud classic credentials are missing",
-                              "export SL_USERNAME and SL_API_KEY, or: pulumi config set --secret sl_api_key KEY "
-                              "(and sl_username)", namespaced=False)
+            raise ConfigError(
+                "SL_USERNAME/SL_API_KEY",
+                "IBM Cloud classic credentials are missing",
+                "export SL_USERNAME and SL_API_KEY, or: pulumi config set --secret sl_api_key KEY (and sl_username)",
+                namespaced=False,
+            )
 
 
 class IbmCloud:

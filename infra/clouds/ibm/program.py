@@ -13,10 +13,9 @@ import pulumi
 from pulumi.dynamic import Resource
 
 from infra import catalog, program
-from infra.clouds.ibm.softlayer import SshKeyProvider, VirtualServerProvider
-from infra.clouds.ibm import IbmConfig
 from infra.blueprint import Blueprint, PlannedNode
-from infra.inventory import STORAGE_NODE
+from infra.clouds.ibm import IbmConfig
+from infra.clouds.ibm.softlayer import SshKeyProvider, VirtualServerProvider
 
 PRIVATE_NETWORK = "10.0.0.0/8"
 BOOT_DISK_GB = 100
@@ -38,8 +37,12 @@ class VirtualServer(Resource, module="ibm", name="VirtualServer"):
 
     def __init__(self, name: str, props: dict, opts: pulumi.ResourceOptions | None = None):
         sizes = {k: (m.cpus, m.memory_gb) for k, m in catalog.load("ibm").machines.items()}
-        super().__init__(VirtualServerProvider(flavor_sizes=sizes), name,
-                         {**props, "public_ip": None, "private_ip": None, "guest_id": None}, opts)
+        super().__init__(
+            VirtualServerProvider(flavor_sizes=sizes),
+            name,
+            {**props, "public_ip": None, "private_ip": None, "guest_id": None},
+            opts,
+        )
 
 
 def build(parent: pulumi.ComponentResource, name: str, cfg: IbmConfig, blueprint: Blueprint) -> pulumi.Output:
@@ -47,11 +50,17 @@ def build(parent: pulumi.ComponentResource, name: str, cfg: IbmConfig, blueprint
     records = []
     for planned in blueprint.nodes:  # GPU nodes, then the storage node
         storage = planned.role == "storage"
-        host_key = program.HostKey(f"{name}-{planned.name}-hostkey", planned.name,
-                                   opts=program.child(parent, protect=storage))
-        server = VirtualServer(f"{name}-{planned.name}", _server_props(cfg, planned, key, host_key),
-                               opts=program.child(parent, protect=storage, additional_secret_outputs=["user_data"]))
-        records.append(program.node_record(planned, server.public_ip, server.private_ip, host_key.public_key, DATA_DEVICE))
+        host_key = program.HostKey(
+            f"{name}-{planned.name}-hostkey", planned.name, opts=program.child(parent, protect=storage)
+        )
+        server = VirtualServer(
+            f"{name}-{planned.name}",
+            _server_props(cfg, planned, key, host_key),
+            opts=program.child(parent, protect=storage, additional_secret_outputs=["user_data"]),
+        )
+        records.append(
+            program.node_record(planned, server.public_ip, server.private_ip, host_key.public_key, DATA_DEVICE)
+        )
     return program.inventory(cfg, records, f"{cfg.cluster}-private", PRIVATE_NETWORK)
 
 
@@ -60,11 +69,23 @@ def _server_props(cfg: IbmConfig, planned: PlannedNode, key: SshKey, host_key: p
     if cfg.image and not OS_CODE.match(cfg.image):
         image = {"os_code": None, "image_id": cfg.image}
     return {
-        "hostname": planned.name, "domain": f"{cfg.cluster}.{cfg.domain}", "datacenter": cfg.datacenter,
-        "flavor": planned.flavor, **image, "hourly": cfg.hourly, "local_disk": False,
-        "disks": [BOOT_DISK_GB, planned.data_disk_gb], "nic_speed": cfg.nic_speed,
-        "ssh_key_ids": [key.key_id], "private_vlan": cfg.private_vlan,
-        "tags": sorted([f"trainrig-cluster:{cfg.cluster}", f"trainrig-role:{planned.role}",
-                        *(f"{k}:{v}" for k, v in cfg.tags.items())]),
+        "hostname": planned.name,
+        "domain": f"{cfg.cluster}.{cfg.domain}",
+        "datacenter": cfg.datacenter,
+        "flavor": planned.flavor,
+        **image,
+        "hourly": cfg.hourly,
+        "local_disk": False,
+        "disks": [BOOT_DISK_GB, planned.data_disk_gb],
+        "nic_speed": cfg.nic_speed,
+        "ssh_key_ids": [key.key_id],
+        "private_vlan": cfg.private_vlan,
+        "tags": sorted(
+            [
+                f"trainrig-cluster:{cfg.cluster}",
+                f"trainrig-role:{planned.role}",
+                *(f"{k}:{v}" for k, v in cfg.tags.items()),
+            ]
+        ),
         "user_data": program.cloud_init(host_key, cfg, PRIVATE_NETWORK, firewall=True),
     }

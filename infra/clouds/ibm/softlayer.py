@@ -18,11 +18,23 @@ from SoftLayer import utils as sl_utils
 from infra.commands import wait_until
 from infra.errors import TrainrigError
 
-READY_MASK = "mask[id,provisionDate,activeTransaction[id],lastOperatingSystemReload[id]," \
-             "primaryIpAddress,primaryBackendIpAddress,hostname,domain,status]"
+READY_MASK = (
+    "mask[id,provisionDate,activeTransaction[id],lastOperatingSystemReload[id],"
+    "primaryIpAddress,primaryBackendIpAddress,hostname,domain,status]"
+)
 # Inputs whose change needs a new server; the rest (flavor, nic_speed, added disks, tags) are upgrades.
-REPLACES = ("hostname", "domain", "datacenter", "os_code", "image_id", "hourly", "private_vlan", "ssh_key_ids",
-            "user_data", "local_disk")
+REPLACES = (
+    "hostname",
+    "domain",
+    "datacenter",
+    "os_code",
+    "image_id",
+    "hourly",
+    "private_vlan",
+    "ssh_key_ids",
+    "user_data",
+    "local_disk",
+)
 
 
 class IbmError(TrainrigError):
@@ -48,8 +60,10 @@ class _Credentials:
             return SoftLayer.create_client_from_env(username="test", api_key="test", transport=transport)
         username, api_key = self._stack_credentials or (os.environ.get("SL_USERNAME"), os.environ.get("SL_API_KEY"))
         if not (username and api_key) and not os.path.isfile(os.path.expanduser("~/.softlayer")):
-            raise IbmError("SL_USERNAME/SL_API_KEY: IBM Cloud classic credentials are missing; export SL_USERNAME and "
-                           "SL_API_KEY, or: pulumi config set --secret sl_api_key KEY (and sl_username)")
+            raise IbmError(
+                "SL_USERNAME/SL_API_KEY: IBM Cloud classic credentials are missing; export SL_USERNAME and "
+                "SL_API_KEY, or: pulumi config set --secret sl_api_key KEY (and sl_username)"
+            )
         return SoftLayer.create_client_from_env(username=username, api_key=api_key)
 
 
@@ -123,7 +137,9 @@ class VirtualServerProvider(_Credentials, ResourceProvider):
             image = SoftLayer.ImageManager(self.client()).get_image(image_id, mask="id,globalIdentifier")
         except SoftLayer.SoftLayerAPIError as exc:
             if _not_found(exc):
-                raise IbmError(f"image {image_id} is not in this account; find yours with: ibmcloud sl image list") from None
+                raise IbmError(
+                    f"image {image_id} is not in this account; find yours with: ibmcloud sl image list"
+                ) from None
             raise _api_error(f"look up image {image_id}", exc) from None
         if not image.get("globalIdentifier"):
             raise IbmError(f"image {image_id} has no global identifier to order from; use its GUID or an OS code")
@@ -134,9 +150,16 @@ class VirtualServerProvider(_Credentials, ResourceProvider):
             guest = vs.get_instance(guest_id, mask=READY_MASK)
             return guest if sl_utils.is_ready(guest, pending) else None
 
-        return wait_until(ready, timeout=self.ready_timeout_s, interval=self.poll_interval_s, what=f"server {name}",
-                          error=IbmError(f"server {name} (id {guest_id}) was not ready within "
-                                         f"{self.ready_timeout_s:.0f}s; the order was cancelled"))
+        return wait_until(
+            ready,
+            timeout=self.ready_timeout_s,
+            interval=self.poll_interval_s,
+            what=f"server {name}",
+            error=IbmError(
+                f"server {name} (id {guest_id}) was not ready within "
+                f"{self.ready_timeout_s:.0f}s; the order was cancelled"
+            ),
+        )
 
     def _cancel_and_confirm(self, vs: SoftLayer.VSManager, guest_id: int, name: str) -> None:
         try:
@@ -144,11 +167,19 @@ class VirtualServerProvider(_Credentials, ResourceProvider):
         except SoftLayer.SoftLayerAPIError as exc:
             if _not_found(exc):
                 return
-            raise _api_error(f"cancel server {name} (id {guest_id}); cancel it by hand: ibmcloud sl vs cancel {guest_id}",
-                             exc) from None
-        wait_until(lambda: not self._exists(vs, guest_id), timeout=self.ready_timeout_s, interval=self.poll_interval_s,
-                   what=f"server {name} to go", error=IbmError(f"server {name} (id {guest_id}) was cancelled but is still "
-                   f"listed after {self.ready_timeout_s:.0f}s; check: ibmcloud sl vs detail {guest_id}"))
+            raise _api_error(
+                f"cancel server {name} (id {guest_id}); cancel it by hand: ibmcloud sl vs cancel {guest_id}", exc
+            ) from None
+        wait_until(
+            lambda: not self._exists(vs, guest_id),
+            timeout=self.ready_timeout_s,
+            interval=self.poll_interval_s,
+            what=f"server {name} to go",
+            error=IbmError(
+                f"server {name} (id {guest_id}) was cancelled but is still "
+                f"listed after {self.ready_timeout_s:.0f}s; check: ibmcloud sl vs detail {guest_id}"
+            ),
+        )
 
     @staticmethod
     def _exists(vs: SoftLayer.VSManager, guest_id: int) -> bool:
@@ -185,17 +216,19 @@ class VirtualServerProvider(_Credentials, ResourceProvider):
     def _is_upgrade(self, old: str | None, new: str | None) -> bool:
         if old not in self.flavor_sizes or new not in self.flavor_sizes:
             return False
-        return all(n >= o for o, n in zip(self.flavor_sizes[old], self.flavor_sizes[new]))
+        return all(n >= o for o, n in zip(self.flavor_sizes[old], self.flavor_sizes[new], strict=True))
 
     def update(self, id_: str, olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
         vs = SoftLayer.VSManager(self.client())
         guest_id = int(id_)
-        added = list(news.get("disks") or [])[len(olds.get("disks") or []):]
+        added = list(news.get("disks") or [])[len(olds.get("disks") or []) :]
         flavor = news["flavor"] if news.get("flavor") != olds.get("flavor") else None
         nic = news.get("nic_speed") if news.get("nic_speed") != olds.get("nic_speed") else None
         try:
             if flavor or nic or added:
-                vs.upgrade(guest_id, preset=flavor, nic_speed=nic, disk=[{"capacity": gb, "number": 0} for gb in added] or None)
+                vs.upgrade(
+                    guest_id, preset=flavor, nic_speed=nic, disk=[{"capacity": gb, "number": 0} for gb in added] or None
+                )
             if news.get("tags") != olds.get("tags"):
                 vs.set_tags(",".join(news.get("tags") or []), guest_id=guest_id)
         except SoftLayer.SoftLayerAPIError as exc:
@@ -214,11 +247,17 @@ _OUTPUT_ONLY = ("public_ip", "private_ip", "guest_id", "__provider")
 def _order(props: dict[str, Any]) -> dict[str, Any]:
     """Pulumi inputs -> VSManager.create_instance arguments (what `ibmcloud sl vs create` sends)."""
     order = {
-        "hostname": props["hostname"], "domain": props["domain"], "datacenter": props["datacenter"],
-        "flavor": props["flavor"], "hourly": bool(props.get("hourly", True)),
-        "local_disk": bool(props.get("local_disk", False)), "disks": [int(d) for d in props.get("disks") or []] or None,
-        "nic_speed": props.get("nic_speed"), "ssh_keys": [int(k) for k in props.get("ssh_key_ids") or []] or None,
-        "private_vlan": props.get("private_vlan"), "userdata": props.get("user_data"),
+        "hostname": props["hostname"],
+        "domain": props["domain"],
+        "datacenter": props["datacenter"],
+        "flavor": props["flavor"],
+        "hourly": bool(props.get("hourly", True)),
+        "local_disk": bool(props.get("local_disk", False)),
+        "disks": [int(d) for d in props.get("disks") or []] or None,
+        "nic_speed": props.get("nic_speed"),
+        "ssh_keys": [int(k) for k in props.get("ssh_key_ids") or []] or None,
+        "private_vlan": props.get("private_vlan"),
+        "userdata": props.get("user_data"),
     }
     if props.get("image_id"):
         order["image_id"] = props["image_id"]
@@ -230,8 +269,12 @@ def _order(props: dict[str, Any]) -> dict[str, Any]:
 
 
 def _outputs(props: dict[str, Any], guest: dict[str, Any]) -> dict[str, Any]:
-    return {**props, "guest_id": int(guest["id"]), "public_ip": guest.get("primaryIpAddress"),
-            "private_ip": guest.get("primaryBackendIpAddress")}
+    return {
+        **props,
+        "guest_id": int(guest["id"]),
+        "public_ip": guest.get("primaryIpAddress"),
+        "private_ip": guest.get("primaryBackendIpAddress"),
+    }
 
 
 class Listing(_Credentials):
@@ -245,7 +288,8 @@ class Listing(_Credentials):
     def servers(self, cluster: str) -> list[str]:
         try:
             guests = SoftLayer.VSManager(self.client()).list_instances(
-                tags=[f"trainrig-cluster:{cluster}"], mask="id,hostname")
+                tags=[f"trainrig-cluster:{cluster}"], mask="id,hostname"
+            )
         except SoftLayer.SoftLayerAPIError as exc:
             raise _api_error(f"list the servers of cluster {cluster}", exc) from None
         return [f"virtual server {g['id']} ({g['hostname']})" for g in guests]

@@ -1,4 +1,4 @@
-"""The local cloud: Docker containers that behave like VMs (systemd, sshd, a data disk, shared storage), free and offline."""
+"""The local cloud: Docker containers that behave like VMs (systemd, sshd, a data disk, shared storage), free."""
 
 from __future__ import annotations
 

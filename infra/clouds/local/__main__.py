@@ -2,8 +2,8 @@
 
 import sys
 
-from infra.errors import TrainrigError
 from infra.clouds.local import engine, image
+from infra.errors import TrainrigError
 
 STEPS = {"engine": lambda: engine.ensure() or "Docker engine is running", "image": image.ensure_image}
 

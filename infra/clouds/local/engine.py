@@ -37,4 +37,3 @@ def ensure(start: bool = True, timeout: float = 90) -> None:
         # A session of its own, so the engine outlives this command (later tasks need it).
         subprocess.Popen([dockerd], stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     wait_until(answering, timeout=timeout, interval=1, what=f"the Docker engine to start (log: {log_path})")
-

@@ -44,7 +44,17 @@ def ensure_image() -> str:
     base = _registry_base() or _debootstrap_base()
     with ui.status(f"building node image {image} from {base}") as show:
         stream(
-            ["docker", "build", "--build-arg", f"BASE={base}", "--label", "trainrig.image=node", "-t", image, str(DEFINITION)],
+            [
+                "docker",
+                "build",
+                "--build-arg",
+                f"BASE={base}",
+                "--label",
+                "trainrig.image=node",
+                "-t",
+                image,
+                str(DEFINITION),
+            ],
             show,
             timeout=1800,
             what="building the node image",
@@ -88,4 +98,3 @@ def _import_rootfs(rootfs: Path, image: str) -> None:
         tar.wait()
     if imported.returncode != 0 or tar.returncode != 0:
         raise TrainrigError(f"docker import of the node root file system failed: {imported.stderr.strip()}")
-

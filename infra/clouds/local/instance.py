@@ -12,11 +12,11 @@ from pathlib import Path
 
 from infra import inventory as inventory_mod
 from infra import keys, ssh, state
+from infra.clouds import ClusterRequest
+from infra.clouds.local import engine, image
 from infra.commands import run, wait_until
 from infra.errors import TrainrigError
 from infra.inventory import STORAGE_NODE, DataDisk, Inventory, Network, Node, Retained, SharedStorage, gpu_node_names
-from infra.clouds import ClusterRequest
-from infra.clouds.local import engine, image
 
 LABEL = "trainrig.cluster"
 SHARED_MOUNT = "/data"
@@ -26,11 +26,26 @@ READY_TIMEOUT = 120
 # What lets systemd, loop devices and Docker-in-Docker work in a node without --privileged
 # (which hosts without CAP_SYS_RESOURCE, such as nested containers, refuse).
 VM_OPTIONS = [
-    "--cap-add", "ALL", "--cap-drop", "SYS_RESOURCE",
-    "--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined",
-    "--security-opt", "systempaths=unconfined", "--cgroupns", "host",
-    "-v", "/sys/fs/cgroup:/sys/fs/cgroup:rw",
-    "--tmpfs", "/run", "--tmpfs", "/run/lock", "--stop-signal", "SIGRTMIN+3",
+    "--cap-add",
+    "ALL",
+    "--cap-drop",
+    "SYS_RESOURCE",
+    "--security-opt",
+    "seccomp=unconfined",
+    "--security-opt",
+    "apparmor=unconfined",
+    "--security-opt",
+    "systempaths=unconfined",
+    "--cgroupns",
+    "host",
+    "-v",
+    "/sys/fs/cgroup:/sys/fs/cgroup:rw",
+    "--tmpfs",
+    "/run",
+    "--tmpfs",
+    "/run/lock",
+    "--stop-signal",
+    "SIGRTMIN+3",
 ]
 
 
@@ -60,7 +75,9 @@ class LocalBackend:
         cluster = request.name
         existing = inventory_mod.path_for(cluster)
         if existing.is_file() and inventory_mod.load(cluster).running:
-            raise TrainrigError(f"cluster {cluster!r} is already up; use it, or remove it first with: fab down --name {cluster}")
+            raise TrainrigError(
+                f"cluster {cluster!r} is already up; use it, or remove it first with: fab down --name {cluster}"
+            )
         node_image = image.ensure_image()
         cdir = state.cluster_dir(cluster)
         fresh = not cdir.exists()
@@ -70,7 +87,10 @@ class LocalBackend:
         try:
             self._create_network(cluster)
             if created_volume:
-                run(["docker", "volume", "create", "--label", f"{LABEL}={cluster}", volume_name(cluster)], what="creating the shared volume")
+                run(
+                    ["docker", "volume", "create", "--label", f"{LABEL}={cluster}", volume_name(cluster)],
+                    what="creating the shared volume",
+                )
             cidr = self._network_cidr(cluster)
             nodes = ssh.on_nodes_by_name(
                 names,
@@ -99,8 +119,19 @@ class LocalBackend:
 
     def _create_network(self, cluster: str) -> None:
         if not self._exists("network", network_name(cluster)):
-            run(["docker", "network", "create", "--driver", "bridge", "--label", f"{LABEL}={cluster}", network_name(cluster)],
-                what="creating the cluster network")
+            run(
+                [
+                    "docker",
+                    "network",
+                    "create",
+                    "--driver",
+                    "bridge",
+                    "--label",
+                    f"{LABEL}={cluster}",
+                    network_name(cluster),
+                ],
+                what="creating the cluster network",
+            )
 
     def _network_cidr(self, cluster: str) -> str:
         out = run(["docker", "network", "inspect", network_name(cluster)], what="reading the cluster network").stdout
@@ -112,20 +143,50 @@ class LocalBackend:
         host_key = keys.generate(f"root@{node}")
         role = "storage" if node == STORAGE_NODE else "gpu"
         board.update(node, "creating container")
-        run(["docker", "create", "--name", container_name(cluster, node), "--hostname", node,
-             "--network", network_name(cluster), "--label", f"{LABEL}={cluster}", "--label", f"trainrig.role={role}",
-             *VM_OPTIONS, "--device", f"{loop}:{DISK_DEVICE}",
-             "-v", f"{volume_name(cluster)}:{SHARED_MOUNT}", "-p", "127.0.0.1::22", node_image],
-            what=f"creating node {node}")
+        run(
+            [
+                "docker",
+                "create",
+                "--name",
+                container_name(cluster, node),
+                "--hostname",
+                node,
+                "--network",
+                network_name(cluster),
+                "--label",
+                f"{LABEL}={cluster}",
+                "--label",
+                f"trainrig.role={role}",
+                *VM_OPTIONS,
+                "--device",
+                f"{loop}:{DISK_DEVICE}",
+                "-v",
+                f"{volume_name(cluster)}:{SHARED_MOUNT}",
+                "-p",
+                "127.0.0.1::22",
+                node_image,
+            ],
+            what=f"creating node {node}",
+        )
         # Keys go in before first boot, so the node's identity is known (and pinned) from the start.
-        run(["docker", "cp", "-", f"{container_name(cluster, node)}:/"],
-            input=_first_boot_files(host_key, login_pub), what=f"writing keys into {node}")
+        run(
+            ["docker", "cp", "-", f"{container_name(cluster, node)}:/"],
+            input=_first_boot_files(host_key, login_pub),
+            what=f"writing keys into {node}",
+        )
         board.update(node, "booting")
         run(["docker", "start", container_name(cluster, node)], what=f"starting node {node}")
         address, port = self._addresses(cluster, node)
         return Node(
-            name=node, role=role, public_address="127.0.0.1", private_address=address, ssh_port=port,
-            host_key=keys.bare(host_key.public_openssh), gpu_count=0, gpu_model=None, cpus=os.cpu_count() or 1,
+            name=node,
+            role=role,
+            public_address="127.0.0.1",
+            private_address=address,
+            ssh_port=port,
+            host_key=keys.bare(host_key.public_openssh),
+            gpu_count=0,
+            gpu_model=None,
+            cpus=os.cpu_count() or 1,
             # A kept disk keeps its size, whatever this `up` asked for.
             data_disks=[DataDisk(device=DISK_DEVICE, size_gb=disk_file(cluster, node).stat().st_size // 1024**3)],
             hourly_price_usd=0.0,
@@ -140,7 +201,10 @@ class LocalBackend:
                 fh.truncate(size_gb * 1024**3)
         for loop in self._loops_of(path):
             return loop
-        return run(["losetup", "--find", "--show", path], what=f"attaching the data disk of {node} (needs root and /dev/loop-control)").stdout.strip()
+        return run(
+            ["losetup", "--find", "--show", path],
+            what=f"attaching the data disk of {node} (needs root and /dev/loop-control)",
+        ).stdout.strip()
 
     def _loops_of(self, path: Path) -> list[str]:
         if shutil.which("losetup") is None:
@@ -158,8 +222,12 @@ class LocalBackend:
     def wait_ready(self, inv: Inventory, board) -> None:
         def ready(node: Node) -> None:
             board.update(node.name, "waiting for sshd")
-            wait_until(lambda: ssh.reachable(inv, node), timeout=READY_TIMEOUT, interval=0.5,
-                       what=f"{node.name} to answer SSH with its pinned host key")
+            wait_until(
+                lambda: ssh.reachable(inv, node),
+                timeout=READY_TIMEOUT,
+                interval=0.5,
+                what=f"{node.name} to answer SSH with its pinned host key",
+            )
             with ssh.open_checked(inv, node) as conn:
                 board.update(node.name, "waiting for systemd")
                 state_ = ssh.run(conn, ["systemctl", "is-system-running", "--wait"], timeout=READY_TIMEOUT, check=False)

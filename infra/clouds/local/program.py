@@ -12,11 +12,11 @@ from typing import Any
 import pulumi
 from pulumi.dynamic import CreateResult, DiffResult, ReadResult, Resource, ResourceProvider
 
-from infra.errors import TrainrigError
-from infra.clouds import ClusterRequest
-from infra.clouds.local.instance import BACKEND
-from infra.clouds.local import LocalConfig
 from infra.blueprint import Blueprint
+from infra.clouds import ClusterRequest
+from infra.clouds.local import LocalConfig
+from infra.clouds.local.instance import BACKEND
+from infra.errors import TrainrigError
 
 
 class _QuietBoard:
@@ -28,8 +28,12 @@ class _QuietBoard:
 
 class LocalClusterProvider(ResourceProvider):
     def create(self, props: dict[str, Any]) -> CreateResult:
-        request = ClusterRequest(name=props["cluster"], cloud="local", gpu_nodes=int(props["gpu_nodes"]),
-                                          data_disk_gb=int(props["data_disk_gb"]))
+        request = ClusterRequest(
+            name=props["cluster"],
+            cloud="local",
+            gpu_nodes=int(props["gpu_nodes"]),
+            data_disk_gb=int(props["data_disk_gb"]),
+        )
         board = _QuietBoard()
         inv = BACKEND.create(request, board)
         try:
@@ -64,8 +68,13 @@ class LocalCluster(Resource, module="local", name="Cluster"):
 
 def build(parent: pulumi.ComponentResource, name: str, cfg: LocalConfig, blueprint: Blueprint) -> pulumi.Output:
     if cfg.gpu_nodes == 0:
-        raise TrainrigError("trainrig:gpu_nodes: a local cluster needs at least 1 node; "
-                                     "remove compute with: pulumi destroy (storage is kept)")
-    nodes = LocalCluster(f"{name}-nodes", {"cluster": cfg.cluster, "gpu_nodes": cfg.gpu_nodes,
-                                           "data_disk_gb": cfg.data_disk_gb}, opts=pulumi.ResourceOptions(parent=parent))
+        raise TrainrigError(
+            "trainrig:gpu_nodes: a local cluster needs at least 1 node; "
+            "remove compute with: pulumi destroy (storage is kept)"
+        )
+    nodes = LocalCluster(
+        f"{name}-nodes",
+        {"cluster": cfg.cluster, "gpu_nodes": cfg.gpu_nodes, "data_disk_gb": cfg.data_disk_gb},
+        opts=pulumi.ResourceOptions(parent=parent),
+    )
     return nodes.inventory
