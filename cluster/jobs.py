@@ -1,9 +1,17 @@
-"""Job specs: YAML validated into a strict model, and the one mpirun command line built from it."""
+"""Job specs: YAML validated into a strict model before anything runs, every error naming the file and the field.
+
+A spec says what to run, not how to reach the nodes: the job's image (pulled, or built from a
+Dockerfile beside the spec), the command and its container settings, the environment (literal
+values, names passed through from the launching shell, and secrets read from it at launch),
+and the MPI placement. cluster/launch.py turns it into container starts and one mpirun line.
+"""
 
 from __future__ import annotations
 
+import os
 import re
 import string
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 
 import yaml
@@ -13,7 +21,15 @@ from infra.errors import TrainrigError
 from infra.inventory import Inventory
 from infra.models import Strict, first_error
 
-PLACEHOLDERS = {"run_dir", "code_dir", "checkpoint_dir", "max_steps"}
+PLACEHOLDERS = {"run_dir", "code_dir", "checkpoint_dir", "max_steps", "data_dir", "scratch_dir", "resume_from"}
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Names trainrig sets itself, or that Open MPI and PMIx read to wire ranks together.
+RESERVED_ENV = re.compile(r"^(TRAINRIG_|OMPI_|PMIX_|PRTE_|OPAL_)")
+# A backtracking bomb needs a quantified group that is itself quantified, e.g. (a+)+ or (\w*)*.
+NESTED_QUANTIFIER = re.compile(r"\((?:[^()\\]|\\.)*[+*}](?:[^()\\]|\\.)*\)[+*{]")
+MAX_CODE_FILES = 2000
+MAX_CODE_BYTES = 200 * 1024**2
+SIZE = r"^[0-9]+[kmgKMG]?$"
 
 
 class MetricPatterns(Strict):
@@ -33,28 +49,108 @@ class MetricPatterns(Strict):
                 raise ValueError(f"metrics.{name}: not a valid regex ({exc})") from exc
             if name not in compiled.groupindex:
                 raise ValueError(f"metrics.{name}: needs a named group (?P<{name}>...)")
+            if NESTED_QUANTIFIER.search(pattern):
+                raise ValueError(f"metrics.{name}: a repeated group inside a repetition can take forever to match")
+        step = re.search(r"\(\?P<step>(.*?)\)", self.step)
+        if step and not re.fullmatch(r"(\\d|\[0-9\])[+*]?|(\\d|\[0-9\])\{[0-9,]+\}", step.group(1)):
+            raise ValueError(r"metrics.step: the step group must capture digits only, e.g. (?P<step>\d+)")
         return self
+
+
+class ImageBuild(Strict):
+    """An image built on the first node from a context folder beside the spec."""
+
+    context: str = Field(description="folder with the Dockerfile, relative to the spec")
+    dockerfile: str = "Dockerfile"
+    args: dict[str, str] = {}
+
+
+class Image(Strict):
+    """Exactly one of: a reference to pull (optionally pinned: name@sha256:...), or a build."""
+
+    pull: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9._/:-]*(@sha256:[0-9a-f]{64})?$")
+    build: ImageBuild | None = None
+    registry_secret: str | None = Field(
+        default=None, description="environment variable with the password for a private registry (see registry_login)"
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Image:
+        if (self.pull is None) == (self.build is None):
+            raise ValueError("give exactly one of pull (a reference) or build (a context folder)")
+        return self
+
+
+class Mount(Strict):
+    source: str = Field(pattern=r"^/", description="path on the node")
+    target: str = Field(pattern=r"^/", description="path in the container")
+    read_only: bool = True
+
+
+class Container(Strict):
+    """How each node's container runs. Defaults follow NVIDIA's advice for NCCL."""
+
+    shm_size: str = Field(default="1g", pattern=SIZE, description="/dev/shm size, unless ipc_host")
+    ipc_host: bool = Field(default=False, description="share the host's IPC namespace (NCCL over shared memory)")
+    ulimits: dict[str, str] = {"stack": "67108864"}
+    mounts: list[Mount] = []
+    workdir: str | None = Field(default=None, pattern=r"^/", description="default: the code folder, else the image's")
+    user: str | None = Field(default=None, pattern=r"^[a-z0-9_][a-z0-9_.-]*(:[a-z0-9_][a-z0-9_.-]*)?$")
+
+    @field_validator("ulimits")
+    @classmethod
+    def _ulimit_values(cls, ulimits: dict[str, str]) -> dict[str, str]:
+        for name, value in ulimits.items():
+            if not re.fullmatch(r"[a-z]+", name) or not re.fullmatch(r"-?[0-9]+(:-?[0-9]+)?", str(value)):
+                raise ValueError(f"ulimit {name}={value}: use a name and a number (soft or soft:hard; -1 unlimited)")
+        return ulimits
+
+
+class Mpi(Strict):
+    bind_to: str = Field(default="none", pattern=r"^(none|core|socket|numa|hwthread)$")
+    map_by: str = Field(default="slot", pattern=r"^[a-z0-9:=,]+$")
+    mca: dict[str, str] = Field(default={}, description="extra --mca parameters, name: value")
+
+    @field_validator("mca")
+    @classmethod
+    def _mca_names(cls, mca: dict[str, str]) -> dict[str, str]:
+        bad = [k for k in mca if not re.fullmatch(r"[a-z0-9_]+", k)]
+        if bad:
+            raise ValueError(f"not MCA parameter names: {', '.join(bad)}")
+        return mca
 
 
 class JobSpec(Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,39}$")
     description: str = ""
-    code: str | None = Field(default=None, description="directory beside the spec, copied into the run")
+    image: Image
+    code: str | None = Field(default=None, description="folder beside the spec, copied into the run")
     command: list[str] = Field(min_length=1)
     nodes: int = Field(ge=1, le=1024)
     gpus_per_node: int = Field(default=1, ge=1, le=16, description="ranks per node (one per GPU)")
+    container: Container = Container()
     env: dict[str, str] = {}
+    env_from_host: list[str] = Field(default=[], description="names passed through from the launching environment")
+    secrets: list[str] = Field(default=[], description="names read from the launching environment; never written")
+    mpi: Mpi = Mpi()
     max_steps: int | None = Field(default=None, ge=1)
     checkpoint_dir: str = "checkpoints"
     metrics: MetricPatterns = MetricPatterns()
 
     @field_validator("env")
     @classmethod
-    def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
-        bad = [k for k in env if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k)]
-        if bad:
-            raise ValueError(f"not valid environment variable names: {', '.join(bad)}")
+    def _env_values(cls, env: dict[str, str]) -> dict[str, str]:
+        _check_names(list(env))
+        multi = [k for k, v in env.items() if "\n" in str(v) or "\r" in str(v) or "\0" in str(v)]
+        if multi:
+            raise ValueError(f"values of {', '.join(multi)} hold a line break; give each variable one line")
         return env
+
+    @field_validator("env_from_host", "secrets")
+    @classmethod
+    def _env_names(cls, names: list[str]) -> list[str]:
+        _check_names(names)
+        return names
 
     @field_validator("checkpoint_dir")
     @classmethod
@@ -72,13 +168,33 @@ class JobSpec(Strict):
                     raise ValueError(f"unknown placeholder {{{field}}}; use one of {sorted(PLACEHOLDERS)}")
         return command
 
+    @model_validator(mode="after")
+    def _each_name_once(self) -> JobSpec:
+        names = [*self.env, *self.env_from_host, *self.secrets]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(twice)} given more than once across env, env_from_host and secrets")
+        return self
+
     @property
     def ranks(self) -> int:
         return self.nodes * self.gpus_per_node
 
 
+def _check_names(names: list[str]) -> None:
+    bad = [k for k in names if not ENV_NAME.match(k)]
+    if bad:
+        raise ValueError(f"not valid environment variable names: {', '.join(bad)}")
+    reserved = [k for k in names if RESERVED_ENV.match(k)]
+    if reserved:
+        raise ValueError(
+            f"{', '.join(reserved)}: names starting TRAINRIG_, OMPI_, PMIX_, PRTE_ or OPAL_ are set by "
+            "trainrig and Open MPI; rename them"
+        )
+
+
 class LoadedJob(BaseModel):
-    """A spec plus where it came from (code paths are relative to the spec file)."""
+    """A spec plus where it came from (code and build paths are relative to the spec file)."""
 
     model_config = ConfigDict(frozen=True)
     spec: JobSpec
@@ -87,6 +203,11 @@ class LoadedJob(BaseModel):
     @property
     def code_path(self) -> Path | None:
         return (self.path.parent / self.spec.code).resolve() if self.spec.code else None
+
+    @property
+    def build_context(self) -> Path | None:
+        build = self.spec.image.build
+        return (self.path.parent / build.context).resolve() if build else None
 
 
 def load(path: str | Path) -> LoadedJob:
@@ -107,9 +228,43 @@ def load(path: str | Path) -> LoadedJob:
     except ValidationError as exc:
         raise TrainrigError(f"{path}: {first_error(exc)}") from exc
     job = LoadedJob(spec=spec, path=path.resolve())
-    if job.code_path and not job.code_path.is_dir():
-        raise TrainrigError(f"{path}: code: directory {job.code_path} does not exist")
+    if job.code_path:
+        check_folder(path, "code", job.code_path)
+    if job.build_context:
+        check_folder(path, "image.build.context", job.build_context)
+        dockerfile = job.build_context / spec.image.build.dockerfile  # type: ignore[union-attr]
+        if not dockerfile.resolve().is_relative_to(job.build_context) or not dockerfile.is_file():
+            raise TrainrigError(f"{path}: image.build.dockerfile: {dockerfile} is not a file inside the context")
     return job
+
+
+def check_folder(spec_path: Path, field: str, folder: Path) -> None:
+    """A folder the job uploads: inside the spec's own folder, no link leading out, bounded in size.
+
+    Whatever is named here is copied to the shared storage of a cluster, so a typo or a hostile
+    spec must not reach the operator's keys or /etc.
+    """
+    home = spec_path.resolve().parent
+    if not folder.is_relative_to(home):
+        raise TrainrigError(
+            f"{spec_path}: {field}: {folder} is outside the spec's folder {home}; keep it beside the spec"
+        )
+    if not folder.is_dir():
+        raise TrainrigError(f"{spec_path}: {field}: directory {folder} does not exist")
+    count = size = 0
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            entry = Path(root) / name
+            if entry.is_symlink() and not entry.resolve().is_relative_to(folder):
+                raise TrainrigError(f"{spec_path}: {field}: {entry} links outside the folder; copy the file in instead")
+        for name in files:
+            count += 1
+            size += (Path(root) / name).stat().st_size
+    if count > MAX_CODE_FILES or size > MAX_CODE_BYTES:
+        raise TrainrigError(
+            f"{spec_path}: {field}: {count} files, {size / 1024**2:.0f} MB; at most {MAX_CODE_FILES} "
+            f"files and {MAX_CODE_BYTES // 1024**2} MB: put data on the shared storage, not in the job"
+        )
 
 
 def check_fits(spec: JobSpec, inv: Inventory) -> None:
@@ -117,43 +272,32 @@ def check_fits(spec: JobSpec, inv: Inventory) -> None:
     gpu_nodes = inv.gpu_nodes
     if spec.nodes > len(gpu_nodes):
         raise TrainrigError(
-            f"job {spec.name!r} asks for {spec.nodes} nodes but cluster {inv.cluster!r} has {len(gpu_nodes)} GPU nodes;"
-            " "
-            f"lower `nodes` or recreate the cluster with more (fab up --nodes {spec.nodes})"
+            f"job {spec.name!r} asks for {spec.nodes} nodes but cluster {inv.cluster!r} has {len(gpu_nodes)} GPU "
+            f"nodes; lower `nodes` or recreate the cluster with more (fab up --nodes {spec.nodes})"
         )
-    short = [n.name for n in gpu_nodes[: spec.nodes] if n.gpu_count and n.gpu_count < spec.gpus_per_node]
+    short = [n for n in gpu_nodes[: spec.nodes] if n.gpu_count and n.gpu_count < spec.gpus_per_node]
     if short:
+        node = short[0]
         raise TrainrigError(
-            f"job {spec.name!r} asks for {spec.gpus_per_node} GPUs per node but {', '.join(short)} have fewer"
+            f"{node.name}: job {spec.name!r} starts {spec.gpus_per_node} ranks per node but {node.name} has "
+            f"{node.gpu_count} GPU(s); set gpus_per_node to at most {node.gpu_count}"
         )
 
 
-def substitute(spec: JobSpec, run_dir: str) -> list[str]:
-    values = {
-        "run_dir": run_dir,
-        "code_dir": f"{run_dir}/code",
-        "checkpoint_dir": f"{run_dir}/{spec.checkpoint_dir}",
-        "max_steps": str(spec.max_steps or ""),
-    }
+def launch_environment(spec: JobSpec, environ: Mapping[str, str] = os.environ) -> tuple[dict[str, str], dict[str, str]]:
+    """(plain, secret) values from the launching environment; a missing name is an error before anything starts."""
+    missing = [n for n in [*spec.env_from_host, *spec.secrets] if n not in environ]
+    if missing:
+        kind = "secret" if missing[0] in spec.secrets else "variable"
+        raise TrainrigError(
+            f"job {spec.name!r} needs the {kind} {missing[0]} from your environment; "
+            f"export {missing[0]}=... and run fab train again"
+        )
+    secret_lines = [n for n in spec.secrets if "\n" in environ[n] or "\0" in environ[n]]
+    if secret_lines:
+        raise TrainrigError(f"secret {secret_lines[0]} holds a line break; trainrig passes secrets as one line each")
+    return {n: environ[n] for n in spec.env_from_host}, {n: environ[n] for n in spec.secrets}
+
+
+def substitute(spec: JobSpec, values: Mapping[str, str]) -> list[str]:
     return [arg.format_map(values) for arg in spec.command]
-
-
-def mpirun_argv(spec: JobSpec, inv: Inventory, run_dir: str) -> list[str]:
-    """One mpirun line: ranks on the first `nodes` GPU nodes, MPI traffic on the private network."""
-    nodes = inv.gpu_nodes[: spec.nodes]
-    cidr = str(inv.network.cidr) if inv.network else None
-    # The supervisor is a system unit, so mpirun is root whatever the login (runs.launch allows root only).
-    argv = ["mpirun", "--allow-run-as-root"]
-    argv += ["-np", str(spec.ranks), "-H", ",".join(f"{n.name}:{spec.gpus_per_node}" for n in nodes)]
-    argv += ["--bind-to", "none", "--map-by", "slot", "--wdir", f"{run_dir}/code" if spec.code else run_dir]
-    if cidr:
-        argv += ["--mca", "btl_tcp_if_include", cidr, "--mca", "oob_tcp_if_include", cidr]
-    env = {
-        "TRAINRIG_RUN_DIR": run_dir,
-        "TRAINRIG_CHECKPOINT_DIR": f"{run_dir}/{spec.checkpoint_dir}",
-        "PYTHONUNBUFFERED": "1",
-        **spec.env,
-    }
-    for key, value in env.items():
-        argv += ["-x", f"{key}={value}"]
-    return argv + substitute(spec, run_dir)

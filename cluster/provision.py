@@ -14,6 +14,7 @@ import ansible_runner
 import yaml
 from rich.table import Table
 
+from cluster.images import REGISTRY_PORT
 from infra import inventory as inventory_mod
 from infra import state, ui
 from infra.commands import run
@@ -68,6 +69,8 @@ def ansible_inventory(inv: Inventory, host_vars: dict[str, dict] | None = None) 
             "mount_options": EFS_MOUNT_OPTIONS,
         }
     elif server:
+        # The private registry that job images travel through (the image_registry role runs it).
+        variables["trainrig_registry"] = f"{server.private_address}:{REGISTRY_PORT}"
         variables["trainrig_storage"] = {
             "server": server.name,
             "server_address": str(server.private_address),

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import secrets
-import stat
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pydantic import TypeAdapter
+from pydantic import Field, TypeAdapter
 
-from cluster import jobs
-from infra import ssh, state
+from cluster import images, jobs, preflight, transfer
+from cluster import launch as launch_mod
+from infra import clouds, ssh, state
 from infra.commands import wait_until
 from infra.errors import TrainrigError
 from infra.inventory import Inventory, Node, how_to_start, require_running
@@ -33,6 +35,7 @@ class RunRecord(Strict):
     started_at: datetime
     # Every node that runs a rank: cancel checks them all (records from before this field: empty).
     nodes: list[str] = []
+    image: str | None = Field(default=None, description="the image id every container of the run started from")
 
     @property
     def unit(self) -> str:
@@ -75,11 +78,17 @@ def new_run_id(job_name: str) -> str:
     return f"{job_name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
-def launch(inv: Inventory, job: jobs.LoadedJob) -> RunRecord:
-    """Copy the job to shared storage and start it under systemd on the first node: detached."""
+def launch(inv: Inventory, job: jobs.LoadedJob, environ: Mapping[str, str] = os.environ) -> RunRecord:
+    """Start a job in containers across the cluster, detached under systemd on the first node.
+
+    Everything that can be refused is refused before a container starts (the spec against the
+    cluster, the secrets in the caller's environment, the hosts); anything that fails after that
+    removes what this launch made on every node before the error reaches the user.
+    """
     require_running(inv)
     spec = job.spec
     jobs.check_fits(spec, inv)
+    plain_env, secret_env = jobs.launch_environment(spec, environ)
     if inv.storage is None:
         raise TrainrigError(f"cluster {inv.cluster!r} has no shared storage to hold runs")
     if inv.ssh_user != "root":
@@ -90,97 +99,137 @@ def launch(inv: Inventory, job: jobs.LoadedJob) -> RunRecord:
             "remove trainrig:ssh_user from the stack (root is the default) and pulumi up"
         )
     nodes = inv.gpu_nodes[: spec.nodes]
-    preflight(inv, nodes)
+    preflight.hosts(inv, nodes, inv.storage.mount_point)
     run_id = new_run_id(spec.name)
-    run_dir = posixpath.join(inv.storage.mount_point, "trainrig", "runs", run_id)
-    argv = jobs.mpirun_argv(spec, inv, run_dir)
-    run_json = {
-        "id": run_id,
-        "argv": argv,
-        "workdir": f"{run_dir}/code" if spec.code else run_dir,
-        "metrics": spec.metrics.model_dump(),
-        "max_steps": spec.max_steps,
-    }
+    paths = launch_mod.RunPaths(
+        run_id=run_id,
+        run_dir=posixpath.join(inv.storage.mount_point, "trainrig", "runs", run_id),
+        shared=inv.storage.mount_point,
+        code=bool(spec.code),
+    )
     record = RunRecord(
         id=run_id,
         job=spec.name,
         node=nodes[0].name,
-        run_dir=run_dir,
+        run_dir=paths.run_dir,
         ranks=spec.ranks,
         max_steps=spec.max_steps,
         started_at=datetime.now(UTC),
         nodes=[n.name for n in nodes],
     )
-    with ssh.open_checked(inv, nodes[0]) as conn:
-        ssh.run(conn, ["mkdir", "-p", f"{run_dir}/{spec.checkpoint_dir}"], what="creating the run directory")
-        sftp = conn.sftp()
-        if job.code_path:
-            upload_tree(sftp, job.code_path, f"{run_dir}/code")
-        sftp.put(str(SUPERVISOR), f"{run_dir}/supervisor.py")
-        sftp.put(str(job.path), f"{run_dir}/job.yaml")
-        _put_text(sftp, f"{run_dir}/run.json", json.dumps(run_json, indent=2))
-        ssh.run(
-            conn,
-            [
-                "systemd-run",
-                "--quiet",
-                "--collect",
-                "--unit",
-                record.unit,
-                "--property",
-                f"Description=trainrig run {run_id}",
-                "python3",
-                f"{run_dir}/supervisor.py",
-                run_dir,
-            ],
-            what="starting the run under systemd",
+    try:
+        _prepare_run_dir(inv, nodes[0], job, paths)
+        image = images.ensure(inv, job, nodes, run_id, paths.run_dir)
+        _start_containers(inv, spec, nodes, paths, image, plain_env, secret_env)
+        found = preflight.containers(inv, spec, nodes, paths, image)
+        mpirun = launch_mod.mpirun_argv(
+            spec, inv, paths, mpi_major=found.mpi_major, interfaces=found.interfaces, secret_names=sorted(secret_env)
         )
-    _remember(inv.cluster, record)
+        run_json = {
+            "id": run_id,
+            "argv": launch_mod.exec_argv(run_id, mpirun, with_secrets=bool(secret_env)),
+            "workdir": paths.run_dir,
+            "metrics": spec.metrics.model_dump(),
+            "max_steps": spec.max_steps,
+            "container": launch_mod.container_name(run_id),
+            "peers": [n.name for n in nodes[1:]],
+            "secrets_file": launch_mod.secrets_file(run_id) if secret_env else None,
+        }
+        record = record.model_copy(update={"image": image})
+        # Recorded before it starts: an interrupt from here on leaves a run that fab cancel can find.
+        _remember(inv.cluster, record)
+        with ssh.open_checked(inv, nodes[0]) as conn:
+            transfer.put_text(conn.sftp(), f"{paths.run_dir}/run.json", json.dumps(run_json, indent=2))
+            ssh.run(
+                conn,
+                [
+                    "systemd-run",
+                    "--quiet",
+                    "--collect",
+                    "--unit",
+                    record.unit,
+                    "--property",
+                    f"Description=trainrig run {run_id}",
+                    "python3",
+                    f"{paths.run_dir}/supervisor.py",
+                    paths.run_dir,
+                ],
+                what=f"{nodes[0].name}: starting the run under systemd",
+            )
+    except BaseException:
+        remove_containers(inv, record)
+        raise
     return record
 
 
-def preflight(inv: Inventory, nodes: list[Node]) -> None:
-    """Every node of the job reachable, the shared storage mounted, mpirun installed."""
-    mount = inv.storage.mount_point if inv.storage else "/"
+def _prepare_run_dir(inv: Inventory, node: Node, job: jobs.LoadedJob, paths: launch_mod.RunPaths) -> None:
+    with ssh.open_checked(inv, node) as conn:
+        ssh.run(
+            conn,
+            ["mkdir", "-p", f"{paths.run_dir}/{job.spec.checkpoint_dir}"],
+            what=f"{node.name}: creating the run directory",
+        )
+        sftp = conn.sftp()
+        if job.code_path:
+            transfer.upload_tree(sftp, job.code_path, paths.code_dir)
+        sftp.put(str(SUPERVISOR), f"{paths.run_dir}/supervisor.py")
+        sftp.put(str(job.path), f"{paths.run_dir}/job.yaml")
 
-    def check(node: Node) -> str | None:
+
+def _start_containers(
+    inv: Inventory,
+    spec: jobs.JobSpec,
+    nodes: list[Node],
+    paths: launch_mod.RunPaths,
+    image: str,
+    plain_env: dict[str, str],
+    secret_env: dict[str, str],
+) -> None:
+    memlock = "memlock" in clouds.get(inv.cloud).capabilities
+
+    def start(node: Node) -> None:
+        with_secrets = bool(secret_env) and node is nodes[0]  # mpirun forwards them to every rank
+        with ssh.open_checked(inv, node) as conn:
+            if with_secrets:
+                path = launch_mod.secrets_file(paths.run_id)
+                ssh.run(conn, ["install", "-d", "-m", "0700", posixpath.dirname(path)], what=f"{node.name}: /run")
+                transfer.put_private(conn.sftp(), path, launch_mod.secrets_text(secret_env))
+            argv = launch_mod.docker_run_argv(
+                spec, node, paths, image, inv.cluster, plain_env=plain_env, memlock=memlock, with_secrets=with_secrets
+            )
+            ssh.run(conn, argv, timeout=120, what=f"{node.name}: starting the run's container")
+
+    ssh.on_nodes(nodes, start)
+
+
+def remove_containers(inv: Inventory, record: RunRecord) -> list[str]:
+    """Remove a run's containers (by label) and secrets file on every node that is up; say where that failed."""
+    present = {n.name for n in inv.nodes}
+    nodes = [inv.node(name) for name in (record.nodes or [n.name for n in inv.gpu_nodes]) if name in present]
+    label = f"label=trainrig.run={record.id}"
+
+    def remove(node: Node) -> str | None:
         try:
-            with ssh.open_checked(inv, node) as conn:
-                probe = ssh.run(conn, ["sh", "-c", 'test -d "$1" && command -v mpirun', "probe", mount], check=False)
+            with ssh.open_checked(inv, node, timeout=10) as conn:
+                ssh.run(
+                    conn,
+                    [
+                        "sh",
+                        "-c",
+                        'ids=$(docker ps -aq --filter "$1"); [ -z "$ids" ] || docker rm -f $ids',
+                        "remove",
+                        label,
+                    ],
+                    timeout=120,
+                    what=f"{node.name}: removing the run's container",
+                )
+                ssh.run(conn, ["rm", "-f", launch_mod.secrets_file(record.id)], check=False)
+                left = ssh.run(conn, ["docker", "ps", "-aq", "--filter", label], check=False).stdout.strip()
+            return f"{node.name}: a container of the run is still there" if left else None
         except TrainrigError as exc:
             return str(exc)
-        return (
-            None if probe.exited == 0 else f"{node.name}: shared storage {mount} or mpirun missing (run fab provision)"
-        )
 
-    problems = [p for p in ssh.on_nodes(nodes, check).values() if p]
-    if problems:
-        raise TrainrigError(f"pre-flight check failed: {problems[0]}")
-
-
-def upload_tree(sftp, local: Path, remote: str) -> None:
-    _mkdir(sftp, remote)
-    for path in sorted(local.rglob("*")):
-        if "__pycache__" in path.parts:
-            continue
-        target = posixpath.join(remote, *path.relative_to(local).parts)
-        if path.is_dir():
-            _mkdir(sftp, target)
-        else:
-            sftp.put(str(path), target)
-
-
-def _mkdir(sftp, path: str) -> None:
-    try:
-        sftp.mkdir(path)
-    except OSError:
-        if not stat.S_ISDIR(sftp.stat(path).st_mode):
-            raise
-
-
-def _put_text(sftp, path: str, text: str) -> None:
-    with sftp.open(path, "w") as fh:
-        fh.write(text)
+    return [problem for problem in ssh.on_nodes(nodes, remove).values() if problem]
 
 
 def read_status(sftp, record: RunRecord) -> dict | None:
@@ -214,60 +263,29 @@ def reader_node(inv: Inventory, record: RunRecord) -> Node:
     )
 
 
-def cancel(inv: Inventory, record: RunRecord, timeout: float = 60, grace: float = 10) -> dict:
-    """Stop a run: systemd signals the supervisor, which ends mpirun; then make sure no rank is left.
+def cancel(inv: Inventory, record: RunRecord, timeout: float = 60) -> dict:
+    """Stop a run: systemd signals the supervisor, which ends mpirun; then no container of the run is left anywhere.
 
-    mpirun returns before its remote daemons have reaped their ranks, so the supervisor's
-    'cancelled' comes a moment before the last rank on another node exits. A run is not
-    cancelled until that node is clean: wait for it, and kill what outlives the grace period.
+    Removing a container ends every rank in it, so a node whose ranks outlived mpirun (or whose
+    launch node is gone) is cleaned all the same.
     """
-    node = inv.node(record.node)
-    with ssh.open_checked(inv, node) as conn:
-        sftp = conn.sftp()
-        status = read_status(sftp, record) or {}
-        if status.get("state") not in FINAL_STATES:
-            ssh.run(conn, ["systemctl", "stop", record.unit], check=False, timeout=timeout, what="stopping the run")
-            status = wait_until(
-                lambda: _final(read_status(sftp, record)),
-                timeout=timeout,
-                interval=0.5,
-                what=f"run {record.id} to stop",
-            )
-    present = {n.name for n in inv.nodes}
-    nodes = [inv.node(name) for name in (record.nodes or [n.name for n in inv.gpu_nodes]) if name in present]
-    ssh.on_nodes(nodes, lambda n: _end_ranks(inv, n, record, grace))
+    status: dict = {"state": "cancelled"}
+    if record.node in {n.name for n in inv.nodes}:
+        with ssh.open_checked(inv, inv.node(record.node)) as conn:
+            sftp = conn.sftp()
+            status = read_status(sftp, record) or {}
+            if status.get("state") not in FINAL_STATES:
+                ssh.run(conn, ["systemctl", "stop", record.unit], check=False, timeout=timeout, what="stopping the run")
+                status = wait_until(
+                    lambda: _final(read_status(sftp, record)),
+                    timeout=timeout,
+                    interval=0.5,
+                    what=f"run {record.id} to stop",
+                )
+    problems = remove_containers(inv, record)
+    if problems:
+        raise TrainrigError(f"run {record.id} stopped, but {problems[0]}; run fab cancel again")
     return status
-
-
-def _rank_pids(conn, record: RunRecord) -> list[str]:
-    """Processes of this run on a node: the ranks carry TRAINRIG_RUN_DIR=<run dir> in their environment."""
-    marker = f"TRAINRIG_RUN_DIR={record.run_dir}"
-    found = ssh.run(
-        conn,
-        ["sh", "-c", 'grep -lszxF -- "$1" /proc/[0-9]*/environ', "find-ranks", marker],
-        check=False,
-        what="looking for the run's ranks",
-    )
-    return [path.split("/")[2] for path in found.stdout.split() if path.startswith("/proc/")]
-
-
-def _end_ranks(inv: Inventory, node: Node, record: RunRecord, grace: float) -> None:
-    with ssh.open_checked(inv, node) as conn:
-        try:
-            wait_until(
-                lambda: not _rank_pids(conn, record),
-                timeout=grace,
-                interval=0.25,
-                what=f"the ranks of {record.id} on {node.name} to exit",
-            )
-        except TrainrigError:
-            ssh.run(conn, ["kill", "-KILL", *_rank_pids(conn, record)], check=False, what="killing left-over ranks")
-            wait_until(
-                lambda: not _rank_pids(conn, record),
-                timeout=grace,
-                interval=0.25,
-                what=f"the ranks of {record.id} on {node.name} to be killed",
-            )
 
 
 def _final(status: dict | None) -> dict | None:

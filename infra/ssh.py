@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import shlex
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import paramiko
 from fabric import Config, Connection
@@ -82,6 +83,78 @@ def run(conn: Connection, argv: Sequence[str], *, timeout: float = 60, check: bo
         detail = (result.stderr or result.stdout).strip().splitlines()
         raise TrainrigError(f"{what or argv[0]} failed on a node: {detail[-1] if detail else result.exited}")
     return result
+
+
+class _Lines(io.TextIOBase):
+    """A stream that hands each complete line to a callback (live progress from a remote command)."""
+
+    def __init__(self, on_line: Callable[[str], None]):
+        self.on_line, self.partial = on_line, ""
+        self.tail: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.partial += text
+        *lines, self.partial = self.partial.split("\n")
+        for line in lines:
+            if line.strip():
+                self.tail = (self.tail + [line.rstrip()])[-5:]
+                self.on_line(line.rstrip())
+        return len(text)
+
+
+def stream(conn: Connection, argv: Sequence[str], on_line: Callable[[str], None], *, timeout: float, what: str):
+    """Run argv on a node, handing each output line to on_line as it comes; a failure names its last line."""
+    lines = _Lines(on_line)
+    try:
+        result = conn.run(
+            shlex.join(str(a) for a in argv),
+            hide=True,
+            warn=True,
+            timeout=timeout,
+            in_stream=False,
+            out_stream=lines,
+            err_stream=lines,
+        )
+    except CommandTimedOut as exc:
+        raise TrainrigError(f"{what} did not finish within {timeout:.0f}s") from exc
+    if result.exited != 0:
+        raise TrainrigError(f"{what} failed: {lines.tail[-1] if lines.tail else f'exit status {result.exited}'}")
+    return result
+
+
+def send(
+    conn: Connection,
+    argv: Sequence[str],
+    source: BinaryIO,
+    *,
+    timeout: float,
+    what: str,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Pipe a local byte stream into a remote command's standard input (an image into `docker load`)."""
+    channel = conn.client.get_transport().open_session(timeout=30)
+    channel.settimeout(timeout)
+    channel.set_combine_stderr(True)
+    channel.exec_command(shlex.join(str(a) for a in argv))
+    sent = 0
+    try:
+        while chunk := source.read(1 << 20):
+            channel.sendall(chunk)
+            sent += len(chunk)
+            if progress:
+                progress(sent)
+        channel.shutdown_write()
+        output = b""
+        while data := channel.recv(65536):
+            output += data
+        code = channel.recv_exit_status()
+    except (TimeoutError, OSError) as exc:
+        raise TrainrigError(f"{what} stopped: {exc}") from exc
+    finally:
+        channel.close()
+    if code != 0:
+        last = output.decode(errors="replace").strip().splitlines()
+        raise TrainrigError(f"{what} failed: {last[-1] if last else f'exit status {code}'}")
 
 
 def on_nodes(nodes: Sequence[Node], work: Callable[[Node], T]) -> dict[str, T]:

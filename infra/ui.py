@@ -8,12 +8,18 @@ from contextlib import contextmanager
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 console = Console(highlight=False)
 
 
 PLAIN_EVERY = 10.0
+
+
+def plain(text: str) -> str:
+    """Text from a node or a tool, shown as it is: brackets in it are not terminal markup."""
+    return escape(text[:160])
 
 
 @contextmanager

@@ -10,6 +10,9 @@ A cloud is a package infra/clouds/<name>/ whose __init__ defines CLOUD, with:
     backend(stack)  the runtime verbs on its clusters (the Backend protocol below)
     billable(cluster, cfg) -> list[str]
                     what the cloud's own listing still holds for a cluster (teardown is checked with it)
+    stand_in_image(reference) -> str | None
+                    for clouds whose nodes reach no public registry: a local image to send in place
+                    of a public one a Dockerfile starts from (None: the nodes pull it themselves)
 and beside it prices.yaml, its dated price table (infra/catalog.py). Adding a cloud is that package,
 its price rows and a sample stack in stacks/; nothing else lists the clouds.
 """
@@ -78,6 +81,7 @@ class Cloud(Protocol):
     def build(self, parent: pulumi.ComponentResource, name: str, cfg: Any, blueprint: Blueprint) -> pulumi.Output: ...
     def backend(self, stack: str | None = None) -> Backend: ...
     def billable(self, cluster: str, cfg: Any) -> list[str]: ...
+    def stand_in_image(self, reference: str) -> str | None: ...
 
 
 def names() -> list[str]:

@@ -191,8 +191,9 @@ def average_grads_and_loss(comm, grads, loss):
 
 
 def host_line(comm):
-    """``ranks: 0@host ...`` on rank 0, None elsewhere."""
-    pairs = comm.gather((comm.Get_rank(), socket.gethostname()), root=0)
+    """``ranks: 0@host ...`` on rank 0, None elsewhere; ``@host/container`` for a rank inside a container."""
+    where = socket.gethostname() + ("/container" if os.path.exists("/.dockerenv") else "")
+    pairs = comm.gather((comm.Get_rank(), where), root=0)
     if pairs is None:
         return None
     return "ranks: " + " ".join(f"{rank}@{host}" for rank, host in sorted(pairs))

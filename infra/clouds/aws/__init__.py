@@ -85,12 +85,15 @@ class AwsConfig(MachineStack):
 class AwsCloud:
     name = "aws"
     Config = AwsConfig
-    capabilities = frozenset({"pulumi_stack", "gpu", "data_disk", "shared_storage", "ssh_mesh"})
+    capabilities = frozenset({"pulumi_stack", "gpu", "memlock", "data_disk", "shared_storage", "ssh_mesh"})
 
     def build(self, parent, name, cfg, blueprint):
         from infra.clouds.aws import program
 
         return program.build(parent, name, cfg, blueprint)
+
+    def stand_in_image(self, reference: str) -> str | None:
+        return None  # its nodes pull from public registries
 
     def backend(self, stack=None):
         from infra.automation import StackBackend

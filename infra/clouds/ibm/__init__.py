@@ -63,12 +63,15 @@ class IbmConfig(MachineStack):
 class IbmCloud:
     name = "ibm"
     Config = IbmConfig
-    capabilities = frozenset({"pulumi_stack", "gpu", "data_disk", "shared_storage", "ssh_mesh"})
+    capabilities = frozenset({"pulumi_stack", "gpu", "memlock", "data_disk", "shared_storage", "ssh_mesh"})
 
     def build(self, parent, name, cfg, blueprint):
         from infra.clouds.ibm import program
 
         return program.build(parent, name, cfg, blueprint)
+
+    def stand_in_image(self, reference: str) -> str | None:
+        return None  # its nodes pull from public registries
 
     def backend(self, stack=None):
         from infra.automation import StackBackend

@@ -40,6 +40,14 @@ class LocalCloud:
 
         return BACKEND
 
+    def stand_in_image(self, reference: str) -> str | None:
+        """Local nodes reach no public registry: Debian's base comes from this machine, made offline."""
+        if reference.startswith("debian:bookworm"):
+            from infra.clouds.local import image
+
+            return image.ensure_job_base()
+        return None
+
     def billable(self, cluster: str, cfg=None) -> list[str]:
         return self.backend().billable(cluster)
 

@@ -5,7 +5,11 @@ import sys
 from infra.clouds.local import engine, image
 from infra.errors import TrainrigError
 
-STEPS = {"engine": lambda: engine.ensure() or "Docker engine is running", "image": image.ensure_image}
+STEPS = {
+    "engine": lambda: engine.ensure() or "Docker engine is running",
+    # Both images: nodes, and the offline base that job images build on.
+    "image": lambda: f"{image.ensure_image()} {image.ensure_job_base()}",
+}
 
 if __name__ == "__main__":
     step = sys.argv[1] if len(sys.argv) > 1 else ""

@@ -1,4 +1,10 @@
-"""The local node image: built once from node_image/, rebuilt only when that definition changes."""
+"""The local cloud's images, each built once and rebuilt only when its definition changes.
+
+- The node image (node_image/): what a fresh cloud VM has: Debian 12, systemd, sshd, python3.
+- The job base (job_base/): the stand-in for debian:bookworm-slim that local nodes get in place
+  of a public registry, which they cannot reach. It already holds the packages the sample jobs'
+  Dockerfiles install (Open MPI, mpi4py, numpy), so their install steps do nothing offline.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from infra.commands import run, stream
 from infra.errors import TrainrigError
 
 DEFINITION = Path(__file__).parent / "node_image"
+JOB_BASE = Path(__file__).parent / "job_base" / "packages.txt"
 REGISTRY_BASE = "debian:bookworm-slim"
 MIRROR = "http://deb.debian.org/debian"
 
@@ -32,8 +39,8 @@ def exists(image: str) -> bool:
     return run(["docker", "image", "inspect", image], check=False, timeout=30).returncode == 0
 
 
-def packages() -> list[str]:
-    return (DEFINITION / "packages.txt").read_text().split()
+def packages(listing: Path = DEFINITION / "packages.txt") -> list[str]:
+    return listing.read_text().split()
 
 
 def ensure_image() -> str:
@@ -41,7 +48,7 @@ def ensure_image() -> str:
     image = tag()
     if exists(image):
         return image
-    base = _registry_base() or _debootstrap_base()
+    base = _registry_base() or _debootstrap_base(DEFINITION / "packages.txt", "trainrig-rootfs")
     with ui.status(f"building node image {image} from {base}") as show:
         stream(
             [
@@ -71,19 +78,25 @@ def _registry_base() -> str | None:
     return REGISTRY_BASE if pulled else None
 
 
-def _debootstrap_base() -> str:
-    """A Debian 12 root file system from Debian's archive, imported as an image (no registry needed)."""
-    digest = hashlib.sha256((DEFINITION / "packages.txt").read_bytes()).hexdigest()[:12]
-    base = f"trainrig-rootfs:{digest}"
+def ensure_job_base() -> str:
+    """The offline stand-in for debian:bookworm-slim, with the sample jobs' packages already in it."""
+    return _debootstrap_base(JOB_BASE, "trainrig-job-base")
+
+
+def _debootstrap_base(listing: Path, name: str) -> str:
+    """A Debian 12 root file system from Debian's archive with a package list, imported as an image (no registry)."""
+    digest = hashlib.sha256(listing.read_bytes()).hexdigest()[:12]
+    base = f"{name}:{digest}"
     if exists(base):
         return base
     if shutil.which("debootstrap") is None:
         raise TrainrigError("no image registry answers and debootstrap is missing: apt-get install -y debootstrap")
     with tempfile.TemporaryDirectory(prefix="trainrig-rootfs-", dir="/var/tmp") as tmp:
         rootfs = Path(tmp) / "rootfs"
-        argv = ["debootstrap", "--variant=minbase", f"--include={','.join(packages())}", "bookworm", rootfs, MIRROR]
-        with ui.status("debootstrap: Debian 12 root file system from Debian's archive") as show:
-            stream(argv, show, timeout=1800, what="debootstrap of the node root file system")
+        include = ",".join(packages(listing))
+        argv = ["debootstrap", "--variant=minbase", f"--include={include}", "bookworm", rootfs, MIRROR]
+        with ui.status(f"debootstrap: Debian 12 root file system for {name} from Debian's archive") as show:
+            stream(argv, show, timeout=1800, what=f"debootstrap of {name}")
         with ui.status(f"importing root file system as {base}"):
             _import_rootfs(rootfs, base)
     return base
