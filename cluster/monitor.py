@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from rich.live import Live
+from rich.markup import escape
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
@@ -56,6 +57,11 @@ class RunView:
     def last(self) -> dict:
         return self.metrics[-1] if self.metrics else {}
 
+    @property
+    def reason(self) -> str | None:
+        """Why the run ended as it did (failed, cancelled), from the supervisor."""
+        return (self.status or {}).get("reason")
+
     def losses(self) -> list[float]:
         return [m["loss"] for m in self.metrics if "loss" in m]
 
@@ -77,6 +83,8 @@ def render(view: RunView) -> Table:
     table.add_column()
     color = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(view.state, "cyan")
     table.add_row("run", f"{view.record.id}  [{color}]{view.state}[/]  ({view.record.ranks} ranks)")
+    if view.reason and view.state != "succeeded":
+        table.add_row("cause", escape(view.reason))
     step, total = last.get("step", 0), view.record.max_steps
     if total:
         table.add_row("step", ProgressBar(total=total, completed=min(step, total), width=40))

@@ -129,7 +129,8 @@ def _follow(inv, record, timeout=None):
     if losses:
         summary += f", loss {losses[0]:.4f} -> {losses[-1]:.4f}"
     if view.state != "succeeded":
-        raise Exit(f"{summary}; see: fab logs --run {record.id} --name {inv.cluster}", code=1)
+        cause = f" ({view.reason})" if view.reason else ""
+        raise Exit(f"{summary}{cause}; see: fab logs --run {record.id} --name {inv.cluster}", code=1)
     ui.console.print(summary)
 
 

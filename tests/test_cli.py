@@ -65,7 +65,7 @@ def test_bad_input(tmp_path, args, text):
 
 def test_malformed_spec_names_the_field(tmp_path):
     job = tmp_path / "job.yaml"
-    job.write_text("name: x\ncommand: [a]\nnodes: many\n")
+    job.write_text('name: x\nimage: {pull: "a:1"}\ncommand: [a]\nnodes: many\n')
     assert_one_line_error(fab("train", "--job", str(job), home=tmp_path), "nodes: Input should be a valid integer")
 
 

@@ -56,15 +56,16 @@ def provisioned(cluster):
 
 
 # -- a private registry for the registry_login role ----------------------------------------
-REGISTRY = "storage:5000"
+# Port 5000 on the storage node is the cluster's own registry (image_registry role); this one needs a login.
+REGISTRY = "storage:5001"
 REGISTRY_USER = "trainrig"
 REGISTRY_CONFIG = """\
 version: 0.1
 storage:
   filesystem:
-    rootdirectory: /var/lib/docker-registry
+    rootdirectory: /var/lib/docker-registry-auth
 http:
-  addr: :5000
+  addr: :5001
 auth:
   htpasswd:
     realm: trainrig-test
@@ -105,12 +106,22 @@ def registry(cluster, provisioned):
     # htpasswd reads the password from stdin (-i), so it is never on a command line.
     htpasswd = node_exec(CLUSTER, "storage", "htpasswd", "-iBn", REGISTRY_USER, input=password).stdout
     node_exec(CLUSTER, "storage", "sh", "-c", "cat > /etc/docker/registry/htpasswd", input=htpasswd)
-    node_exec(CLUSTER, "storage", "sh", "-c", "cat > /etc/docker/registry/config.yml", input=REGISTRY_CONFIG)
-    node_exec(CLUSTER, "storage", "systemctl", "restart", "docker-registry")
+    node_exec(CLUSTER, "storage", "sh", "-c", "cat > /etc/docker/registry/auth.yml", input=REGISTRY_CONFIG)
+    node_exec(
+        CLUSTER,
+        "storage",
+        "systemd-run",
+        "--unit",
+        "trainrig-test-registry",
+        "--collect",
+        "/usr/bin/docker-registry",
+        "serve",
+        "/etc/docker/registry/auth.yml",
+    )
     provision.cluster_vars_path(CLUSTER).write_text(
         yaml.safe_dump(
             {
-                "docker_insecure_registries": [REGISTRY],
+                "docker_insecure_registries": [REGISTRY, "{{ trainrig_registry }}"],
                 "registry_login_registry": REGISTRY,
                 "registry_login_username": REGISTRY_USER,
             }

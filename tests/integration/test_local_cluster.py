@@ -1,9 +1,12 @@
 """A real local cluster end to end: VM-like nodes, provisioning, MPI training, fetch, teardown."""
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -125,7 +128,7 @@ def test_training_across_nodes_lowers_the_loss(cluster, finished_run):
     log = on(cluster, "storage", "cat", f"{record.run_dir}/train.log").stdout
     ranks_line = next(line for line in log.splitlines() if line.startswith("ranks:"))
     hosts = {entry.split("@")[1] for entry in ranks_line.split()[1:]}
-    assert hosts == {"node0", "node1"}, ranks_line
+    assert hosts == {"node0/container", "node1/container"}, ranks_line  # inside the job's image, on both nodes
     assert "world_size: 4" in log
     losses = view.losses()
     assert view.last["step"] == 300
@@ -165,17 +168,34 @@ def test_cli_status_logs_plot_and_monitor(cluster, finished_run, tmp_path):
     assert watched.returncode == 0 and f"run {record.id} succeeded" in watched.stdout
 
 
+def job_file(tmp_path, **changes) -> Path:
+    """A variant of the demo job beside its own copy of the image's build folder."""
+    shutil.copytree(ROOT / "training_jobs" / "dp_mlp", tmp_path / "dp_mlp", dirs_exist_ok=True)
+    spec = {**yaml.safe_load((ROOT / "training_jobs" / "dp-mlp.yaml").read_text()), **changes}
+    path = tmp_path / f"{spec['name']}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def containers_of(cluster, record, node: str) -> str:
+    return on(cluster, node, "docker", "ps", "-aq", "--filter", f"label=trainrig.run={record.id}").stdout.strip()
+
+
+def test_no_container_of_a_finished_run_is_left(cluster, finished_run):
+    record, _ = finished_run
+    assert record.image and record.image.startswith("sha256:")
+    for node in ("node0", "node1"):
+        assert containers_of(cluster, record, node) == "", f"container left on {node}"
+        # The image reached every node (through the registry on the storage node), pinned to one id.
+        assert on(cluster, node, "docker", "image", "inspect", record.image, check=False).exited == 0
+
+
 def test_failing_job_fails_the_monitor(cluster, provisioned, tmp_path):
-    job = tmp_path / "fails.yaml"
-    job.write_text(
-        yaml.safe_dump(
-            {
-                "name": "fails",
-                "nodes": 2,
-                "max_steps": 5,
-                "command": ["python3", "-c", "import sys; print('step 1 loss 1.0'); sys.exit(4)"],
-            }
-        )
+    job = job_file(
+        tmp_path,
+        name="fails",
+        max_steps=5,
+        command=["python3", "-c", "import sys; print('step 1 loss 1.0'); sys.exit(4)"],
     )
     result = fab("train", "--job", str(job), "--name", cluster.cluster, "--follow")
     assert result.returncode == 1
@@ -184,12 +204,84 @@ def test_failing_job_fails_the_monitor(cluster, provisioned, tmp_path):
 
 def test_job_bigger_than_the_cluster_is_refused(cluster, provisioned, tmp_path):
     before = runs.records(cluster.cluster)
-    job = tmp_path / "big.yaml"
-    job.write_text(yaml.safe_dump({"name": "big", "nodes": 3, "command": ["hostname"]}))
-    result = fab("train", "--job", str(job), "--name", cluster.cluster)
+    result = fab("train", "--job", str(job_file(tmp_path, name="big", nodes=3)), "--name", cluster.cluster)
     assert result.returncode != 0
     assert f"asks for 3 nodes but cluster '{CLUSTER}' has 2 GPU nodes" in result.stderr
     assert runs.records(cluster.cluster) == before
+
+
+def test_a_secret_is_never_written_down(cluster, provisioned, tmp_path):
+    canary = "canary-" + os.urandom(8).hex()
+    # Each rank checks the value by its hash, so the command line never holds the secret itself.
+    digest = hashlib.sha256(canary.encode()).hexdigest()
+    check = (
+        "import hashlib, os, time; "
+        f"assert hashlib.sha256(os.environ['CANARY_SECRET'].encode()).hexdigest() == '{digest}'; "
+        "print('step 1 loss 1', flush=True); time.sleep(4)"
+    )
+    job = job_file(tmp_path, name="secret", max_steps=1, secrets=["CANARY_SECRET"], command=["python3", "-c", check])
+    record = runs.launch(cluster, jobs.load(job), environ={**os.environ, "CANARY_SECRET": canary})
+    try:
+        seen = []
+        for _ in range(6):  # while it runs: in no process listing on any node
+            seen += [on(cluster, node, "ps", "-eo", "args").stdout for node in ("node0", "node1", "storage")]
+            time.sleep(0.5)
+        view = monitor.monitor(cluster, record, timeout=120)
+    finally:
+        runs.cancel(cluster, record)
+    log = on(cluster, "storage", "cat", f"{record.run_dir}/train.log").stdout
+    assert view.state == "succeeded", log  # every rank saw the secret, intact
+    assert not any(canary in listing for listing in seen)
+    written = on(cluster, "storage", "grep", "-rl", canary, record.run_dir, check=False)
+    assert written.exited == 1 and written.stdout == "", written.stdout
+    dest = results.fetch(cluster, record, tmp_path / "runs")
+    assert not [p for p in dest.rglob("*") if p.is_file() and canary.encode() in p.read_bytes()]
+    assert canary not in runs.records_path(cluster.cluster).read_text()
+    for node in ("node0", "node1"):  # the tmpfs file went with the run
+        assert on(cluster, node, "ls", f"/run/trainrig/{record.id}.env", check=False).exited != 0
+
+
+def test_the_image_streams_node_to_node_without_a_registry(cluster, provisioned, tmp_path, monkeypatch):
+    from cluster import images
+
+    job = jobs.load(job_file(tmp_path, name="streamed"))
+    monkeypatch.setattr(images, "registry", lambda inv: None)  # as on a cluster with EFS and no storage node
+    first = images.ensure(cluster, job, cluster.gpu_nodes, "streamed-1", "/data/trainrig/streamed-1")
+    on(cluster, "node1", "docker", "rmi", "-f", first)
+    image = images.ensure(cluster, job, cluster.gpu_nodes, "streamed-2", "/data/trainrig/streamed-2")
+    assert image == first  # built from cache on node0, then streamed to node1 over the mesh
+    assert on(cluster, "node1", "docker", "image", "inspect", image, check=False).exited == 0
+
+
+def test_preflight_names_the_node_whose_container_stopped(cluster, provisioned, tmp_path):
+    from cluster import launch as launch_mod
+    from cluster import preflight
+
+    job = jobs.load(job_file(tmp_path, name="preflight"))
+    record = runs.RunRecord(
+        id="preflight-1",
+        job="preflight",
+        node="node0",
+        run_dir="/data/trainrig/pf",
+        ranks=4,
+        max_steps=1,
+        started_at="2026-01-01T00:00:00Z",
+        nodes=["node0", "node1"],
+    )
+    paths = launch_mod.RunPaths(run_id=record.id, run_dir=record.run_dir, shared="/data", code=False)
+    image = runs.images.ensure(cluster, job, cluster.gpu_nodes, record.id, record.run_dir)
+    try:
+        runs._start_containers(cluster, job.spec, cluster.gpu_nodes, paths, image, {}, {})
+        on(cluster, "node1", "docker", "stop", "-t", "0", launch_mod.container_name(record.id))
+        with pytest.raises(
+            TrainrigError,
+            match=r"pre-flight check of the image failed: node1: the run's container "
+            r"is not running",
+        ):
+            preflight.containers(cluster, job.spec, cluster.gpu_nodes, paths, image)
+    finally:
+        assert runs.remove_containers(cluster, record) == []
+    assert containers_of(cluster, record, "node1") == ""
 
 
 # -- teardown ----------------------------------------------------------------------------
@@ -241,16 +333,13 @@ def test_failed_up_leaves_nothing_behind(home, tmp_path):
     assert not inventory.path_for(name).parent.exists()
 
 
-def test_cancel_stops_every_rank(cluster, provisioned, tmp_path):
-    job = tmp_path / "long.yaml"
-    spec = yaml.safe_load((ROOT / "training_jobs" / "dp-mlp.yaml").read_text())
-    spec.update(code=str(ROOT / "training_jobs" / "dp_mlp"), max_steps=1_000_000)
-    job.write_text(yaml.safe_dump(spec))
-    record = runs.launch(cluster, jobs.load(job))
+def test_cancel_stops_every_rank_and_leaves_no_container(cluster, provisioned, tmp_path):
+    record = runs.launch(cluster, jobs.load(job_file(tmp_path, name="long", max_steps=1_000_000)))
     with pytest.raises(TrainrigError, match="still running"):
         monitor.monitor(cluster, record, timeout=4)  # it is training: steps arrive, the run goes on
     result = fab("cancel", "--run", record.id, "--name", cluster.cluster)
-    assert result.returncode == 0 and f"run {record.id} cancelled" in result.stdout
+    assert result.returncode == 0 and f"run {record.id} cancelled" in result.stdout, result.stderr
     for name in ("node0", "node1"):
         assert on(cluster, name, "pgrep", "-f", "train.py", check=False).exited == 1, f"ranks left on {name}"
+        assert containers_of(cluster, record, name) == "", f"container left on {name}"
     assert fab("monitor", "--run", record.id, "--name", cluster.cluster).returncode == 1
