@@ -82,17 +82,17 @@ def test_arguments_arrive_intact_and_nothing_is_interpreted(ssh_cluster, tmp_pat
     assert not canary.exists()
 
 
-def test_a_failing_command_is_one_line_naming_it(ssh_cluster):
+def test_a_failing_command_is_one_line_naming_it_and_the_node(ssh_cluster):
     cluster = ssh_cluster(1)
+    node = cluster.inv.node("node0")
     failing = ["sh", "-c", "echo noise >&2; echo 'disk is full' >&2; exit 3"]
-    with ssh.open_checked(cluster.inv, cluster.inv.node("node0")) as conn:
+    with ssh.open_checked(cluster.inv, node) as conn:
         with pytest.raises(TrainrigError) as exc:
             ssh.run(conn, failing, what="writing the checkpoint")
-        assert "writing the checkpoint failed" in _one_line(exc)
-        assert _one_line(exc).endswith(": disk is full")
+        assert _one_line(exc) == f"127.0.0.1:{node.ssh_port}: writing the checkpoint failed: disk is full"
         with pytest.raises(TrainrigError) as unnamed:
             ssh.run(conn, failing)
-        assert _one_line(unnamed).startswith("sh failed")
+        assert _one_line(unnamed) == f"127.0.0.1:{node.ssh_port}: sh failed: disk is full"
         assert ssh.run(conn, failing, check=False).exited == 3
 
 
