@@ -115,6 +115,23 @@ def test_an_interrupted_wait_rolls_back_too(cloud):
     assert cloud.backend_.calls[-1] == ("destroy", "alpha", True)
 
 
+@pytest.mark.parametrize(
+    ("existing", "again"), [(False, "fab down --name alpha --purge"), (True, "fab down --name alpha")]
+)
+def test_a_failed_rollback_still_reports_the_cause_and_what_to_remove(cloud, existing, again):
+    if existing:
+        state.cluster_dir("alpha").mkdir(parents=True)
+    cloud.backend_.ready_error = TrainrigError("node1 did not answer on SSH within 120s")
+    cloud.backend_.destroy_error = TrainrigError("docker rm failed: device busy")
+    with pytest.raises(TrainrigError) as exc:
+        lifecycle.up("alpha", gpu_nodes=2, data_disk_gb=2)
+    assert str(exc.value) == (
+        "node1 did not answer on SSH within 120s; removing the half-made cluster failed too "
+        f"(docker rm failed: device busy): run {again}"
+    )
+    assert exc.value.__cause__ is cloud.backend_.ready_error
+
+
 @pytest.mark.parametrize("case", FLAG_CASES, ids=[c["case"] for c in FLAG_CASES])
 def test_bad_flags_are_one_line_naming_the_flag(cloud, case):
     args = {"name": "alpha", "gpu_nodes": 2, "data_disk_gb": 2, **case["args"]}
