@@ -140,12 +140,16 @@ class Sshd:
         self.authorized = pkey(self.login)
         self._host_key = pkey(self.host)
         self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.2)
         self.port = self._listener.getsockname()[1]
         self._transports: list[paramiko.Transport] = []
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
+
+    @property
+    def connections(self) -> int:
+        """How many clients have connected (a test can tell a node that was never touched)."""
+        return len(self._transports)
 
     @property
     def host_key(self) -> str:
@@ -155,11 +159,8 @@ class Sshd:
         while not self._stopping.is_set():
             try:
                 sock, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
+            except OSError:  # stop() shut the listener down
                 return
-            sock.settimeout(None)
             transport = paramiko.Transport(sock)
             transport.add_server_key(self._host_key)
             transport.set_subsystem_handler("sftp", SFTPServer, LocalSftp, root=self.root)
@@ -199,6 +200,10 @@ class Sshd:
 
     def stop(self) -> None:
         self._stopping.set()
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() in _serve
+        except OSError:
+            pass
         self._listener.close()
         for transport in self._transports:
             transport.close()
@@ -235,6 +240,9 @@ class SshCluster:
         return path
 
 
+GUARDED = ("systemd-run", "systemctl", "mpirun")
+
+
 def start_cluster(tmp: Path, gpu_nodes: int, cluster: str = "unit") -> SshCluster:
     """gpu_nodes GPU nodes and a storage node, each its own sshd, the login key saved under tmp."""
     tmp.mkdir(parents=True, exist_ok=True)
@@ -246,6 +254,9 @@ def start_cluster(tmp: Path, gpu_nodes: int, cluster: str = "unit") -> SshCluste
     share.mkdir()
     bin_dir = tmp / "bin"
     bin_dir.mkdir()
+    for program in GUARDED:  # never the host's own: a test that needs one puts its stand-in here
+        (bin_dir / program).write_text(f"#!/bin/sh\necho 'stand-in {program}: not expected here' >&2\nexit 97\n")
+        (bin_dir / program).chmod(0o755)
     names = [*(f"node{i}" for i in range(gpu_nodes)), "storage"]
     servers = {name: Sshd(host=keys.generate(), login=login, root=tmp, bin_dir=bin_dir) for name in names}
     nodes = [
