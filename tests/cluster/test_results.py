@@ -6,8 +6,11 @@ import os
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from cluster import results
 from cluster.runs import RunRecord
+from infra.errors import TrainrigError
 
 
 def make_run(cluster, run_id: str = "tiny-20260101-000000-ab12") -> RunRecord:
@@ -76,9 +79,33 @@ def test_without_a_storage_node_fetch_reads_from_the_launch_node(ssh_cluster, tm
     assert [cluster.servers[n].connections for n in ("node0", "node1", "storage")] == [1, 0, 0]
 
 
+def test_fetch_of_a_run_whose_directory_is_gone_is_one_line(ssh_cluster, tmp_path):
+    cluster = ssh_cluster(1)
+    rec = make_run(cluster)
+    gone = rec.model_copy(update={"run_dir": str(cluster.share / "trainrig" / "runs" / "purged")})
+    with pytest.raises(TrainrigError) as exc:
+        results.fetch(cluster.inv, gone, tmp_path / "home")
+    assert str(exc.value) == (
+        f"run {rec.id} has no directory {gone.run_dir} on storage; was the shared storage removed?"
+    )
+    assert not (tmp_path / "home").exists()
+
+
 def test_fetch_metrics_copies_only_the_metrics(ssh_cluster, tmp_path):
     cluster = ssh_cluster(1)
     rec = make_run(cluster)
     dest = results.fetch_metrics(cluster.inv, rec, tmp_path / "home")
     assert dest == tmp_path / "home" / "unit" / rec.id
     assert tree(dest) == {"metrics.jsonl": (Path(rec.run_dir) / "metrics.jsonl").read_bytes()}
+
+
+def test_fetch_metrics_of_a_run_without_metrics_keeps_the_copy_at_home(ssh_cluster, tmp_path):
+    cluster = ssh_cluster(1)
+    rec = make_run(cluster)
+    dest = results.fetch_metrics(cluster.inv, rec, tmp_path / "home")
+    fetched = (dest / "metrics.jsonl").read_bytes()
+    (Path(rec.run_dir) / "metrics.jsonl").unlink()
+    with pytest.raises(TrainrigError) as exc:
+        results.fetch_metrics(cluster.inv, rec, tmp_path / "home")
+    assert str(exc.value) == f"run {rec.id} has no {rec.run_dir}/metrics.jsonl on storage yet"
+    assert (dest / "metrics.jsonl").read_bytes() == fetched
