@@ -25,8 +25,15 @@ def up(name: str, gpu_nodes: int, data_disk_gb: int, cloud: str = "local") -> In
         inv = backend.create(request, board)
         try:
             backend.wait_ready(inv, board)
-        except BaseException:
-            backend.destroy(inv, purge=fresh)
+        except BaseException as exc:
+            try:
+                backend.destroy(inv, purge=fresh)
+            except Exception as cleanup:
+                # The cause first (it is why up failed), then what may still bill and how to remove it.
+                again = f"fab down --name {name}" + (" --purge" if fresh else "")
+                raise TrainrigError(
+                    f"{exc or type(exc).__name__}; removing the half-made cluster failed too ({cleanup}): run {again}"
+                ) from exc
             raise
     return inv
 

@@ -11,6 +11,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from cluster import runs
 from cluster.runs import RunRecord
 from infra import ssh, ui
+from infra.errors import TrainrigError
 from infra.inventory import Inventory
 
 
@@ -24,7 +25,12 @@ def fetch(inv: Inventory, record: RunRecord, root: Path = Path("runs")) -> Path:
     node = inv.storage_node or runs.reader_node(inv, record)
     with ssh.open_checked(inv, node) as conn:
         sftp = conn.sftp()
-        files = list(_walk(sftp, record.run_dir))
+        try:
+            files = list(_walk(sftp, record.run_dir))
+        except FileNotFoundError:
+            raise TrainrigError(
+                f"run {record.id} has no directory {record.run_dir} on {node.name}; was the shared storage removed?"
+            ) from None
         total = sum(size for _, size in files)
         columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn()]
         with Progress(*columns, console=ui.console) as progress:
@@ -55,6 +61,12 @@ def fetch_metrics(inv: Inventory, record: RunRecord, root: Path = Path("runs")) 
     dest = destination(inv, record, root)
     dest.mkdir(parents=True, exist_ok=True)
     node = inv.storage_node or runs.reader_node(inv, record)
+    remote = f"{record.run_dir}/metrics.jsonl"
     with ssh.open_checked(inv, node) as conn:
-        conn.sftp().get(f"{record.run_dir}/metrics.jsonl", str(dest / "metrics.jsonl"))
+        sftp = conn.sftp()
+        try:
+            sftp.stat(remote)  # before get, which would empty the copy at home first
+        except FileNotFoundError:
+            raise TrainrigError(f"run {record.id} has no {remote} on {node.name} yet") from None
+        sftp.get(remote, str(dest / "metrics.jsonl"))
     return dest

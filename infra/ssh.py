@@ -81,7 +81,9 @@ def run(conn: Connection, argv: Sequence[str], *, timeout: float = 60, check: bo
         raise TrainrigError(f"{conn.host}:{conn.port}: {what or argv[0]} did not finish within {timeout:.0f}s") from exc
     if check and result.exited != 0:
         detail = (result.stderr or result.stdout).strip().splitlines()
-        raise TrainrigError(f"{what or argv[0]} failed on a node: {detail[-1] if detail else result.exited}")
+        raise TrainrigError(
+            f"{conn.host}:{conn.port}: {what or argv[0]} failed: {detail[-1] if detail else result.exited}"
+        )
     return result
 
 

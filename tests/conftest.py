@@ -112,3 +112,25 @@ def fake_pulumi(tmp_path, monkeypatch):
         return fake
 
     return make
+
+
+@pytest.fixture
+def ssh_cluster(tmp_path, monkeypatch):
+    """Returns a factory: ssh_cluster(gpu_nodes) starts in-process sshds (tests/sshd.py), one per node.
+
+    TRAINRIG_HOME is a fresh folder, so run records and cluster state stay in the test's tmp_path.
+    """
+    from tests.sshd import SshCluster, start_cluster
+
+    monkeypatch.setenv("TRAINRIG_HOME", str(tmp_path / "home"))
+    started: list[SshCluster] = []
+
+    def make(gpu_nodes: int = 2) -> SshCluster:
+        cluster = start_cluster(tmp_path / f"cluster{len(started)}", gpu_nodes)
+        started.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in started:
+        for server in cluster.servers.values():
+            server.stop()
