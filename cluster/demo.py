@@ -8,8 +8,8 @@ from pathlib import Path
 from rich.table import Table
 
 from cluster import jobs, lifecycle, monitor, plot, provision, results, runs
+from infra import clouds, ui
 from infra import inventory as inventory_mod
-from infra import ui
 from infra.errors import TrainrigError
 
 DEFAULT_JOB = Path(__file__).resolve().parent.parent / "training_jobs" / "dp-mlp.yaml"
@@ -21,7 +21,7 @@ def demo(name: str, gpu_nodes: int, job_path: Path = DEFAULT_JOB, keep: bool = F
     started = time.monotonic()
     if inventory_mod.path_for(name).is_file():
         earlier = inventory_mod.load(name)
-        if earlier.cloud != "local":  # the demo is local: it never removes what someone pays for
+        if earlier.cloud != clouds.DEFAULT:  # the demo is local: it never removes what someone pays for
             raise TrainrigError(
                 f"cluster {name!r} is on {earlier.cloud}; the demo runs on a local cluster: "
                 "pass another name with --name"

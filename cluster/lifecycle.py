@@ -14,7 +14,7 @@ from infra.errors import TrainrigError
 from infra.inventory import STORAGE_NODE, Inventory, gpu_node_names
 
 
-def up(name: str, gpu_nodes: int, data_disk_gb: int, cloud: str = "local") -> Inventory:
+def up(name: str, gpu_nodes: int, data_disk_gb: int, cloud: str = clouds.DEFAULT) -> Inventory:
     request = _request(name=name, cloud=cloud, gpu_nodes=gpu_nodes, data_disk_gb=data_disk_gb)
     provider = clouds.get(cloud)
     clouds.require(provider, "create", "be created by fab up: make them with pulumi up --stack NAME")

@@ -36,11 +36,16 @@ if TYPE_CHECKING:
     from infra.blueprint import Blueprint
     from infra.config import StackBase
 
+# The cloud with no account and no bill: clusters of Docker containers on the operator's machine,
+# the demo's and the tests' (and where `fab up` creates clusters unless told otherwise).
+DEFAULT = "local"
+
 CAPABILITIES = frozenset(
     {
         "create",  # `fab up` makes its clusters (otherwise `pulumi up` of a stack does)
         "pulumi_stack",  # its clusters live in a Pulumi stack, which `fab down` changes
         "gpu",  # its nodes can have GPUs
+        "memlock",  # its containers may lift the locked-memory limit (NCCL, RDMA)
         "data_disk",
         "shared_storage",
         "ssh_mesh",
@@ -52,7 +57,7 @@ class ClusterRequest(Strict):
     """What `fab up` asks a backend for."""
 
     name: str = Field(pattern=CLUSTER_NAME.pattern)
-    cloud: str = "local"
+    cloud: str = DEFAULT
     gpu_nodes: int = Field(ge=1, le=16)
     data_disk_gb: int = Field(default=2, ge=1, le=64)
 
