@@ -66,13 +66,13 @@ class ImageBuild(Strict):
 
 
 class Image(Strict):
-    """Exactly one of: a reference to pull (optionally pinned: name@sha256:...), or a build."""
+    """Exactly one of: a reference to pull (optionally pinned: name@sha256:...), or a build.
+
+    A private registry's login is the registry_login role's (fab provision), not the job's.
+    """
 
     pull: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9._/:-]*(@sha256:[0-9a-f]{64})?$")
     build: ImageBuild | None = None
-    registry_secret: str | None = Field(
-        default=None, description="environment variable with the password for a private registry (see registry_login)"
-    )
 
     @model_validator(mode="after")
     def _one_source(self) -> Image:
@@ -120,6 +120,14 @@ class Mpi(Strict):
         return mca
 
 
+class Health(Strict):
+    """When the supervisor on the cluster gives up on a run, and how often it looks."""
+
+    stall_timeout: int = Field(default=900, ge=10, description="seconds without a new step before the run is stalled")
+    startup_grace: int = Field(default=900, ge=0, description="seconds allowed before the first step")
+    node_check_every: int = Field(default=10, ge=2, le=300, description="seconds between checks of every node")
+
+
 class JobSpec(Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,39}$")
     description: str = ""
@@ -133,6 +141,7 @@ class JobSpec(Strict):
     env_from_host: list[str] = Field(default=[], description="names passed through from the launching environment")
     secrets: list[str] = Field(default=[], description="names read from the launching environment; never written")
     mpi: Mpi = Mpi()
+    health: Health = Health()
     max_steps: int | None = Field(default=None, ge=1)
     checkpoint_dir: str = "checkpoints"
     metrics: MetricPatterns = MetricPatterns()

@@ -132,6 +132,8 @@ def mpirun_argv(
     argv = ["mpirun", "--allow-run-as-root", "-np", str(spec.ranks)]
     argv += ["-H", ",".join(f"{n.name}:{spec.gpus_per_node}" for n in nodes)]
     argv += ["--bind-to", spec.mpi.bind_to, "--map-by", spec.mpi.map_by]
+    # Each output line carries its rank, so a failure names the rank that failed and what it said last.
+    argv += ["--output", "tag"] if mpi_major >= 5 else ["--tag-output"]
     runtime = "--prtemca" if mpi_major >= 5 else "--mca"
     if mpi_major >= 5:
         argv += ["--launch-agent", agent, runtime, "plm_ssh_args", SSH_ARGS]

@@ -58,6 +58,11 @@ def _remember(cluster: str, record: RunRecord) -> None:
     state.write_atomic(records_path(cluster), _records.dump_json(records(cluster) + [record], indent=2).decode())
 
 
+def _forget(cluster: str, run_id: str) -> None:
+    kept = [r for r in records(cluster) if r.id != run_id]
+    state.write_atomic(records_path(cluster), _records.dump_json(kept, indent=2).decode())
+
+
 def find(cluster: str, run_id: str | None) -> RunRecord:
     """A run by id (or unique prefix); the latest run when no id is given."""
     known = records(cluster)
@@ -117,6 +122,7 @@ def launch(inv: Inventory, job: jobs.LoadedJob, environ: Mapping[str, str] = os.
         started_at=datetime.now(UTC),
         nodes=[n.name for n in nodes],
     )
+    remembered = False
     try:
         _prepare_run_dir(inv, nodes[0], job, paths)
         image = images.ensure(inv, job, nodes, run_id, paths.run_dir)
@@ -133,11 +139,16 @@ def launch(inv: Inventory, job: jobs.LoadedJob, environ: Mapping[str, str] = os.
             "max_steps": spec.max_steps,
             "container": launch_mod.container_name(run_id),
             "peers": [n.name for n in nodes[1:]],
+            # Rank r runs on hosts[r // slots] (mapped by slot): how a failure names its host.
+            "hosts": [n.name for n in nodes],
+            "slots": spec.gpus_per_node,
+            "health": spec.health.model_dump(),
             "secrets_file": launch_mod.secrets_file(run_id) if secret_env else None,
         }
         record = record.model_copy(update={"image": image})
         # Recorded before it starts: an interrupt from here on leaves a run that fab cancel can find.
         _remember(inv.cluster, record)
+        remembered = True
         with ssh.open_checked(inv, nodes[0]) as conn:
             transfer.put_text(conn.sftp(), f"{paths.run_dir}/run.json", json.dumps(run_json, indent=2))
             ssh.run(
@@ -157,7 +168,10 @@ def launch(inv: Inventory, job: jobs.LoadedJob, environ: Mapping[str, str] = os.
                 what=f"{nodes[0].name}: starting the run under systemd",
             )
     except BaseException:
+        # Nothing half-started: no container on any node, and no record of a run that is not running.
         remove_containers(inv, record)
+        if remembered:
+            _forget(inv.cluster, record.id)
         raise
     return record
 

@@ -8,7 +8,10 @@ from pathlib import Path
 
 
 def upload_tree(sftp, local: Path, remote: str) -> None:
-    mkdir(sftp, remote)
+    """A local folder to a remote path, parents made as needed; caches (__pycache__) left out."""
+    parts = remote.strip("/").split("/")
+    for depth in range(1, len(parts) + 1):
+        mkdir(sftp, "/" + "/".join(parts[:depth]))
     for path in sorted(local.rglob("*")):
         if "__pycache__" in path.parts:
             continue
@@ -20,6 +23,7 @@ def upload_tree(sftp, local: Path, remote: str) -> None:
 
 
 def mkdir(sftp, path: str) -> None:
+    """One directory, fine if it is there already."""
     try:
         sftp.mkdir(path)
     except OSError:
@@ -28,6 +32,7 @@ def mkdir(sftp, path: str) -> None:
 
 
 def put_text(sftp, path: str, text: str) -> None:
+    """A small text file, written whole."""
     with sftp.open(path, "w") as fh:
         fh.write(text)
 

@@ -9,15 +9,62 @@ run (over the cluster's SSH mesh) and the secrets file. Stdlib only: it runs wit
 python3.
 """
 
+import collections
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
-SSH = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=10"]
+SSH = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=5"]
+# Open MPI's --tag-output: "[job,rank]<stdout>:text" (4) or "[job,rank]<stdout>: text" (5).
+TAG = re.compile(r"^\[\d+,(\d+)\]<(?:stdout|stderr)>: ?")
+# What mpirun says about the first rank that failed.
+FIRST_FAILED = re.compile(r"Process name:\s*\[\[?\d+,\d+\]?,?(\d+)\]")
+EXIT_CODE = re.compile(r"Exit code:\s*(-?\d+)")
+HEARTBEAT_EVERY = 5
+NODE_TIMEOUT = 8  # seconds for one check of a node: a frozen host accepts TCP but never answers
+
+
+def stamp(when):
+    return time.strftime("%H:%M:%S", time.localtime(when))
+
+
+class Watch:
+    """What the supervisor knows while mpirun runs, and the first verdict that ends the run."""
+
+    def __init__(self, run, started):
+        health = run.get("health") or {}
+        self.stall_timeout = health.get("stall_timeout", 900)
+        self.grace = health.get("startup_grace", 900)
+        self.check_every = health.get("node_check_every", 10)
+        self.started = started
+        self.last_step, self.last_step_at = None, started
+        self.tails = collections.defaultdict(lambda: collections.deque(maxlen=5))
+        self.verdict = None  # (state, reason) once decided
+        self.lock = threading.Lock()
+
+    def decide(self, state, reason):
+        with self.lock:
+            if self.verdict is None:
+                self.verdict = (state, reason)
+                return True
+        return False
+
+    def stalled(self, now):
+        """A reason when no new step came for too long (first step: after the start-up grace)."""
+        if self.last_step is None:
+            if now - self.started > self.grace + self.stall_timeout:
+                return f"no step logged {self.grace + self.stall_timeout:.0f}s after the start"
+            return None
+        if now - self.last_step_at > self.stall_timeout:
+            return (
+                f"no new step for {self.stall_timeout:.0f}s (last: step {self.last_step} at {stamp(self.last_step_at)})"
+            )
+        return None
 
 
 def write_json(path, data):
@@ -60,9 +107,76 @@ def remove_containers(run):
             pass
 
 
+def reachable(peer):
+    try:
+        return subprocess.run([*SSH, peer, "true"], capture_output=True, timeout=NODE_TIMEOUT).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def stop_ranks(run, proc, skip=()):
+    """End the run's ranks everywhere a node answers: removing a container ends what runs in it."""
+    name = run.get("container")
+    if name:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=120)
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)  # the docker exec client here, which mpirun's end also ends
+    except ProcessLookupError:
+        pass
+    for peer in run.get("peers", []) if name else []:
+        if peer not in skip:
+            try:
+                subprocess.run([*SSH, peer, "docker", "rm", "-f", name], capture_output=True, timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def watchdog(run, watch, status, status_path, proc):
+    """Heartbeat, stall and node loss, decided here on the cluster, whatever the operator's laptop does."""
+    lost = {}  # peer -> time it first failed to answer
+    next_check = time.time() + watch.check_every
+    while proc.poll() is None and watch.verdict is None:
+        now = time.time()
+        status["heartbeat_at"] = now
+        write_json(status_path, status)
+        reason = watch.stalled(now)
+        if reason and watch.decide("stalled", reason):
+            stop_ranks(run, proc)
+            return
+        if now >= next_check:
+            next_check = now + watch.check_every
+            for peer in run.get("peers", []):
+                if reachable(peer):
+                    lost.pop(peer, None)
+                else:
+                    lost.setdefault(peer, now)
+            # Two checks in a row: one slow answer is not a lost node.
+            gone = [p for p, since in lost.items() if time.time() - since >= watch.check_every]
+            if gone and watch.decide("failed", f"{gone[0]} unreachable since {stamp(lost[gone[0]])}"):
+                stop_ranks(run, proc, skip=gone)
+                return
+        time.sleep(min(HEARTBEAT_EVERY, watch.check_every, 1.0 if watch.stall_timeout < 60 else HEARTBEAT_EVERY))
+
+
+def failure_cause(run, code, mpirun_tail, watch):
+    """The first failing rank, its host, exit code and last lines, from what mpirun reported."""
+    text = "\n".join(mpirun_tail)
+    rank = FIRST_FAILED.search(text)
+    exit_code = EXIT_CODE.search(text)
+    if not rank:
+        return f"mpirun exited with status {code}: {mpirun_tail[-1] if mpirun_tail else 'no output'}"
+    r = int(rank.group(1))
+    hosts, slots = run.get("hosts") or [], run.get("slots") or 1
+    host = hosts[r // slots] if r // slots < len(hosts) else "?"
+    said = " | ".join(watch.tails.get(r, [])) or "no output"
+    code_text = exit_code.group(1) if exit_code else str(code)
+    return f"rank {r} on {host} exited with code {code_text}; its last lines: {said}"
+
+
 def supervise(run, run_dir, status, status_path):
     patterns = {name: re.compile(p) for name, p in run["metrics"].items()}
     started = status["started_at"]
+    watch = Watch(run, started)
     proc = subprocess.Popen(
         run["argv"],
         cwd=run["workdir"],
@@ -84,24 +198,36 @@ def supervise(run, run_dir, status, status_path):
 
     signal.signal(signal.SIGTERM, cancel)
     signal.signal(signal.SIGINT, cancel)
+    threading.Thread(target=watchdog, args=(run, watch, status, status_path, proc), daemon=True).start()
+    untagged = collections.deque(maxlen=40)  # mpirun's own lines: where it reports the failing rank
     with (
         open(os.path.join(run_dir, "train.log"), "a") as log,
         open(os.path.join(run_dir, "metrics.jsonl"), "a") as metrics,
     ):
-        for line in proc.stdout:
+        for raw in proc.stdout:
+            tag = TAG.match(raw)
+            line = raw[tag.end() :] if tag else raw
+            if tag:
+                watch.tails[int(tag.group(1))].append(line.rstrip()[:200])
+            elif line.strip():
+                untagged.append(line.rstrip())
             log.write(line)
             log.flush()
             record = parse_metrics(line, patterns)
             if record:
+                if watch.last_step is None or record["step"] != watch.last_step:
+                    watch.last_step, watch.last_step_at = record["step"], time.time()
                 record["time"] = round(time.time() - started, 3)
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
     code = proc.wait()
     if cancelled:
         return "cancelled", code, "cancelled by fab cancel"
+    if watch.verdict:
+        return watch.verdict[0], code, watch.verdict[1]
     if code == 0:
         return "succeeded", code, None
-    return "failed", code, f"mpirun exited with status {code}; see train.log"
+    return "failed", code, failure_cause(run, code, list(untagged), watch)
 
 
 def main(run_dir):

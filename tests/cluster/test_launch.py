@@ -31,7 +31,7 @@ def test_mpirun_for_open_mpi_4_launches_orted_in_each_container():
     )
     assert argv == [
         "mpirun", "--allow-run-as-root", "-np", "4", "-H", "node0:2,node1:2", "--bind-to", "none", "--map-by", "slot",
-        "--mca", "orte_launch_agent", "docker exec -i trainrig-j-1 orted",
+        "--tag-output", "--mca", "orte_launch_agent", "docker exec -i trainrig-j-1 orted",
         "--mca", "plm_rsh_args", "-o BatchMode=yes -o StrictHostKeyChecking=yes -o ConnectTimeout=10",
         "--mca", "btl_tcp_if_include", "10.9.0.0/24", "--mca", "oob_tcp_if_include", "10.9.0.0/24",
         "-x", "NCCL_SOCKET_IFNAME=eth0",
@@ -49,6 +49,7 @@ def test_mpirun_for_open_mpi_5_launches_prted_through_prrte():
         secret_names=["WANDB_API_KEY"],
     )
     assert argv[argv.index("--launch-agent") + 1] == "docker exec -i trainrig-j-1 prted"
+    assert ["--output", "tag"] == argv[argv.index("--output") : argv.index("--output") + 2]
     assert argv[argv.index("plm_ssh_args") - 1] == "--prtemca"
     assert argv[argv.index("oob_tcp_if_include") - 1] == "--prtemca"
     assert argv[argv.index("btl_tcp_if_include") - 1] == "--mca"  # an Open MPI parameter in both versions

@@ -1,9 +1,11 @@
 """The on-node run supervisor, run for real as a process: log, metrics and status files."""
 
 import json
+import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,17 +26,18 @@ def test_parse_metrics_with_default_patterns():
     assert supervisor.parse_metrics("final loss 0.1\n", patterns) is None
 
 
-def run_supervised(tmp_path, script: str):
+def run_supervised(tmp_path, script: str, env=None, **run):
     (tmp_path / "run.json").write_text(
         json.dumps(
             {
                 "argv": [sys.executable, "-c", script],
                 "workdir": str(tmp_path),
                 "metrics": MetricPatterns().model_dump(),
+                **run,
             }
         )
     )
-    code = subprocess.run([sys.executable, str(SUPERVISOR), str(tmp_path)], timeout=60).returncode
+    code = subprocess.run([sys.executable, str(SUPERVISOR), str(tmp_path)], timeout=90, env=env).returncode
     return code, json.loads((tmp_path / "status.json").read_text())
 
 
@@ -51,3 +54,72 @@ def test_failed_run_keeps_its_output(tmp_path):
     code, status = run_supervised(tmp_path, "import sys; print('boom'); sys.exit(3)")
     assert code == 1 and status["state"] == "failed" and status["exit_code"] == 3
     assert "boom" in (tmp_path / "train.log").read_text()
+
+
+def test_a_garbage_metrics_line_never_ends_the_run(tmp_path):
+    script = "print('step 8: loss estimate 3'); print('step x loss y'); print('step 2 loss nope samples/s 1e999x')"
+    code, status = run_supervised(tmp_path, script)
+    assert code == 0 and status["state"] == "succeeded"
+
+
+def test_the_supervisors_own_failure_is_a_final_status_with_a_reason(tmp_path):
+    code, status = run_supervised(tmp_path, "print(1)", workdir=str(tmp_path / "missing"))
+    assert code == 1 and status["state"] == "failed"
+    assert "the supervisor on" in status["reason"] and "FileNotFoundError" in status["reason"]
+
+
+def test_a_run_without_new_steps_is_stalled_and_stopped(tmp_path):
+    script = "import time; print('step 1 loss 1', flush=True); time.sleep(60)"
+    start = time.monotonic()
+    code, status = run_supervised(tmp_path, script, health={"stall_timeout": 2, "startup_grace": 0})
+    assert status["state"] == "stalled" and code == 1
+    assert status["reason"].startswith("no new step for 2s (last: step 1 at ")
+    assert time.monotonic() - start < 30 and status["heartbeat_at"] >= status["started_at"]
+
+
+def test_a_node_that_stops_answering_fails_the_run_naming_it(tmp_path):
+    # A stand-in ssh: node1 answers, node2 never does (a frozen or killed host).
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ssh").write_text(
+        '#!/bin/sh\nfor a; do host=$a; [ "$a" = true ] && break; prev=$a; done\n'
+        '[ "$prev" = node2 ] && sleep 30; exit 0\n'
+    )
+    (bin_dir / "ssh").chmod(0o755)
+    (bin_dir / "docker").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "docker").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    script = "import time\nfor i in range(1, 300): print(f'step {i} loss 1', flush=True); time.sleep(0.2)"
+    start = time.monotonic()
+    code, status = run_supervised(
+        tmp_path,
+        script,
+        env=env,
+        peers=["node1", "node2"],
+        container="trainrig-x",
+        health={"node_check_every": 2, "stall_timeout": 60, "startup_grace": 0},
+    )
+    assert status["state"] == "failed" and re.fullmatch(r"node2 unreachable since \d\d:\d\d:\d\d", status["reason"])
+    assert time.monotonic() - start < 40
+
+
+def test_a_failing_rank_is_named_with_its_host_and_last_lines(tmp_path):
+    # What Open MPI 4 prints with --tag-output when rank 3 exits with code 4.
+    script = (
+        "import sys\n"
+        "print('[1,0]<stdout>:step 1 loss 1')\n"
+        "print('[1,3]<stdout>:loading shard 3')\n"
+        "print('[1,3]<stderr>:RuntimeError: CUDA out of memory')\n"
+        "print('mpirun detected that one or more processes exited with non-zero status, thus causing')\n"
+        "print('the job to be terminated. The first process to do so was:')\n"
+        "print('  Process name: [[41235,1],3]')\n"
+        "print('  Exit code:    4')\n"
+        "sys.exit(4)\n"
+    )
+    code, status = run_supervised(tmp_path, script, hosts=["node0", "node1"], slots=2)
+    assert status["state"] == "failed" and status["exit_code"] == 4
+    assert status["reason"] == (
+        "rank 3 on node1 exited with code 4; its last lines: loading shard 3 | RuntimeError: CUDA out of memory"
+    )
+    log = (tmp_path / "train.log").read_text()
+    assert "step 1 loss 1" in log and "<stdout>" not in log  # the log stays readable, the rank tags go
