@@ -38,12 +38,13 @@ class RunPaths:
     run_dir: str  # on the shared storage, the same path on every node and in every container
     shared: str  # the shared storage's mount point
     code: bool  # the job's code was copied to {run_dir}/code
+    resume_from: str = ""  # the checkpoint folder of the run this one continues, if any
 
     @property
     def code_dir(self) -> str:
         return f"{self.run_dir}/code"
 
-    def placeholders(self, spec: JobSpec, resume_from: str = "") -> dict[str, str]:
+    def placeholders(self, spec: JobSpec) -> dict[str, str]:
         return {
             "run_dir": self.run_dir,
             "code_dir": self.code_dir,
@@ -51,7 +52,7 @@ class RunPaths:
             "max_steps": str(spec.max_steps or ""),
             "data_dir": self.shared,
             "scratch_dir": DATA_DISK,
-            "resume_from": resume_from,
+            "resume_from": self.resume_from,
         }
 
     def environment(self, spec: JobSpec) -> dict[str, str]:
@@ -61,6 +62,7 @@ class RunPaths:
             "TRAINRIG_RUN_DIR": self.run_dir,
             "TRAINRIG_CHECKPOINT_DIR": f"{self.run_dir}/{spec.checkpoint_dir}",
             "PYTHONUNBUFFERED": "1",
+            **({"TRAINRIG_RESUME_FROM": self.resume_from} if self.resume_from else {}),
         }
 
 
@@ -123,7 +125,6 @@ def mpirun_argv(
     mpi_major: int,
     interfaces: list[str],
     secret_names: list[str],
-    resume_from: str = "",
 ) -> list[str]:
     """One mpirun line for Open MPI 4 or 5: ranks on the first `nodes` GPU nodes, traffic on the private network."""
     nodes = inv.gpu_nodes[: spec.nodes]
@@ -151,7 +152,7 @@ def mpirun_argv(
     # Secrets travel in mpirun's environment (from the tmpfs file), named here, never valued.
     for name in secret_names:
         argv += ["-x", name]
-    return argv + [arg.format_map(paths.placeholders(spec, resume_from)) for arg in spec.command]
+    return argv + [arg.format_map(paths.placeholders(spec)) for arg in spec.command]
 
 
 def exec_argv(run_id: str, command: list[str], *, with_secrets: bool) -> list[str]:

@@ -35,6 +35,7 @@ class RunRecord(Strict):
     started_at: datetime
     # Every node that runs a rank: cancel checks them all (records from before this field: empty).
     nodes: list[str] = []
+    resumed_from: str | None = Field(default=None, description="the run whose last checkpoint this one continues")
     image: str | None = Field(default=None, description="the image id every container of the run started from")
 
     @property
@@ -83,7 +84,9 @@ def new_run_id(job_name: str) -> str:
     return f"{job_name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
-def launch(inv: Inventory, job: jobs.LoadedJob, environ: Mapping[str, str] = os.environ) -> RunRecord:
+def launch(
+    inv: Inventory, job: jobs.LoadedJob, environ: Mapping[str, str] = os.environ, resume: RunRecord | None = None
+) -> RunRecord:
     """Start a job in containers across the cluster, detached under systemd on the first node.
 
     Everything that can be refused is refused before a container starts (the spec against the
@@ -106,11 +109,13 @@ def launch(inv: Inventory, job: jobs.LoadedJob, environ: Mapping[str, str] = os.
     nodes = inv.gpu_nodes[: spec.nodes]
     preflight.hosts(inv, nodes, inv.storage.mount_point)
     run_id = new_run_id(spec.name)
+    resume_from = f"{resume.run_dir}/{spec.checkpoint_dir}" if resume else ""
     paths = launch_mod.RunPaths(
         run_id=run_id,
         run_dir=posixpath.join(inv.storage.mount_point, "trainrig", "runs", run_id),
         shared=inv.storage.mount_point,
         code=bool(spec.code),
+        resume_from=resume_from,
     )
     record = RunRecord(
         id=run_id,
@@ -121,6 +126,7 @@ def launch(inv: Inventory, job: jobs.LoadedJob, environ: Mapping[str, str] = os.
         max_steps=spec.max_steps,
         started_at=datetime.now(UTC),
         nodes=[n.name for n in nodes],
+        resumed_from=resume.id if resume else None,
     )
     remembered = False
     try:
@@ -183,6 +189,26 @@ def _prepare_run_dir(inv: Inventory, node: Node, job: jobs.LoadedJob, paths: lau
             ["mkdir", "-p", f"{paths.run_dir}/{job.spec.checkpoint_dir}"],
             what=f"{node.name}: creating the run directory",
         )
+        if paths.resume_from:
+            # The continuation starts from a copy, so the run it continues keeps its own checkpoints.
+            copied = ssh.run(
+                conn,
+                [
+                    "sh",
+                    "-c",
+                    'test -d "$1" && cp -a "$1/." "$2/"',
+                    "resume",
+                    paths.resume_from,
+                    f"{paths.run_dir}/{job.spec.checkpoint_dir}",
+                ],
+                check=False,
+                timeout=3600,
+            )
+            if copied.exited != 0:
+                raise TrainrigError(
+                    f"{node.name}: the run to resume has no checkpoints in {paths.resume_from}; "
+                    "pick a run that wrote some (fab fetch shows them)"
+                )
         sftp = conn.sftp()
         if job.code_path:
             transfer.upload_tree(sftp, job.code_path, paths.code_dir)

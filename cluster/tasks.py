@@ -92,14 +92,15 @@ def provision(c, name=None, tags=None, retry_failed=False, playbook="site.yml", 
         "name": NAME_HELP,
         "follow": "monitor the run until it ends (exit status = the run's)",
         "inventory": INVENTORY_HELP,
+        "resume": "continue from the last checkpoint of this run (id or prefix), as a new run that records it",
     }
 )
 @friendly
-def train(c, job, name=None, follow=False, inventory=None):
+def train(c, job, name=None, follow=False, inventory=None, resume=None):
     """Launch a training job across the cluster, detached; prints the run id."""
     spec = jobs.load(job)
     inv = inventory_mod.require_running(_inventory(c, name, inventory))
-    record = runs.launch(inv, spec)
+    record = runs.launch(inv, spec, resume=runs.find(inv.cluster, resume) if resume else None)
     ui.console.print(f"started run [bold]{record.id}[/] ({record.ranks} ranks) in {record.run_dir}")
     if follow:
         _follow(inv, record)

@@ -49,7 +49,7 @@ def test_mpirun_for_open_mpi_5_launches_prted_through_prrte():
         secret_names=["WANDB_API_KEY"],
     )
     assert argv[argv.index("--launch-agent") + 1] == "docker exec -i trainrig-j-1 prted"
-    assert ["--output", "tag"] == argv[argv.index("--output") : argv.index("--output") + 2]
+    assert argv[argv.index("--output") : argv.index("--output") + 2] == ["--output", "tag"]
     assert argv[argv.index("plm_ssh_args") - 1] == "--prtemca"
     assert argv[argv.index("oob_tcp_if_include") - 1] == "--prtemca"
     assert argv[argv.index("btl_tcp_if_include") - 1] == "--mca"  # an Open MPI parameter in both versions

@@ -190,6 +190,25 @@ def test_no_container_of_a_finished_run_is_left(cluster, finished_run):
         assert on(cluster, node, "docker", "image", "inspect", record.image, check=False).exited == 0
 
 
+def test_resume_continues_from_the_last_checkpoint(cluster, finished_run, tmp_path):
+    record, _ = finished_run
+    longer = job_file(tmp_path, max_steps=340)
+    result = fab("train", "--job", str(longer), "--name", cluster.cluster, "--resume", record.id[:12], "--follow")
+    assert result.returncode == 0, result.stderr
+    resumed = runs.records(cluster.cluster)[-1]
+    assert resumed.resumed_from == record.id and resumed.id != record.id
+    log = on(cluster, "storage", "cat", f"{resumed.run_dir}/train.log").stdout
+    assert "resumed from step 300" in log
+    steps = [
+        json.loads(line)["step"]
+        for line in on(cluster, "storage", "cat", f"{resumed.run_dir}/metrics.jsonl").stdout.splitlines()
+    ]
+    assert steps[0] == 310 and steps[-1] == 340
+    # The continued run keeps its own checkpoints; the new one has its copy and its own newer ones.
+    assert on(cluster, "storage", "test", "-e", f"{record.run_dir}/checkpoints/ckpt-step340.npz", check=False).exited
+    assert on(cluster, "storage", "test", "-e", f"{resumed.run_dir}/checkpoints/ckpt-step340.npz").exited == 0
+
+
 def test_failing_job_fails_the_monitor(cluster, provisioned, tmp_path):
     job = job_file(
         tmp_path,
