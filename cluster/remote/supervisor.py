@@ -25,6 +25,8 @@ TAG = re.compile(r"^\[\d+,(\d+)\]<(?:stdout|stderr)>: ?")
 # What mpirun says about the first rank that failed.
 FIRST_FAILED = re.compile(r"Process name:\s*\[\[?\d+,\d+\]?,?(\d+)\]")
 EXIT_CODE = re.compile(r"Exit code:\s*(-?\d+)")
+# What mpirun says when a node's daemon dies with it (a killed or rebooted host).
+LOST_DAEMON = re.compile(r"Remote daemon:.*? on node (\S+)")
 HEARTBEAT_EVERY = 5
 NODE_TIMEOUT = 8  # seconds for one check of a node: a frozen host accepts TCP but never answers
 
@@ -161,6 +163,9 @@ def watchdog(run, watch, status, status_path, proc):
 def failure_cause(run, code, mpirun_tail, watch):
     """The first failing rank, its host, exit code and last lines, from what mpirun reported."""
     text = "\n".join(mpirun_tail)
+    lost = LOST_DAEMON.search(text)
+    if lost:
+        return f"{lost.group(1)} lost: its MPI daemon stopped answering (the node died or its network went)"
     rank = FIRST_FAILED.search(text)
     exit_code = EXIT_CODE.search(text)
     if not rank:

@@ -123,3 +123,17 @@ def test_a_failing_rank_is_named_with_its_host_and_last_lines(tmp_path):
     )
     log = (tmp_path / "train.log").read_text()
     assert "step 1 loss 1" in log and "<stdout>" not in log  # the log stays readable, the rank tags go
+
+
+def test_a_node_that_died_is_named_from_open_mpis_report(tmp_path):
+    script = (
+        "import sys\n"
+        "print('[1,0]<stdout>:step 4 loss 1')\n"
+        "print('ORTE has lost communication with a remote daemon.')\n"
+        "print('  HNP daemon   : [[5130,0],0] on node node0')\n"
+        "print('  Remote daemon: [[5130,0],1] on node node1')\n"
+        "sys.exit(1)\n"
+    )
+    code, status = run_supervised(tmp_path, script, hosts=["node0", "node1"], slots=2)
+    assert status["state"] == "failed"
+    assert status["reason"] == "node1 lost: its MPI daemon stopped answering (the node died or its network went)"

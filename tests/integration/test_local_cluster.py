@@ -209,6 +209,28 @@ def test_resume_continues_from_the_last_checkpoint(cluster, finished_run, tmp_pa
     assert on(cluster, "storage", "test", "-e", f"{resumed.run_dir}/checkpoints/ckpt-step340.npz").exited == 0
 
 
+def test_a_frozen_node_fails_the_run_naming_it_and_no_rank_is_left(cluster, provisioned, tmp_path):
+    health = {"node_check_every": 3, "stall_timeout": 30, "startup_grace": 120}
+    record = runs.launch(cluster, jobs.load(job_file(tmp_path, name="frozen", max_steps=1_000_000, health=health)))
+    with pytest.raises(TrainrigError, match="still running"):
+        monitor.monitor(cluster, record, timeout=5)  # training: steps arrive
+    frozen_at = time.monotonic()
+    subprocess.run(["docker", "pause", f"trainrig-{cluster.cluster}-node1"], check=True)
+    try:
+        view = monitor.monitor(
+            cluster.model_copy(update={"nodes": [cluster.node("node0"), cluster.node("storage")]}), record, timeout=120
+        )
+        detected = time.monotonic() - frozen_at
+    finally:
+        subprocess.run(["docker", "unpause", f"trainrig-{cluster.cluster}-node1"], check=True)
+    assert view.state == "failed" and view.reason.startswith("node1 unreachable since "), view.status
+    # Goal: the fault to a final status within 30 s beyond the configured check interval.
+    assert detected < health["node_check_every"] * 2 + 30, detected
+    runs.cancel(cluster, record)  # node1 is back: its container goes too
+    for node in ("node0", "node1"):
+        assert containers_of(cluster, record, node) == "", f"container left on {node}"
+
+
 def test_failing_job_fails_the_monitor(cluster, provisioned, tmp_path):
     job = job_file(
         tmp_path,
