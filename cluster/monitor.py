@@ -8,6 +8,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import paramiko
 from rich.live import Live
 from rich.markup import escape
 from rich.progress_bar import ProgressBar
@@ -115,8 +116,8 @@ def monitor(inv: Inventory, record: RunRecord, *, interval: float = 1.0, timeout
     view = RunView(record)
     node = runs.reader_node(inv, record)
     deadline = time.monotonic() + timeout if timeout else None
-    with ssh.open_checked(inv, node) as conn:
-        sftp = conn.sftp()
+    with ssh.open_checked(inv, node) as conn, _answering(node, record):
+        sftp = ssh.watched(conn, node)
         offset, last_unit_check = 0, time.monotonic()
         live = Live(render(view), console=ui.console, refresh_per_second=4) if ui.console.is_terminal else None
         with live or contextlib.nullcontext():
@@ -147,6 +148,18 @@ def monitor(inv: Inventory, record: RunRecord, *, interval: float = 1.0, timeout
     return view
 
 
+@contextlib.contextmanager
+def _answering(node, record: RunRecord):
+    """A node that stops answering while we watch is one line, never a hang or a traceback."""
+    try:
+        yield
+    except (TimeoutError, OSError, paramiko.SSHException, EOFError) as exc:
+        raise TrainrigError(
+            f"{node.name} stopped answering at {time.strftime('%H:%M:%S')} while reading run {record.id} "
+            f"({type(exc).__name__}); the run is watched on the cluster and goes on: fab monitor --run {record.id}"
+        ) from None
+
+
 def _vanished(conn, record: RunRecord, sftp) -> bool:
     active = ssh.run(conn, ["systemctl", "is-active", "--quiet", record.unit], check=False).exited == 0
     # Re-read status: the unit may have finished between our two looks.
@@ -157,8 +170,8 @@ def logs(inv: Inventory, record: RunRecord, *, follow: bool = False, interval: f
     """Print the run's log; with follow, keep printing new lines until the run ends."""
     out = out or sys.stdout
     node = runs.reader_node(inv, record)
-    with ssh.open_checked(inv, node) as conn:
-        sftp = conn.sftp()
+    with ssh.open_checked(inv, node) as conn, _answering(node, record):
+        sftp = ssh.watched(conn, node)
         offset = 0
         while True:
             status = runs.read_status(sftp, record)

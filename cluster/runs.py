@@ -273,10 +273,11 @@ def remove_containers(inv: Inventory, record: RunRecord) -> list[str]:
 
 
 def read_status(sftp, record: RunRecord) -> dict | None:
+    """The run's status.json; None while there is none (or it is being replaced). A node that does not answer raises."""
     try:
         with sftp.open(f"{record.run_dir}/status.json") as fh:
             return json.loads(fh.read())
-    except (OSError, ValueError):
+    except (FileNotFoundError, ValueError):
         return None
 
 
@@ -286,7 +287,7 @@ def read_from(sftp, path: str, offset: int) -> bytes:
         with sftp.open(path) as fh:
             fh.seek(offset)
             return fh.read()
-    except OSError:
+    except FileNotFoundError:
         return b""
 
 

@@ -17,6 +17,8 @@ from infra.errors import TrainrigError
 from infra.inventory import Inventory, Node
 
 T = TypeVar("T")
+KEEPALIVE = 5  # seconds between keepalives on long-lived connections (monitor, logs)
+READ_TIMEOUT = 15  # seconds a read from a node may take before it counts as not answering
 # Paramiko logs a traceback for every refused attempt while a node boots; our waits report instead.
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
 logging.getLogger("paramiko").propagate = False
@@ -42,7 +44,14 @@ def connect(inv: Inventory, node: Node, timeout: float = 10) -> Connection:
         user=inv.ssh_user,
         config=Config(overrides={"load_ssh_configs": False}),
         connect_timeout=int(timeout),
-        connect_kwargs={"key_filename": str(inv.ssh_private_key), "look_for_keys": False, "allow_agent": False},
+        # A frozen host accepts TCP and then says nothing: the banner and auth waits are bounded too.
+        connect_kwargs={
+            "key_filename": str(inv.ssh_private_key),
+            "look_for_keys": False,
+            "allow_agent": False,
+            "banner_timeout": timeout,
+            "auth_timeout": timeout,
+        },
     )
     conn.client = pinned_client(inv)
     return conn
@@ -62,6 +71,14 @@ def open_checked(inv: Inventory, node: Node, timeout: float = 10) -> Connection:
     except (TimeoutError, paramiko.SSHException, OSError) as exc:
         raise TrainrigError(f"{node.name} unreachable at {node.public_address}:{node.ssh_port}: {exc}") from exc
     return conn
+
+
+def watched(conn: Connection, node: Node, timeout: float = READ_TIMEOUT):
+    """An SFTP session that gives up on a node that stops answering (keepalives, and a bound on every read)."""
+    conn.transport.set_keepalive(KEEPALIVE)
+    sftp = conn.sftp()
+    sftp.get_channel().settimeout(timeout)
+    return sftp
 
 
 def reachable(inv: Inventory, node: Node, timeout: float = 5) -> bool:

@@ -221,6 +221,11 @@ def test_a_frozen_node_fails_the_run_naming_it_and_no_rank_is_left(cluster, prov
             cluster.model_copy(update={"nodes": [cluster.node("node0"), cluster.node("storage")]}), record, timeout=120
         )
         detected = time.monotonic() - frozen_at
+        # And from the operator's side, a frozen node is one line within seconds, never a hang.
+        started = time.monotonic()
+        with pytest.raises(TrainrigError, match=r"^node1 unreachable at "):
+            ssh.open_checked(cluster, cluster.node("node1"), timeout=5).close()
+        assert time.monotonic() - started < 20
     finally:
         subprocess.run(["docker", "unpause", f"trainrig-{cluster.cluster}-node1"], check=True)
     assert view.state == "failed" and view.reason.startswith("node1 unreachable since "), view.status
