@@ -44,6 +44,7 @@ def demo(name: str, gpu_nodes: int, job_path: Path = DEFAULT_JOB, keep: bool = F
         with ui.timed("fetch", timings):
             dest = results.fetch(inv, record)
             curves = plot.plot_run(dest, f"{job.spec.name}: {record.ranks} ranks on {job.spec.nodes} nodes")
+            plot.plot_telemetry(dest, f"{job.spec.name}: load per node")
     finally:
         if inv is not None and not keep:
             with ui.timed("down", timings):

@@ -32,6 +32,17 @@ class RunView:
     metrics: list[dict] = field(default_factory=list)
     status: dict | None = None
     partial: bytes = b""
+    hosts: dict[str, dict] = field(default_factory=dict)  # each node's latest telemetry sample
+    telemetry_offsets: dict[str, int] = field(default_factory=dict)
+
+    def feed_telemetry(self, host: str, chunk: bytes) -> None:
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        self.telemetry_offsets[host] = self.telemetry_offsets.get(host, 0) + len(complete)
+        for line in complete.splitlines():
+            try:
+                self.hosts[host] = json.loads(line)
+            except ValueError:
+                continue  # a line being written as we read: the next sample will do
 
     def feed(self, chunk: bytes) -> list[dict]:
         data = self.partial + chunk
@@ -98,6 +109,30 @@ def render(view: RunView) -> Table:
     if "throughput" in last:
         table.add_row("samples/s", f"{last['throughput']:,.1f}")
     table.add_row("elapsed", f"{view.elapsed:.1f}s")
+    if view.hosts:
+        table.add_row("hosts", host_table(view.hosts))
+    return table
+
+
+def host_table(hosts: dict[str, dict]) -> Table:
+    """One row per node: GPU use and memory, CPU, memory, NIC MB/s, and how old the sample is."""
+    table = Table(box=None, pad_edge=False, show_edge=False)
+    for column in ("host", "GPU %", "GPU mem", "CPU %", "mem %", "NIC in MB/s", "NIC out MB/s", "age"):
+        table.add_column(column, justify="left" if column == "host" else "right")
+    for host, s in sorted(hosts.items()):
+        gpus = s.get("gpus") or []
+        util = " ".join(f"{g['util']:.0f}" for g in gpus) or "no GPU"
+        memory = " ".join(f"{g['mem_used_mb'] / max(g['mem_total_mb'], 1) * 100:.0f}%" for g in gpus) or "-"
+        table.add_row(
+            host,
+            util,
+            memory,
+            f"{s.get('cpu', 0):.0f}",
+            f"{s.get('mem') or 0:.0f}",
+            f"{s.get('nic_in_mbs', 0):.2f}",
+            f"{s.get('nic_out_mbs', 0):.2f}",
+            f"{max(time.time() - s.get('time', time.time()), 0):.0f}s",
+        )
     return table
 
 
@@ -125,6 +160,10 @@ def monitor(inv: Inventory, record: RunRecord, *, interval: float = 1.0, timeout
                 chunk = runs.read_from(sftp, f"{record.run_dir}/metrics.jsonl", offset)
                 offset += len(chunk)
                 new = view.feed(chunk)
+                if live:
+                    for host in record.nodes:
+                        path = f"{record.run_dir}/telemetry/{host}.jsonl"
+                        view.feed_telemetry(host, runs.read_from(sftp, path, view.telemetry_offsets.get(host, 0)))
                 view.status = runs.read_status(sftp, record) or view.status
                 if live:
                     live.update(render(view))

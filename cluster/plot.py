@@ -8,6 +8,55 @@ from pathlib import Path
 from infra.errors import TrainrigError
 
 
+def read_telemetry(folder: Path) -> dict[str, list[dict]]:
+    """Each host's samples from <run>/telemetry/<host>.jsonl; a line cut short by a copy mid-write is skipped."""
+    hosts: dict[str, list[dict]] = {}
+    for path in sorted(folder.glob("*.jsonl")):
+        samples = []
+        for line in path.read_text().splitlines():
+            try:
+                samples.append(json.loads(line))
+            except ValueError:
+                continue
+        if samples:
+            hosts[path.stem] = samples
+    return hosts
+
+
+def plot_telemetry(run_dir: Path, title: str) -> Path | None:
+    """Write <run_dir>/telemetry.png: GPU use, CPU and NIC MB/s per host over time; None without samples."""
+    hosts = read_telemetry(run_dir / "telemetry")
+    if not hosts:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    start = min(s["time"] for samples in hosts.values() for s in samples)
+    fig, (gpu_ax, cpu_ax, nic_ax) = plt.subplots(3, 1, sharex=True, figsize=(8, 7))
+    for host, samples in hosts.items():
+        t = [s["time"] - start for s in samples]
+        gpu = [sum(g["util"] for g in s["gpus"]) / len(s["gpus"]) if s.get("gpus") else 0.0 for s in samples]
+        gpu_ax.plot(t, gpu, label=host)
+        cpu_ax.plot(t, [s.get("cpu", 0.0) for s in samples], label=host)
+        nic_ax.plot(t, [s.get("nic_in_mbs", 0.0) + s.get("nic_out_mbs", 0.0) for s in samples], label=host)
+    gpu_ax.set_ylabel("GPU use % (mean)")
+    gpu_ax.set_title(title)
+    cpu_ax.set_ylabel("CPU %")
+    nic_ax.set_ylabel("NIC MB/s (in + out)")
+    nic_ax.set_xlabel("seconds since the first sample")
+    for ax in (gpu_ax, cpu_ax, nic_ax):
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+    gpu_ax.legend(loc="upper right", fontsize="small")
+    fig.tight_layout()
+    out = run_dir / "telemetry.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         raise TrainrigError(f"{path} does not exist; bring the run home first with: fab fetch")

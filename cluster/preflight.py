@@ -27,7 +27,7 @@ SKIPPED_INTERFACES = ("lo", "docker0")
 @dataclass(frozen=True)
 class Found:
     mpi_major: int
-    interfaces: list[str]  # per node, the interface that carries the private network
+    interfaces: dict[str, str]  # node -> the interface that carries the private network
 
 
 def fail_on(problems: dict[str, str | None], what: str) -> None:
@@ -112,7 +112,7 @@ def containers(inv: Inventory, spec: JobSpec, nodes: list[Node], paths: launch.R
                 f"pre-flight `mpirun hostname` failed on {first.name}: "
                 f"{', '.join(missing) or 'all'} did not answer ({_last(answered)})"
             )
-    return Found(major, [i for i in interfaces.values() if i])
+    return Found(major, interfaces)
 
 
 def _tools(inv: Inventory, node: Node, name: str, image: str, spec: JobSpec) -> str | None:

@@ -69,4 +69,13 @@ def fetch_metrics(inv: Inventory, record: RunRecord, root: Path = Path("runs")) 
         except FileNotFoundError:
             raise TrainrigError(f"run {record.id} has no {remote} on {node.name} yet") from None
         sftp.get(remote, str(dest / "metrics.jsonl"))
+        # Telemetry too, for the per-host panels; a run from before the sampler has none.
+        for host in record.nodes:
+            sample = f"{record.run_dir}/telemetry/{host}.jsonl"
+            try:
+                sftp.stat(sample)
+            except FileNotFoundError:
+                continue
+            (dest / "telemetry").mkdir(exist_ok=True)
+            sftp.get(sample, str(dest / "telemetry" / f"{host}.jsonl"))
     return dest

@@ -22,6 +22,8 @@ from infra.inventory import Inventory, Node, how_to_start, require_running
 from infra.models import Strict
 
 SUPERVISOR = Path(__file__).parent / "remote" / "supervisor.py"
+SAMPLER = Path(__file__).parent / "remote" / "sampler.py"
+SAMPLE_EVERY = 2.0  # seconds between telemetry samples on each node
 FINAL_STATES = {"succeeded", "failed", "cancelled"}
 
 
@@ -41,6 +43,10 @@ class RunRecord(Strict):
     @property
     def unit(self) -> str:
         return f"trainrig-run-{self.id}"
+
+    @property
+    def sampler_unit(self) -> str:
+        return f"trainrig-telemetry-{self.id}"
 
 
 _records = TypeAdapter(list[RunRecord])
@@ -135,7 +141,12 @@ def launch(
         _start_containers(inv, spec, nodes, paths, image, plain_env, secret_env)
         found = preflight.containers(inv, spec, nodes, paths, image)
         mpirun = launch_mod.mpirun_argv(
-            spec, inv, paths, mpi_major=found.mpi_major, interfaces=found.interfaces, secret_names=sorted(secret_env)
+            spec,
+            inv,
+            paths,
+            mpi_major=found.mpi_major,
+            interfaces=list(found.interfaces.values()),
+            secret_names=sorted(secret_env),
         )
         run_json = {
             "id": run_id,
@@ -155,6 +166,7 @@ def launch(
         # Recorded before it starts: an interrupt from here on leaves a run that fab cancel can find.
         _remember(inv.cluster, record)
         remembered = True
+        _start_samplers(inv, nodes, record, paths, found.interfaces)
         with ssh.open_checked(inv, nodes[0]) as conn:
             transfer.put_text(conn.sftp(), f"{paths.run_dir}/run.json", json.dumps(run_json, indent=2))
             ssh.run(
@@ -213,6 +225,7 @@ def _prepare_run_dir(inv: Inventory, node: Node, job: jobs.LoadedJob, paths: lau
         if job.code_path:
             transfer.upload_tree(sftp, job.code_path, paths.code_dir)
         sftp.put(str(SUPERVISOR), f"{paths.run_dir}/supervisor.py")
+        sftp.put(str(SAMPLER), f"{paths.run_dir}/sampler.py")
         sftp.put(str(job.path), f"{paths.run_dir}/job.yaml")
 
 
@@ -242,6 +255,39 @@ def _start_containers(
     ssh.on_nodes(nodes, start)
 
 
+def _start_samplers(
+    inv: Inventory, nodes: list[Node], record: RunRecord, paths: launch_mod.RunPaths, interfaces: dict[str, str]
+) -> None:
+    """Telemetry on every node of the run, host side, until the run ends (see remote/sampler.py)."""
+
+    def start(node: Node) -> None:
+        with ssh.open_checked(inv, node) as conn:
+            ssh.run(
+                conn,
+                [
+                    "systemd-run",
+                    "--quiet",
+                    "--collect",
+                    "--unit",
+                    record.sampler_unit,
+                    "--property",
+                    f"Description=trainrig telemetry of {record.id}",
+                    "--property",
+                    "Nice=10",
+                    "python3",
+                    f"{paths.run_dir}/sampler.py",
+                    paths.run_dir,
+                    node.name,
+                    interfaces[node.name],
+                    paths.shared,
+                    str(SAMPLE_EVERY),
+                ],
+                what=f"{node.name}: starting the telemetry sampler",
+            )
+
+    ssh.on_nodes(nodes, start)
+
+
 def remove_containers(inv: Inventory, record: RunRecord) -> list[str]:
     """Remove a run's containers (by label) and secrets file on every node that is up; say where that failed."""
     present = {n.name for n in inv.nodes}
@@ -264,6 +310,7 @@ def remove_containers(inv: Inventory, record: RunRecord) -> list[str]:
                     what=f"{node.name}: removing the run's container",
                 )
                 ssh.run(conn, ["rm", "-f", launch_mod.secrets_file(record.id)], check=False)
+                ssh.run(conn, ["systemctl", "stop", record.sampler_unit], check=False)
                 left = ssh.run(conn, ["docker", "ps", "-aq", "--filter", label], check=False).stdout.strip()
             return f"{node.name}: a container of the run is still there" if left else None
         except TrainrigError as exc:

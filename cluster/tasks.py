@@ -192,7 +192,11 @@ def plot(c, run=None, name=None, dest="runs", inventory=None):
     local = results.destination(inv, record, Path(dest))
     if inv.running:  # fresh metrics, even mid-run; after `down` the fetched copy is what there is
         local = results.fetch_metrics(inv, record, Path(dest))
-    ui.console.print(f"curves in {plot_mod.plot_run(local, f'{record.job}: {record.id} ({record.ranks} ranks)')}")
+    title = f"{record.job}: {record.id} ({record.ranks} ranks)"
+    ui.console.print(f"curves in {plot_mod.plot_run(local, title)}")
+    telemetry = plot_mod.plot_telemetry(local, title)
+    if telemetry:
+        ui.console.print(f"GPU, CPU and network per host in {telemetry}")
 
 
 @task(

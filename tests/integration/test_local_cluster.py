@@ -181,6 +181,17 @@ def containers_of(cluster, record, node: str) -> str:
     return on(cluster, node, "docker", "ps", "-aq", "--filter", f"label=trainrig.run={record.id}").stdout.strip()
 
 
+def test_every_node_of_the_run_sampled_its_load(cluster, finished_run):
+    record, _ = finished_run
+    for node in record.nodes:
+        lines = on(cluster, "storage", "cat", f"{record.run_dir}/telemetry/{node}.jsonl").stdout.splitlines()
+        samples = [json.loads(line) for line in lines]
+        assert samples and all(s["host"] == node and s["gpus"] is None for s in samples)  # local nodes: no GPU
+        assert max(s["cpu"] for s in samples) > 0 and any(s.get("nic_in_mbs", 0) > 0 for s in samples)
+        # The sampler stopped by itself with the run.
+        assert on(cluster, node, "systemctl", "is-active", record.sampler_unit, check=False).exited != 0
+
+
 def test_no_container_of_a_finished_run_is_left(cluster, finished_run):
     record, _ = finished_run
     assert record.image and record.image.startswith("sha256:")

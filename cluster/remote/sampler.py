@@ -1,0 +1,109 @@
+"""Samples one node's load while a run lasts: GPU use and memory, CPU, memory, NIC MB/s, free disk.
+
+Started under systemd on every node of a run; appends one JSON line every few seconds to
+<run>/telemetry/<host>.jsonl on the shared storage, and stops by itself once the run's
+status.json says it ended. Stdlib only, reading /proc and statvfs, plus `nvidia-smi` on GPU
+hosts: its own cost is a few milliseconds of CPU per sample.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+FINAL = {"succeeded", "failed", "cancelled", "stalled"}
+
+
+def cpu_times():
+    """(busy, total) jiffies from the first line of /proc/stat."""
+    with open("/proc/stat") as fh:
+        fields = [int(v) for v in fh.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return sum(fields) - idle, sum(fields)
+
+
+def memory_percent():
+    info = {}
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            name, value = line.split(":", 1)
+            info[name] = int(value.split()[0])
+    total = info.get("MemTotal", 0)
+    return round(100.0 * (total - info.get("MemAvailable", total)) / total, 1) if total else None
+
+
+def nic_bytes(interface):
+    """(received, sent) bytes of one interface from /proc/net/dev, or None."""
+    with open("/proc/net/dev") as fh:
+        for line in fh:
+            name, _, counters = line.partition(":")
+            if name.strip() == interface:
+                values = counters.split()
+                return int(values[0]), int(values[8])
+    return None
+
+
+def free_gb(path):
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return round(st.f_bavail * st.f_frsize / 1e9, 1)
+
+
+def gpus():
+    """[{util, mem_used_mb, mem_total_mb}] per GPU, or None on a host without NVIDIA GPUs."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    query = ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used,memory.total", "--format=csv,noheader,nounits"]
+    try:
+        out = subprocess.run(query, capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    rows = [line.split(",") for line in out.strip().splitlines() if line.strip()]
+    return [{"util": float(u), "mem_used_mb": float(m), "mem_total_mb": float(t)} for u, m, t in rows] or None
+
+
+def ended(run_dir):
+    try:
+        with open(os.path.join(run_dir, "status.json")) as fh:
+            return json.load(fh).get("state") in FINAL
+    except (OSError, ValueError):
+        return False
+
+
+def sample_forever(run_dir, host, interface, shared, interval):
+    out_dir = os.path.join(run_dir, "telemetry")
+    os.makedirs(out_dir, exist_ok=True)
+    previous = (time.time(), cpu_times(), nic_bytes(interface))
+    with open(os.path.join(out_dir, f"{host}.jsonl"), "a") as out:
+        while True:
+            time.sleep(interval)
+            now, cpu, nic = time.time(), cpu_times(), nic_bytes(interface)
+            then, cpu_before, nic_before = previous
+            elapsed = max(now - then, 1e-6)
+            record = {
+                "time": round(now, 2),
+                "host": host,
+                "cpu": round(100.0 * (cpu[0] - cpu_before[0]) / max(cpu[1] - cpu_before[1], 1), 1),
+                "mem": memory_percent(),
+                "gpus": gpus(),
+                "shared_free_gb": free_gb(shared),
+                "scratch_free_gb": free_gb("/data1"),
+            }
+            if nic and nic_before:
+                record["nic_in_mbs"] = round((nic[0] - nic_before[0]) / elapsed / 1e6, 3)
+                record["nic_out_mbs"] = round((nic[1] - nic_before[1]) / elapsed / 1e6, 3)
+            out.write(json.dumps(record) + "\n")
+            out.flush()
+            previous = (now, cpu, nic)
+            if ended(run_dir):
+                return 0
+
+
+if __name__ == "__main__":
+    run_dir, host, interface, shared = sys.argv[1:5]
+    interval = float(sys.argv[5]) if len(sys.argv) > 5 else 2.0
+    sys.exit(sample_forever(run_dir, host, interface, shared, interval))

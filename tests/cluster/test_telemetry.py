@@ -1,0 +1,75 @@
+"""The per-node sampler, run for real against this machine's /proc, and the telemetry panels of `fab plot`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cluster import plot
+from cluster.monitor import host_table
+from cluster.remote import sampler
+
+SAMPLER = Path(sampler.__file__)
+
+
+def test_the_sampler_records_load_until_the_run_ends(tmp_path):
+    interface = next(line.split(":")[0].strip() for line in Path("/proc/net/dev").read_text().splitlines()[2:])
+    proc = subprocess.Popen([sys.executable, str(SAMPLER), str(tmp_path), "node0", interface, str(tmp_path), "0.2"])
+    out = tmp_path / "telemetry" / "node0.jsonl"
+    deadline = time.monotonic() + 20
+    while (not out.exists() or len(out.read_text().splitlines()) < 3) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (tmp_path / "status.json").write_text(json.dumps({"state": "succeeded"}))
+    assert proc.wait(timeout=20) == 0  # it stops by itself once the run has ended
+    samples = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(samples) >= 3
+    for s in samples:
+        assert s["host"] == "node0" and 0 <= s["cpu"] <= 100 and 0 < s["mem"] <= 100
+        assert s["nic_in_mbs"] >= 0 and s["nic_out_mbs"] >= 0 and s["shared_free_gb"] > 0
+        assert s["gpus"] is None or all(0 <= g["util"] <= 100 for g in s["gpus"])
+    assert [s["time"] for s in samples] == sorted(s["time"] for s in samples)
+
+
+def test_telemetry_panels_are_a_real_png(tmp_path):
+    folder = tmp_path / "telemetry"
+    folder.mkdir()
+    for host, load in (("node0", 80.0), ("node1", 40.0)):
+        lines = [
+            json.dumps(
+                {
+                    "time": 100 + i,
+                    "host": host,
+                    "cpu": load,
+                    "mem": 30.0,
+                    "nic_in_mbs": 5.0,
+                    "nic_out_mbs": 4.0,
+                    "gpus": [{"util": load, "mem_used_mb": 1e3, "mem_total_mb": 16e3}],
+                }
+            )
+            for i in range(5)
+        ]
+        (folder / f"{host}.jsonl").write_text("\n".join(lines) + '\n{"time": 10')  # a line cut mid-copy
+    out = plot.plot_telemetry(tmp_path, "job: run")
+    assert out == tmp_path / "telemetry.png" and out.read_bytes()[:4] == b"\x89PNG"
+    assert plot.plot_telemetry(tmp_path / "nothing", "x") is None
+
+
+def test_monitor_rows_per_host():
+    now = time.time()
+    table = host_table(
+        {
+            "node1": {"time": now, "cpu": 12.0, "mem": 40.0, "gpus": None, "nic_in_mbs": 1.5},
+            "node0": {
+                "time": now - 3,
+                "cpu": 90.0,
+                "mem": 50.0,
+                "gpus": [{"util": 97.0, "mem_used_mb": 8000, "mem_total_mb": 16000}],
+            },
+        }
+    )
+    rows = list(zip(*[column._cells for column in table.columns], strict=True))
+    assert rows[0][:4] == ("node0", "97", "50%", "90") and rows[0][-1] in ("3s", "4s")
+    assert rows[1][:3] == ("node1", "no GPU", "-") and rows[1][5] == "1.50"
