@@ -109,9 +109,52 @@ def render(view: RunView) -> Table:
     if "throughput" in last:
         table.add_row("samples/s", f"{last['throughput']:,.1f}")
     table.add_row("elapsed", f"{view.elapsed:.1f}s")
+    warning = stall_warning(view)
+    if warning:
+        table.add_row("[yellow]stall?[/]", warning)
     if view.hosts:
         table.add_row("hosts", host_table(view.hosts))
+        table.add_row("network", network_verdict(view.hosts))
     return table
+
+
+def stall_warning(view: RunView) -> str | None:
+    """A warning once half the stall timeout has passed without a new step (both times on the node's clock)."""
+    status = view.status or {}
+    timeout, beat = status.get("stall_timeout"), status.get("heartbeat_at")
+    if view.finished or not timeout or not beat or not view.metrics:
+        return None
+    quiet = beat - (status["started_at"] + view.metrics[-1].get("time", 0.0))
+    if quiet < timeout / 2:
+        return None
+    return f"no new step for {quiet:.0f}s; the run is stopped as stalled at {timeout:.0f}s"
+
+
+# The verdict on seed 001's question. Each link is full duplex, so the busier direction is what
+# fills it. A NIC above NETWORK_BOUND of its link speed while the GPUs wait (below GPU_WAITING on
+# average, or no GPUs to tell) says the network is what limits the step time; below NETWORK_IDLE
+# of the link it is not. In between the network is busy without being shown to be the limit.
+NETWORK_BOUND, NETWORK_IDLE, GPU_WAITING = 0.7, 0.3, 80.0
+
+
+def network_verdict(hosts: dict[str, dict]) -> str:
+    loads = []
+    for host, s in hosts.items():
+        if s.get("link_mbps"):
+            busiest = max(s.get("nic_in_mbs", 0.0), s.get("nic_out_mbs", 0.0))
+            loads.append((busiest / (s["link_mbps"] / 8), host, s))
+    if not loads:
+        return "no link speed reported: cannot tell"
+    share, host, s = max(loads)
+    gpus = s.get("gpus") or []
+    gpu = sum(g["util"] for g in gpus) / len(gpus) if gpus else None
+    waiting = gpu is None or gpu < GPU_WAITING
+    if share >= NETWORK_BOUND and waiting:
+        where = f"GPUs at {gpu:.0f}%" if gpu is not None else "no GPU to tell"
+        return f"[red]network-bound[/]: {host} uses {share:.0%} of its link ({where})"
+    if share < NETWORK_IDLE:
+        return f"not the bottleneck: at most {share:.0%} of a link ({host})"
+    return f"busy, not shown to be the limit: {host} at {share:.0%} of its link"
 
 
 def host_table(hosts: dict[str, dict]) -> Table:

@@ -45,6 +45,16 @@ def nic_bytes(interface):
     return None
 
 
+def link_mbps(interface):
+    """The interface's link speed in Mb/s as the kernel reports it, or None (some virtual NICs say -1)."""
+    try:
+        with open(f"/sys/class/net/{interface}/speed") as fh:
+            speed = int(fh.read().strip())
+    except (OSError, ValueError):
+        return None
+    return speed if speed > 0 else None
+
+
 def free_gb(path):
     try:
         st = os.statvfs(path)
@@ -92,6 +102,7 @@ def sample_forever(run_dir, host, interface, shared, interval):
                 "gpus": gpus(),
                 "shared_free_gb": free_gb(shared),
                 "scratch_free_gb": free_gb("/data1"),
+                "link_mbps": link_mbps(interface),
             }
             if nic and nic_before:
                 record["nic_in_mbs"] = round((nic[0] - nic_before[0]) / elapsed / 1e6, 3)

@@ -182,6 +182,7 @@ def supervise(run, run_dir, status, status_path):
     patterns = {name: re.compile(p) for name, p in run["metrics"].items()}
     started = status["started_at"]
     watch = Watch(run, started)
+    status["stall_timeout"] = watch.stall_timeout  # fab monitor warns before it fires
     proc = subprocess.Popen(
         run["argv"],
         cwd=run["workdir"],

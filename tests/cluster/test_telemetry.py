@@ -73,3 +73,33 @@ def test_monitor_rows_per_host():
     rows = list(zip(*[column._cells for column in table.columns], strict=True))
     assert rows[0][:4] == ("node0", "97", "50%", "90") and rows[0][-1] in ("3s", "4s")
     assert rows[1][:3] == ("node1", "no GPU", "-") and rows[1][5] == "1.50"
+
+
+def test_network_verdict():
+    from cluster.monitor import network_verdict
+
+    gpu = lambda util: [{"util": util, "mem_used_mb": 1, "mem_total_mb": 2}]  # noqa: E731
+    assert (
+        network_verdict({"n0": {"link_mbps": 10000, "nic_in_mbs": 1000.0, "nic_out_mbs": 950.0, "gpus": gpu(45)}})
+        == "[red]network-bound[/]: n0 uses 80% of its link (GPUs at 45%)"
+    )
+    assert network_verdict({"n0": {"link_mbps": 10000, "nic_in_mbs": 1000.0, "gpus": gpu(98)}}).startswith("busy")
+    assert (
+        network_verdict({"n0": {"link_mbps": 1000, "nic_in_mbs": 10.0}, "n1": {"link_mbps": 1000}})
+        == "not the bottleneck: at most 8% of a link (n0)"
+    )
+    assert network_verdict({"n0": {"cpu": 3}}) == "no link speed reported: cannot tell"
+
+
+def test_stall_warning_before_the_stall_timeout():
+    from cluster.monitor import RunView, stall_warning
+    from cluster.runs import RunRecord
+
+    record = RunRecord(
+        id="r", job="j", node="n0", run_dir="/d", ranks=1, max_steps=None, started_at="2026-01-01T00:00:00Z"
+    )
+    view = RunView(record, metrics=[{"step": 5, "time": 10.0}])
+    view.status = {"state": "running", "started_at": 1000.0, "heartbeat_at": 1040.0, "stall_timeout": 60}
+    assert stall_warning(view) == "no new step for 30s; the run is stopped as stalled at 60s"
+    view.status["heartbeat_at"] = 1030.0
+    assert stall_warning(view) is None
