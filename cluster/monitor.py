@@ -130,10 +130,11 @@ def stall_warning(view: RunView) -> str | None:
     return f"no new step for {quiet:.0f}s; the run is stopped as stalled at {timeout:.0f}s"
 
 
-# The verdict on the question every scale-out raises: is the network the bottleneck? Each link is full duplex, so the busier direction is what
-# fills it. A NIC above NETWORK_BOUND of its link speed while the GPUs wait (below GPU_WAITING on
-# average, or no GPUs to tell) says the network is what limits the step time; below NETWORK_IDLE
-# of the link it is not. In between the network is busy without being shown to be the limit.
+# The verdict on the question every scale-out raises: is the network the bottleneck? Each link is
+# full duplex, so the busier direction is what fills it. A NIC above NETWORK_BOUND of its link
+# speed while the GPUs wait (below GPU_WAITING on average, or no GPUs to tell) says the network is
+# what limits the step time; below NETWORK_IDLE of the link it is not. In between the network is
+# busy without being shown to be the limit.
 NETWORK_BOUND, NETWORK_IDLE, GPU_WAITING = 0.7, 0.3, 80.0
 
 
