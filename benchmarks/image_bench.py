@@ -74,8 +74,9 @@ def case(name: str, size: int) -> dict[str, float]:
         provision.provision(inv)
         job = jobs.load(DEMO)
         nodes = inv.gpu_nodes
-        tag = f"trainrig/{job.spec.name}:bench"
-        image = images.ensure(inv, job, nodes[:1], "bench-0", "/data/trainrig/bench-0")
+        run_id = "bench-0"
+        tag = f"trainrig/{job.spec.name}:{run_id}"  # the tag images.ensure builds under
+        image = images.ensure(inv, job, nodes[:1], run_id, f"/data/trainrig/{run_id}")
         others = nodes[1:]
         result = {}
         if others:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -95,7 +93,12 @@ def test_a_cluster_without_runs_says_how_to_start_one(home):
 
 
 def write_job(tmp_path: Path, nodes: int, code: bool = True) -> jobs.LoadedJob:
-    spec = {"name": "tiny", "command": ["python3", "train.py", "--out", "{checkpoint_dir}"], "nodes": nodes}
+    spec = {
+        "name": "tiny",
+        "image": {"pull": "example.org/tiny:1"},
+        "command": ["python3", "train.py", "--out", "{checkpoint_dir}"],
+        "nodes": nodes,
+    }
     if code:
         spec["code"] = "code"
         (tmp_path / "code" / "pkg" / "__pycache__").mkdir(parents=True)
@@ -105,6 +108,42 @@ def write_job(tmp_path: Path, nodes: int, code: bool = True) -> jobs.LoadedJob:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(spec))
     return jobs.load(path)
+
+
+IMAGE_ID = "sha256:" + "ab" * 32
+
+
+def stand_in_node(cluster, log: Path, *, docker_info: int = 0, pull: int = 0, containers_left: str = "") -> None:
+    """What a provisioned node answers: Docker, a mounted share, the private interface, a job image with Open MPI.
+
+    Every docker command is logged to `log`, one argument list per line; systemd-run records to
+    log.parent/systemd-run.
+    """
+    names = " ".join(cluster.servers)
+    addresses = "".join(
+        f"{i + 2}: eth0    inet {n.private_address}/24 scope global eth0\\n" for i, n in enumerate(cluster.inv.nodes)
+    )
+    cluster.add_program(
+        "docker",
+        f"""echo "$*" >> {log}
+case "$1" in
+  info) [ {docker_info} -eq 0 ] && echo 27.3.1; exit {docker_info} ;;
+  pull) echo "Status: Downloaded newer image"; exit {pull} ;;
+  image) echo {IMAGE_ID} ;;
+  run) echo 0123456789ab ;;
+  ps) printf '{containers_left}' ;;
+  exec)
+    shift 2
+    case "$1" in
+      mpirun) if [ "$2" = --version ]; then echo "mpirun (Open MPI) 4.1.5"; else printf '%s\\n' {names}; fi ;;
+    esac ;;
+esac
+""",
+    )
+    cluster.add_program("mountpoint", "exit 0\n")
+    cluster.add_program("df", "printf 'Avail\\n%s\\n' 99000000000\n")
+    cluster.add_program("ip", f"printf '{addresses}'\n")
+    cluster.add_program("systemd-run", f'printf "%s\\n" "$*" >> {log.parent / "systemd-run"}\n')
 
 
 def untouched(cluster) -> bool:
@@ -140,72 +179,109 @@ def test_launch_refuses_clusters_it_cannot_run_on_before_touching_them(ssh_clust
     assert untouched(cluster)
 
 
+def test_preflight_names_every_node_without_docker_before_anything_is_made(ssh_cluster, tmp_path):
+    cluster = ssh_cluster(2)
+    stand_in_node(cluster, tmp_path / "docker.log", docker_info=1)
+    with pytest.raises(TrainrigError) as exc:
+        runs.launch(cluster.inv, write_job(tmp_path, nodes=2))
+    assert str(exc.value) == (
+        "pre-flight check of the hosts failed: node0: Docker is not running (run fab provision);"
+        " node1: Docker is not running (run fab provision)"
+    )
+    assert not (cluster.share / "trainrig").exists()
+    assert runs.records("unit") == []
+
+
 def test_preflight_stops_a_launch_when_a_node_lacks_the_shared_storage(ssh_cluster, tmp_path):
     cluster = ssh_cluster(2)
+    stand_in_node(cluster, tmp_path / "docker.log")
+    (cluster.bin_dir / "mountpoint").unlink()  # the real one: a plain folder is no mount
     assert cluster.inv.storage is not None
     missing = cluster.inv.storage.model_copy(update={"mount_point": str(tmp_path / "not-mounted")})
     inv = cluster.inv.model_copy(update={"storage": missing})
     with pytest.raises(TrainrigError) as exc:
-        runs.launch(inv, write_job(tmp_path, nodes=2))
+        runs.launch(inv, write_job(tmp_path, nodes=1))
     assert str(exc.value) == (
-        f"pre-flight check failed: node0: shared storage {tmp_path / 'not-mounted'}"
-        " or mpirun missing (run fab provision)"
+        f"pre-flight check of the hosts failed: node0: shared storage {tmp_path / 'not-mounted'}"
+        " is not mounted (run fab provision)"
     )
-    assert not any("systemd-run" in c for s in cluster.servers.values() for c in s.commands)
+    assert not (tmp_path / "not-mounted").exists()
     assert runs.records("unit") == []
 
 
-def test_launch_copies_the_run_to_shared_storage_starts_it_on_the_first_node_and_remembers_it(ssh_cluster, tmp_path):
+def test_launch_copies_the_run_starts_containers_and_the_run_on_the_first_node_and_remembers_it(ssh_cluster, tmp_path):
     cluster = ssh_cluster(3)
-    started = tmp_path / "systemd-run.argv"
-    cluster.add_program("systemd-run", f'printf "%s\\n" "$@" > {started}\n')
+    log = tmp_path / "docker.log"
+    stand_in_node(cluster, log)
     job = write_job(tmp_path, nodes=2)
 
     rec = runs.launch(cluster.inv, job)
 
     assert rec.node == "node0" and rec.nodes == ["node0", "node1"] and rec.ranks == 2
+    assert rec.image == IMAGE_ID
     run_dir = Path(rec.run_dir)
     assert run_dir == cluster.share / "trainrig" / "runs" / rec.id
     assert rec.id.startswith("tiny-")
-    # What the supervisor needs, on the share.
+    # What the supervisor and the samplers need, on the share; the code without its caches.
     assert (run_dir / "supervisor.py").read_text() == runs.SUPERVISOR.read_text()
+    assert (run_dir / "sampler.py").read_text() == runs.SAMPLER.read_text()
     assert (run_dir / "job.yaml").read_text() == job.path.read_text()
     assert (run_dir / "checkpoints").is_dir()
     assert (run_dir / "code" / "train.py").read_text() == "print('step 1 loss 0.5')\n"
     assert (run_dir / "code" / "pkg" / "model.py").read_text() == "WIDTH = 3\n"
     assert not (run_dir / "code" / "pkg" / "__pycache__").exists()
+    # The image pulled on both nodes, one container each from the same image id.
+    docker = log.read_text().splitlines()
+    assert docker.count("pull example.org/tiny:1") == 2
+    started = [line for line in docker if line.startswith("run ")]
+    assert len(started) == 2 and all(line.endswith(f"sleep {IMAGE_ID} infinity") for line in started)
+    # mpirun runs in the first node's container, over both nodes, on the private network.
     run_json = json.loads((run_dir / "run.json").read_text())
-    assert run_json["id"] == rec.id
-    assert run_json["workdir"] == f"{run_dir}/code"
-    assert run_json["argv"] == jobs.mpirun_argv(job.spec, cluster.inv, str(run_dir))
-    assert run_json["argv"][-4:] == ["python3", "train.py", "--out", f"{run_dir}/checkpoints"]
-    # Started detached under systemd on the first node only, as a unit named after the run.
-    assert started.read_text().splitlines() == [
-        "--quiet",
-        "--collect",
-        "--unit",
-        f"trainrig-run-{rec.id}",
-        "--property",
-        f"Description=trainrig run {rec.id}",
-        "python3",
-        f"{run_dir}/supervisor.py",
-        str(run_dir),
+    assert run_json["id"] == rec.id and run_json["hosts"] == ["node0", "node1"]
+    assert run_json["argv"][:3] == ["docker", "exec", f"trainrig-{rec.id}"]
+    mpirun = run_json["argv"][3:]
+    assert mpirun[:6] == ["mpirun", "--allow-run-as-root", "-np", "2", "-H", "node0:1,node1:1"]
+    assert mpirun[mpirun.index("-x") : mpirun.index("-x") + 2] == ["-x", "NCCL_SOCKET_IFNAME=eth0"]
+    assert mpirun[-4:] == ["python3", "train.py", "--out", f"{run_dir}/checkpoints"]
+    # Samplers on both nodes, the run detached under systemd on the first node only.
+    units = (tmp_path / "systemd-run").read_text().splitlines()
+    assert sorted(u.split()[3] for u in units if "sampler.py" in u) == [f"trainrig-telemetry-{rec.id}"] * 2
+    assert [u for u in units if "supervisor.py" in u] == [
+        f"--quiet --collect --unit trainrig-run-{rec.id} --property Description=trainrig run {rec.id}"
+        f" python3 {run_dir}/supervisor.py {run_dir}"
     ]
-    assert [any(c.startswith("systemd-run") for c in s.commands) for s in cluster.servers.values()] == [
+    assert [any("supervisor.py" in c for c in s.commands) for s in cluster.servers.values()] == [
         True,
         False,
         False,
         False,
     ]
-    # Pre-flight probed exactly the job's nodes.
     assert [bool(s.commands) for s in cluster.servers.values()] == [True, True, False, False]
     assert runs.find("unit", None) == rec
 
 
-def test_a_run_that_systemd_refuses_is_not_remembered(ssh_cluster, tmp_path):
+def test_a_run_whose_image_cannot_be_pulled_leaves_no_container_and_no_record(ssh_cluster, tmp_path):
+    cluster = ssh_cluster(2)
+    log = tmp_path / "docker.log"
+    stand_in_node(cluster, log, pull=1)
+    with pytest.raises(TrainrigError, match=r"^node\d: docker pull example.org/tiny:1 failed"):
+        runs.launch(cluster.inv, write_job(tmp_path, nodes=2))
+    docker = log.read_text().splitlines()
+    assert not [line for line in docker if line.startswith("run ")]
+    # Both nodes were swept for containers of the run (found to remove, then checked gone).
+    assert len([line for line in docker if line.startswith("ps -aq --filter label=trainrig.run=tiny-")]) == 4
+    assert runs.records("unit") == []
+
+
+def test_a_run_that_systemd_refuses_is_not_remembered_and_its_containers_go(ssh_cluster, tmp_path):
     cluster = ssh_cluster(1)
-    with pytest.raises(TrainrigError, match="starting the run under systemd failed: stand-in systemd-run"):
+    log = tmp_path / "docker.log"
+    stand_in_node(cluster, log)
+    cluster.add_program("systemd-run", 'case "$*" in *supervisor.py*) echo "unit busy" >&2; exit 1;; esac\n')
+    with pytest.raises(TrainrigError, match="starting the run under systemd failed"):
         runs.launch(cluster.inv, write_job(tmp_path, nodes=1, code=False))
+    assert any(line.startswith("run ") for line in log.read_text().splitlines())
+    assert any(line.startswith("ps -aq --filter label=trainrig.run=") for line in log.read_text().splitlines())
     assert runs.records("unit") == []
 
 
@@ -263,29 +339,43 @@ def cancelable(cluster, tmp_path) -> RunRecord:
     return record("tiny-1", run_dir=str(run_dir), nodes=["node0", "node1"])
 
 
-def test_cancel_of_an_ended_run_stops_nothing(ssh_cluster, tmp_path):
+def test_cancel_of_an_ended_run_stops_nothing_but_still_clears_its_containers(ssh_cluster, tmp_path):
     cluster = ssh_cluster(2)
+    stand_in_node(cluster, tmp_path / "docker.log")
+    cluster.add_program("systemctl", "exit 0\n")
     rec = cancelable(cluster, tmp_path)
     (Path(rec.run_dir) / "status.json").write_text('{"state": "succeeded"}')
-    assert runs.cancel(cluster.inv, rec, timeout=5, grace=0.5) == {"state": "succeeded"}
-    assert not any("systemctl" in c for s in cluster.servers.values() for c in s.commands)
+    assert runs.cancel(cluster.inv, rec, timeout=5) == {"state": "succeeded"}
+    assert not any(f"systemctl stop {rec.unit}" in c for s in cluster.servers.values() for c in s.commands)
+    swept = [line for line in (tmp_path / "docker.log").read_text().splitlines() if line.startswith("ps -aq")]
+    assert len(swept) == 4  # each node: find them to remove, then check none is left
 
 
-def test_cancel_stops_the_unit_waits_for_cancelled_and_kills_a_rank_that_outlives_the_grace(ssh_cluster, tmp_path):
+def test_cancel_stops_the_unit_waits_for_cancelled_and_removes_the_containers(ssh_cluster, tmp_path):
     cluster = ssh_cluster(2)
+    stand_in_node(cluster, tmp_path / "docker.log")
     rec = cancelable(cluster, tmp_path)
     status = Path(rec.run_dir) / "status.json"
     status.write_text('{"state": "running"}')
     stopped = tmp_path / "systemctl.argv"
-    # systemd stops the supervisor, which writes its last status; one rank ignores it all.
-    cluster.add_program("systemctl", f'printf "%s\\n" "$@" > {stopped}\necho \'{{"state": "cancelled"}}\' > {status}\n')
-    stray = subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(60)"],
-        env={**os.environ, "TRAINRIG_RUN_DIR": rec.run_dir},
+    # systemd stops the supervisor, which writes its last status.
+    cluster.add_program(
+        "systemctl",
+        f'echo "$*" >> {stopped}\n[ "$2" = {rec.unit} ] && echo \'{{"state": "cancelled"}}\' > {status}\nexit 0\n',
     )
-    try:
-        assert runs.cancel(cluster.inv, rec, timeout=10, grace=0.5) == {"state": "cancelled"}
-        assert stray.wait(timeout=10) == -9
-    finally:
-        stray.kill()
-    assert stopped.read_text().splitlines() == ["stop", "trainrig-run-tiny-1"]
+    assert runs.cancel(cluster.inv, rec, timeout=10) == {"state": "cancelled"}
+    assert f"stop {rec.unit}" in stopped.read_text().splitlines()
+    assert sorted(stopped.read_text().splitlines()).count(f"stop {rec.sampler_unit}") == 2
+
+
+def test_cancel_says_where_a_container_outlived_it(ssh_cluster, tmp_path):
+    cluster = ssh_cluster(2)
+    stand_in_node(cluster, tmp_path / "docker.log", containers_left="0123456789ab\\n")
+    cluster.add_program("systemctl", "exit 0\n")
+    rec = cancelable(cluster, tmp_path)
+    (Path(rec.run_dir) / "status.json").write_text('{"state": "failed"}')
+    with pytest.raises(TrainrigError) as exc:
+        runs.cancel(cluster.inv, rec, timeout=5)
+    assert re.fullmatch(
+        r"run tiny-1 stopped, but node\d: a container of the run is still there; run fab cancel again", str(exc.value)
+    )

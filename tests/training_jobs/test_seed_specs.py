@@ -1,6 +1,7 @@
 """The seed workloads' job specs: the values each seed needs, the container and mpirun lines trainrig
 makes of them, their metric patterns against the lines each trainer prints, and the README."""
 
+import dataclasses
 import re
 import runpy
 from pathlib import Path
@@ -28,11 +29,10 @@ def mpirun(job: jobs.LoadedJob, *, gpu_count: int, mpi_major: int = 4, resume_fr
     return launch.mpirun_argv(
         spec,
         make_inventory(gpu_nodes=spec.nodes, gpu_count=gpu_count),
-        PATHS,
+        dataclasses.replace(PATHS, resume_from=resume_from),
         mpi_major=mpi_major,
         interfaces=["eth0"],
         secret_names=sorted(spec.secrets),
-        resume_from=resume_from,
     )
 
 
