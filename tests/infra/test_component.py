@@ -135,8 +135,9 @@ def test_ibm_graph(mocks, path):
     storage = [s for s in servers if s.inputs["hostname"] == "storage"]
     assert len(gpu) == cfg.gpu_nodes and {s.inputs["flavor"] for s in gpu} == {cfg.flavor}
     assert storage[0].inputs["flavor"] == cfg.storage_flavor
-    assert all(s.inputs["disks"] == [100, cfg.data_disk_gb] for s in gpu)
-    assert storage[0].inputs["disks"] == [100, cfg.storage_disk_gb]
+    # Data disks only: the flavor brings the boot disk (a device 0 would contradict it).
+    assert all(s.inputs["disks"] == [cfg.data_disk_gb] for s in gpu)
+    assert storage[0].inputs["disks"] == [cfg.storage_disk_gb]
     for s in servers:
         assert s.inputs["datacenter"] == cfg.datacenter and s.inputs["hourly"] is True
         assert s.inputs["local_disk"] is False, "SAN disks, as the seeds ordered"

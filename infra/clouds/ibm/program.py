@@ -18,7 +18,6 @@ from infra.clouds.ibm import IbmConfig
 from infra.clouds.ibm.softlayer import SshKeyProvider, VirtualServerProvider
 
 PRIVATE_NETWORK = "10.0.0.0/8"
-BOOT_DISK_GB = 100
 DATA_DEVICE = "/dev/xvdc"
 OS_CODE = re.compile(r"^[A-Z][A-Z0-9_]+$")
 
@@ -76,7 +75,7 @@ def _server_props(cfg: IbmConfig, planned: PlannedNode, key: SshKey, host_key: p
         **image,
         "hourly": cfg.hourly,
         "local_disk": False,
-        "disks": [BOOT_DISK_GB, planned.data_disk_gb],
+        "disks": [planned.data_disk_gb],  # data disks only: the flavor (or the image) brings the boot disk
         "nic_speed": cfg.nic_speed,
         "ssh_key_ids": [key.key_id],
         "private_vlan": cfg.private_vlan,
