@@ -51,7 +51,7 @@ def test_seed_clusters():
         2000,
     )
     aws = config.load_stack_file(config.stack_file("aws-16-gpu", ROOT))
-    assert (aws.gpu_nodes, aws.flavor, aws.gpus) == (16, "p2.16xlarge", 16)
+    assert (aws.gpu_nodes, aws.flavor, aws.gpus) == (16, "p3.16xlarge", 8)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c["error"][:60])
