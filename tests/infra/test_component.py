@@ -101,6 +101,7 @@ def test_aws_graph(mocks, path):
         assert isinstance(secret, dict) and "value" in secret, "user data must be a Pulumi secret"
         user_data = yaml.safe_load(secret["value"])
         assert user_data["disable_root"] is False and user_data["ssh_keys"]["ed25519_public"].startswith("ssh-ed25519 ")
+        assert user_data["ssh_pwauth"] is False, "keys only: sshd without password logins"
     file_systems = mocks.of_type("aws:efs/fileSystem:FileSystem")
     if cfg.shared_fs:
         assert not storage and not mocks.of_type("aws:ebs/volume:Volume")
@@ -180,6 +181,15 @@ def test_ibm_graph(mocks, path):
         assert s.inputs["local_disk"] is False, "SAN disks, as the seeds ordered"
         assert s.inputs["nic_speed"] == 1000 and s.inputs["os_code"] == cfg.image
         assert f"trainrig-cluster:{cfg.cluster}" in s.inputs["tags"]
+        user_data = yaml.safe_load(s.inputs["user_data"]["value"])
+        assert user_data["ssh_pwauth"] is False, "keys only: sshd without password logins"
+        # Only SSH from the operator at first boot; provisioning lets in the cluster's own nodes by
+        # address. Never the whole private network, which every server of the account shares.
+        assert user_data["runcmd"] == [
+            ["ufw", "default", "deny", "incoming"],
+            ["ufw", "allow", "from", str(cfg.admin_cidr), "to", "any", "port", "22", "proto", "tcp"],
+            ["ufw", "--force", "enable"],
+        ]
     assert len(mocks.of_type("ibm:SshKey")) == 1
 
 

@@ -31,3 +31,9 @@ def test_syntax_check(playbook):
         env={"ANSIBLE_ROLES_PATH": str(PLAYBOOKS / "roles"), "PATH": str(bin_dir)},
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_the_shared_export_is_sticky():
+    """World-writable for squashed clients, but no one removes or renames another's files (or root's)."""
+    defaults = yaml.safe_load((PLAYBOOKS / "roles" / "nfs_server" / "defaults" / "main.yml").read_text())
+    assert int(defaults["nfs_server_export_mode"], 8) == 0o1777

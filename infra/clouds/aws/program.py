@@ -135,7 +135,7 @@ def build(parent: pulumi.ComponentResource, name: str, cfg: AwsConfig, blueprint
                     "delete_on_termination": True,
                 }
             ],
-            user_data=program.cloud_init(host_key, cfg, "", firewall=False),
+            user_data=program.cloud_init(host_key, cfg, firewall=False),
             metadata_options=METADATA_OPTIONS,
             tags={"Name": f"{cfg.cluster}-{planned.name}", "trainrig:role": "gpu"},
             opts=pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(ignore_changes=KEEP_IMAGE)),
@@ -168,7 +168,7 @@ def _nfs_server(name, cfg, blueprint, subnet_id, group, key, parent, provider, i
         vpc_security_group_ids=[group.id],
         key_name=key.key_name,
         root_block_device={"volume_size": 30, "volume_type": "gp3", "encrypted": True},
-        user_data=program.cloud_init(storage_key, cfg, "", firewall=False),
+        user_data=program.cloud_init(storage_key, cfg, firewall=False),
         user_data_replace_on_change=False,
         metadata_options=METADATA_OPTIONS,
         tags={"Name": f"{cfg.cluster}-{STORAGE_NODE}", "trainrig:role": "storage"},

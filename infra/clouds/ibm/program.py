@@ -1,8 +1,10 @@
 """IBM Cloud classic for the Pulumi program: an SSH key and virtual servers (dynamic providers over the softlayer SDK).
 
 Classic virtual servers have no security group here: each node's cloud-init turns on ufw with
-SSH only from admin_cidr and everything from the private network (10.0.0.0/8, IBM's private
-VLANs). The NFS server VM (with its SAN data disk) is protected and independent of the GPU nodes.
+SSH only from admin_cidr; provisioning (role common) then lets in the cluster's own nodes by
+their private addresses, and no one else of IBM's private network (10.0.0.0/8, shared by the
+whole account). The NFS server VM (with its SAN data disk) is protected and independent of the
+GPU nodes.
 """
 
 from __future__ import annotations
@@ -86,5 +88,5 @@ def _server_props(cfg: IbmConfig, planned: PlannedNode, key: SshKey, host_key: p
                 *(f"{k}:{v}" for k, v in cfg.tags.items()),
             ]
         ),
-        "user_data": program.cloud_init(host_key, cfg, PRIVATE_NETWORK, firewall=True),
+        "user_data": program.cloud_init(host_key, cfg, firewall=True),
     }
