@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import Field
@@ -51,6 +52,14 @@ CAPABILITIES = frozenset(
         "ssh_mesh",
     }
 )
+
+
+@dataclass
+class Findings:
+    """What `fab plan --verify` learnt: problems (the cloud would refuse) and notes (worth knowing)."""
+
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 class ClusterRequest(Strict):
@@ -86,6 +95,7 @@ class Cloud(Protocol):
     def build(self, parent: pulumi.ComponentResource, name: str, cfg: Any, blueprint: Blueprint) -> pulumi.Output: ...
     def backend(self, stack: str | None = None) -> Backend: ...
     def billable(self, cluster: str, cfg: Any) -> list[str]: ...
+    def verify(self, cfg: Any, blueprint: Blueprint) -> Findings: ...
     def stand_in_image(self, reference: str) -> str | None: ...
 
 

@@ -116,6 +116,17 @@ class AwsCloud:
 
         return StackBackend(self, stack)
 
+    def verify(self, cfg: AwsConfig, blueprint, endpoint_url: str | None = None):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        from infra.clouds.aws import verify
+        from infra.errors import TrainrigError
+
+        try:
+            return verify.verify(cfg, blueprint, endpoint_url=endpoint_url)
+        except (BotoCoreError, ClientError) as exc:
+            raise TrainrigError(f"AWS could not be asked about the stack: {str(exc).splitlines()[0]}") from None
+
     def billable(self, cluster: str, cfg: AwsConfig, endpoint_url: str | None = None) -> list[str]:
         """What AWS's own listings still hold for a cluster (instances not terminated, volumes, EFS, VPCs, groups)."""
         import boto3

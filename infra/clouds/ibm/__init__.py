@@ -127,6 +127,11 @@ class IbmCloud:
 
         return StackBackend(self, stack)
 
+    def verify(self, cfg: IbmConfig, blueprint, transport=None):
+        from infra.clouds.ibm import verify
+
+        return verify.verify(cfg, blueprint, transport)
+
     def billable(self, cluster: str, cfg: IbmConfig | None, transport=None) -> list[str]:
         """What the account still lists for the cluster: one line per server, named by hostname."""
         from infra.clouds.ibm.softlayer import Listing

@@ -66,6 +66,15 @@ def build(parent: pulumi.ComponentResource, name: str, cfg: IbmConfig, blueprint
 
 
 def _server_props(cfg: IbmConfig, planned: PlannedNode, key: SshKey, host_key: program.HostKey) -> dict:
+    return {
+        **order_props(cfg, planned),
+        "ssh_key_ids": [key.key_id],
+        "user_data": program.cloud_init(host_key, cfg, firewall=True),
+    }
+
+
+def order_props(cfg: IbmConfig, planned: PlannedNode) -> dict:
+    """What a server is ordered with, but its SSH key and user data (made by Pulumi): `fab plan --verify` sends it."""
     image = {"os_code": cfg.image or "UBUNTU_22_64", "image_id": None}
     if cfg.image and not OS_CODE.match(cfg.image):
         image = {"os_code": None, "image_id": cfg.image}
@@ -79,7 +88,6 @@ def _server_props(cfg: IbmConfig, planned: PlannedNode, key: SshKey, host_key: p
         "local_disk": False,
         "disks": [planned.data_disk_gb],  # data disks only: the flavor (or the image) brings the boot disk
         "nic_speed": cfg.nic_speed,
-        "ssh_key_ids": [key.key_id],
         "private_vlan": cfg.private_vlan,
         "tags": sorted(
             [
@@ -88,5 +96,4 @@ def _server_props(cfg: IbmConfig, planned: PlannedNode, key: SshKey, host_key: p
                 *(f"{k}:{v}" for k, v in cfg.tags.items()),
             ]
         ),
-        "user_data": program.cloud_init(host_key, cfg, firewall=True),
     }
