@@ -15,8 +15,8 @@ import yaml
 from rich.table import Table
 
 from cluster.images import REGISTRY_PORT
+from infra import clouds, state, ui
 from infra import inventory as inventory_mod
-from infra import state, ui
 from infra.commands import run
 from infra.errors import TrainrigError
 from infra.inventory import Inventory
@@ -51,6 +51,8 @@ def ansible_inventory(inv: Inventory, host_vars: dict[str, dict] | None = None) 
         "ansible_python_interpreter": "/usr/bin/python3",
         "trainrig_cluster": inv.cluster,
         "trainrig_cloud": inv.cloud,
+        # Whether containers may lift the locked-memory limit (NCCL, RDMA): the docker role's default.
+        "trainrig_memlock": "memlock" in clouds.get(inv.cloud).capabilities,
         "trainrig_nodes": nodes,
     }
     if inv.ssh_user != "root":

@@ -258,12 +258,12 @@ def _network(
         ]
         subnets = aws.ec2.get_subnets_output(filters=filters, opts=invoke)
 
-        def first(ids: list[str]) -> str:
+        def first(ids: list[str], chosen: str) -> str:
             if not ids:
-                raise TrainrigError(images.zone_problem({}, cfg.zone or "the chosen zone", cfg.region))
+                raise TrainrigError(images.zone_problem({}, chosen, cfg.region))
             return sorted(ids)[0]
 
-        return vpc.id, vpc.cidr_block, pulumi.Output.all(subnets.ids, zone).apply(lambda v: first(v[0]))
+        return vpc.id, vpc.cidr_block, pulumi.Output.all(subnets.ids, zone).apply(lambda v: first(*v))
     vpc = aws.ec2.Vpc(
         f"{name}-vpc",
         cidr_block=str(cfg.vpc_cidr),
