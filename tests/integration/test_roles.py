@@ -262,11 +262,12 @@ def test_nfs_in_check_mode(cluster, provisioned):
     # Every node's own private address, never the network's CIDR (IBM classic's is 10.0.0.0/8).
     clients = " ".join(f"{n.private_address}(rw,sync,no_subtree_check,root_squash)" for n in cluster.nodes)
     assert f"/data {clients}" in exports.splitlines()
+    assert "threads=64" in written(recap, "storage", "/etc/nfs.conf.d/trainrig.conf").splitlines()
     assert str(cluster.network.cidr) not in exports
     server = cluster.node("storage").private_address
     for name in GPU_NODES:
         fstab = written(recap, name, "/etc/fstab").splitlines()
-        assert f"{server}:/data /data nfs rw,hard,_netdev,nofail,x-systemd.automount 0 0" in fstab
+        assert f"{server}:/data /data nfs rw,hard,nconnect=8,_netdev,nofail,x-systemd.automount 0 0" in fstab
     assert "nfs" not in on(cluster, "node0", "cat", "/etc/fstab").stdout
 
 
