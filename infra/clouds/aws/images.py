@@ -30,7 +30,7 @@ class ImageChoice:
     driver: str  # where the NVIDIA driver comes from, for `fab plan`
 
     def describe(self) -> str:
-        return f"{self.name.rstrip(' *')} (newest at the first pulumi up, then kept; driver {self.driver})"
+        return f"newest '{self.name}' at the first pulumi up, then kept (driver {self.driver})"
 
 
 CANONICAL = "099720109477"
