@@ -241,9 +241,9 @@ def test_gpu_host_in_check_mode(cluster, provisioned):
     assert daemon["data-root"] == "/data1/docker" and daemon["live-restore"] is True
     # A local node is itself a container: it may not lift the locked-memory limit (clouds do).
     assert "default-ulimits" not in daemon
-    assert "RequiresMountsFor=/data1/docker" in written(
-        recap, "node0", "/etc/systemd/system/docker.service.d/trainrig-data-root.conf"
-    )
+    # Written for real by the provisioning before (check mode shows only what would change).
+    drop_in = on(cluster, "node0", "cat", "/etc/systemd/system/docker.service.d/trainrig-data-root.conf").stdout
+    assert "RequiresMountsFor=/data1/docker" in drop_in
     assert "blacklist nouveau" in written(recap, "node0", "/etc/modprobe.d/blacklist-nouveau.conf")
     assert "libnvidia-container" in written(recap, "node0", "/etc/apt/sources.list.d/nvidia-container-toolkit.list")
     rule = written(recap, "node0", "/etc/udev/rules.d/71-nvidia-dev-char.rules")
