@@ -78,12 +78,25 @@ def status(c, name=None, inventory=None):
         "retry_failed": "re-run only the hosts that failed or were unreachable last time",
         "playbook": "playbook under playbooks/ (default site.yml)",
         "inventory": INVENTORY_HELP,
+        "force": "run every phase on every node, even those whose inputs have not changed since they last succeeded",
+        "check_drift": "change nothing: run every task in check mode, list what differs on the nodes (exit 1 if any)",
     }
 )
 @friendly
-def provision(c, name=None, tags=None, retry_failed=False, playbook="site.yml", inventory=None):
-    """Run the Ansible playbooks on every node in parallel, with a per-host recap."""
-    provision_mod.provision(_inventory(c, name, inventory), playbook=playbook, tags=tags, retry_failed=retry_failed)
+def provision(
+    c, name=None, tags=None, retry_failed=False, playbook="site.yml", inventory=None, force=False, check_drift=False
+):
+    """Run the Ansible playbooks on every node in parallel, only the phases each node needs, with a per-host recap."""
+    inv = _inventory(c, name, inventory)
+    if check_drift:
+        drift = provision_mod.check_drift(inv)
+        if drift:
+            hosts = ", ".join(f"{host} ({len(tasks)} tasks)" for host, tasks in drift.items())
+            raise TrainrigError(
+                f"drift on {hosts}; put it back with: fab provision --name {inv.cluster} --force", exit_code=1
+            )
+        return
+    provision_mod.provision(inv, playbook=playbook, tags=tags, retry_failed=retry_failed, force=force)
 
 
 @task(

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from cluster import jobs, lifecycle, monitor, provision, results, runs
+from cluster import jobs, lifecycle, monitor, phases, provision, results, runs
 from infra import clouds, inventory, keys, ssh
 from infra.errors import TrainrigError
 from tests.integration.conftest import CLUSTER
@@ -81,8 +81,55 @@ def test_a_different_host_key_is_refused(cluster):
 def test_provision_succeeds_then_changes_nothing(cluster, provisioned):
     assert provisioned.failed_hosts == []
     assert all(r.ok > 0 for r in provisioned.hosts.values())
+    # Every task again, for real: the roles change nothing the second time.
+    forced = provision.provision(cluster, force=True)
+    assert {h: r.changed for h, r in forced.hosts.items()} == {"node0": 0, "node1": 0, "storage": 0}
+    assert all(r.ok > 0 for r in forced.hosts.values())
+    # Without --force no phase's inputs changed, so no task runs anywhere.
     again = provision.provision(cluster)
-    assert {h: r.changed for h, r in again.hosts.items()} == {"node0": 0, "node1": 0, "storage": 0}
+    assert all(r.ok == 0 and r.message.startswith("up to date") for r in again.hosts.values())
+
+
+def test_gpu_nodes_fetch_packages_through_the_storage_nodes_cache(cluster, provisioned):
+    storage = cluster.node("storage")
+    cache = f"http://{storage.private_address}:{provision.APT_CACHE_PORT}"
+    assert on(cluster, "node0", "/usr/local/lib/trainrig/apt-proxy").stdout.strip() == cache
+    on(cluster, "node0", "apt-get", "update", "-qq")
+    log = on(cluster, "storage", "cat", "/var/log/apt-cacher-ng/apt-cacher.log").stdout
+    node0 = str(cluster.node("node0").private_address)
+    assert any(f"|{node0}|" in line for line in log.splitlines()), log[-2000:]
+
+
+def test_a_node_without_a_phase_record_runs_that_phase_alone(cluster, provisioned):
+    on(cluster, "node1", "rm", f"{phases.RECORDS}/ssh_mesh")
+    recap = provision.provision(cluster)
+    assert recap.hosts["node0"].message.startswith("up to date")
+    assert recap.hosts["storage"].message.startswith("up to date")
+    assert 0 < recap.hosts["node1"].ok < provisioned.hosts["node1"].ok / 2
+    assert recap.hosts["node1"].changed == 0
+    assert "ssh_mesh" in on(cluster, "node1", "ls", phases.RECORDS).stdout.split()
+
+
+def test_the_drift_check_finds_a_hand_edit_and_force_puts_it_back(cluster, provisioned):
+    hosts = on(cluster, "node0", "cat", "/etc/hosts").stdout
+    # /etc/hosts is bind-mounted into a local node: rewrite it in place.
+    edit = "grep -v ' node1$' /etc/hosts > /tmp/hosts.edited && cat /tmp/hosts.edited > /etc/hosts"
+    on(cluster, "node0", "sh", "-c", edit)
+    try:
+        drift = provision.check_drift(cluster)
+        assert drift == {"node0": ["List every cluster node in /etc/hosts"]}
+        assert " node1\n" not in on(cluster, "node0", "cat", "/etc/hosts").stdout  # check mode changed nothing
+        # The records cannot see a hand edit; the drift check is how it is found.
+        assert provision.provision(cluster).hosts["node0"].ok == 0
+        result = fab("provision", "--name", CLUSTER, "--check-drift")
+        assert result.returncode == 1
+        assert result.stderr.strip().splitlines()[-1] == (
+            f"error: drift on node0 (1 tasks); put it back with: fab provision --name {CLUSTER} --force"
+        )
+    finally:
+        provision.provision(cluster, force=True)
+    assert on(cluster, "node0", "cat", "/etc/hosts").stdout == hosts
+    assert provision.check_drift(cluster) == {}
 
 
 def test_etc_hosts_lists_every_node(cluster, provisioned):
