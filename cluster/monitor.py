@@ -93,7 +93,7 @@ def render(view: RunView) -> Table:
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold")
     table.add_column()
-    color = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(view.state, "cyan")
+    color = {"succeeded": "green", "failed": "red", "stalled": "red", "cancelled": "yellow"}.get(view.state, "cyan")
     table.add_row("run", f"{view.record.id}  [{color}]{view.state}[/]  ({view.record.ranks} ranks)")
     if view.reason and view.state != "succeeded":
         table.add_row("cause", escape(view.reason))

@@ -24,7 +24,8 @@ from infra.models import Strict
 SUPERVISOR = Path(__file__).parent / "remote" / "supervisor.py"
 SAMPLER = Path(__file__).parent / "remote" / "sampler.py"
 SAMPLE_EVERY = 2.0  # seconds between telemetry samples on each node
-FINAL_STATES = {"succeeded", "failed", "cancelled"}
+# Every state the supervisor ends a run with (remote/sampler.py keeps its own copy: it imports nothing).
+FINAL_STATES = {"succeeded", "failed", "cancelled", "stalled"}
 
 
 class RunRecord(Strict):
