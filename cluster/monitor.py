@@ -205,9 +205,7 @@ def monitor(inv: Inventory, record: RunRecord, *, interval: float = 1.0, timeout
                 offset += len(chunk)
                 new = view.feed(chunk)
                 if live:
-                    for host in record.nodes:
-                        path = f"{record.run_dir}/telemetry/{host}.jsonl"
-                        view.feed_telemetry(host, runs.read_from(sftp, path, view.telemetry_offsets.get(host, 0)))
+                    read_telemetry(view, sftp)
                 view.status = runs.read_status(sftp, record) or view.status
                 if live:
                     live.update(render(view))
@@ -229,6 +227,13 @@ def monitor(inv: Inventory, record: RunRecord, *, interval: float = 1.0, timeout
                     raise TrainrigError(f"run {record.id} still {view.state} after {timeout:.0f}s (it keeps running)")
                 time.sleep(interval)
     return view
+
+
+def read_telemetry(view: RunView, sftp) -> None:
+    """Each node's new telemetry lines since the last read; the latest sample per host is what the rows show."""
+    for host in view.record.nodes:
+        path = f"{view.record.run_dir}/telemetry/{host}.jsonl"
+        view.feed_telemetry(host, runs.read_from(sftp, path, view.telemetry_offsets.get(host, 0)))
 
 
 @contextlib.contextmanager
