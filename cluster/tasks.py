@@ -13,6 +13,7 @@ from cluster import jobs, lifecycle, results, runs
 from cluster import monitor as monitor_mod
 from cluster import plot as plot_mod
 from cluster import provision as provision_mod
+from cluster import scaling as scaling_mod
 from infra import inventory as inventory_mod
 from infra import ui
 from infra.errors import TrainrigError
@@ -201,6 +202,29 @@ def plot(c, run=None, name=None, dest="runs", inventory=None):
 
 @task(
     help={
+        "job": "job spec, e.g. training_jobs/dp-mlp.yaml",
+        "nodes": "cluster sizes to run it at, in nodes, e.g. 1,2,4 (default)",
+        "steps": "max_steps of each run (default: the job's)",
+        "name": NAME_HELP,
+        "dest": "local folder (default ./runs)",
+        "inventory": INVENTORY_HELP,
+    }
+)
+@friendly
+def scaling(c, job, nodes="1,2,4", steps=None, name=None, dest="runs", inventory=None):
+    """Run a job at each cluster size in turn; throughput, speed-up and efficiency vs ideal, as a table and a PNG."""
+    sizes = scaling_mod.parse_sizes(str(nodes))
+    spec = jobs.load(job)
+    inv = inventory_mod.require_running(_inventory(c, name, inventory))
+    measured, png = scaling_mod.measure(
+        inv, spec, sizes, steps=int(steps) if steps else None, dest=Path(dest), said=ui.console.print
+    )
+    ui.console.print(scaling_mod.table(spec.spec.name, measured))
+    ui.console.print(f"throughput and efficiency against ideal in {png}")
+
+
+@task(
+    help={
         "name": NAME_HELP,
         "purge": "also delete storage: the shared volume or NFS server, data disks, keys and inventory",
         "stack": "Pulumi stack of a cluster that a stack made (default: the one its inventory names)",
@@ -246,5 +270,5 @@ def demo(c, name="demo", nodes=2, job=None, keep=False):
     demo_mod.demo(name, int(nodes), Path(job) if job else demo_mod.DEFAULT_JOB, keep=keep)
 
 
-namespace = Collection(up, status, provision, train, monitor, logs, cancel, fetch, plot, down, demo, plan)
+namespace = Collection(up, status, provision, train, monitor, logs, cancel, fetch, plot, scaling, down, demo, plan)
 namespace.configure({"trainrig": {"cluster": "dev", "nodes": 2, "data_disk_gb": 2, "stack": None, "inventory": None}})

@@ -11,6 +11,7 @@ python3.
 
 import collections
 import json
+import math
 import os
 import re
 import signal
@@ -89,9 +90,12 @@ def parse_metrics(line, patterns):
         return None
     for name in ("loss", "throughput"):
         try:
-            record[name] = float(found[name])
+            value = float(found[name])
         except (KeyError, ValueError):
-            pass
+            continue
+        # A loss may diverge to nan or inf and says so; an infinite rate is only a number misread.
+        if name == "loss" or math.isfinite(value):
+            record[name] = value
     return record
 
 

@@ -24,6 +24,8 @@ def test_parse_metrics_with_default_patterns():
         "throughput": 1234.5,
     }
     assert supervisor.parse_metrics("final loss 0.1\n", patterns) is None
+    assert supervisor.parse_metrics("step 2 loss nope samples/s 1e999x\n", patterns) == {"step": 2}
+    assert supervisor.parse_metrics("step 3 loss nan samples/s 12\n", patterns)["loss"] != 0  # nan: diverged
 
 
 def run_supervised(tmp_path, script: str, env=None, **run):

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,9 +29,9 @@ def on(inv, name, *argv, check=True):
         return ssh.run(conn, list(argv), check=check, timeout=120)
 
 
-def fab(*args):
+def fab(*args, timeout=300):
     return subprocess.run(
-        [str(FAB), *args], cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=300
+        [str(FAB), *args], cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -245,6 +246,82 @@ def test_a_frozen_node_fails_the_run_naming_it_and_no_rank_is_left(cluster, prov
     runs.cancel(cluster, record)  # node1 is back: its container goes too
     for node in ("node0", "node1"):
         assert containers_of(cluster, record, node) == "", f"container left on {node}"
+
+
+@pytest.mark.kills_a_node  # run last: a killed local node cannot come back on its old address and port
+def test_a_killed_node_fails_the_run_naming_it_and_no_rank_is_left(cluster, provisioned, tmp_path):
+    health = {"node_check_every": 3, "stall_timeout": 30, "startup_grace": 120}
+    record = runs.launch(cluster, jobs.load(job_file(tmp_path, name="killed", max_steps=1_000_000, health=health)))
+    with pytest.raises(TrainrigError, match="still running"):
+        monitor.monitor(cluster, record, timeout=5)  # training: steps arrive
+    node1 = f"trainrig-{cluster.cluster}-node1"
+    subprocess.run(["docker", "kill", node1], check=True, capture_output=True)
+    killed_at = time.monotonic()
+    survivors = cluster.model_copy(update={"nodes": [cluster.node("node0"), cluster.node("storage")]})
+    view = monitor.monitor(survivors, record, timeout=120)
+    detected = time.monotonic() - killed_at
+    # Named by the supervisor's own check of the node, or by Open MPI's report of its lost daemon.
+    assert view.state == "failed", view.status
+    assert re.fullmatch(r"node1 (unreachable since \d\d:\d\d:\d\d|lost: its MPI daemon .*)", view.reason), view.reason
+    assert detected < health["node_check_every"] * 2 + 30, detected
+    # No rank is left: none on node0, and node1 is off.
+    assert containers_of(survivors, record, "node0") == ""
+    assert on(survivors, "node0", "pgrep", "-f", "train.py", check=False).exited == 1
+    running = subprocess.run(["docker", "inspect", "-f", "{{.State.Running}}", node1], capture_output=True, text=True)
+    assert running.stdout.strip() == "false"
+    # The operator's commands say the node is gone in one line, and cancel clears what answers.
+    result = fab("cancel", "--run", record.id, "--name", cluster.cluster)
+    assert "Traceback" not in result.stderr and "node1" in result.stdout + result.stderr
+
+
+def test_garbage_in_a_metrics_line_does_not_end_the_run(cluster, provisioned, tmp_path):
+    lines = ["step 1 loss 1.5", "step 8: loss estimate 3", "step 2 loss nope samples/s 1e999x", "step 3 loss 0.5"]
+    job = job_file(
+        tmp_path,
+        name="garbage",
+        nodes=1,
+        gpus_per_node=1,
+        max_steps=3,
+        command=["python3", "-c", "\n".join(f"print({line!r}, flush=True)" for line in lines)],
+    )
+    result = fab("train", "--job", str(job), "--name", cluster.cluster, "--follow")
+    assert result.returncode == 0, result.stderr
+    record = runs.records(cluster.cluster)[-1]
+    metrics = [
+        json.loads(line)
+        for line in on(cluster, "storage", "cat", f"{record.run_dir}/metrics.jsonl").stdout.splitlines()
+    ]
+    assert [(m["step"], m.get("loss")) for m in metrics] == [(1, 1.5), (8, None), (2, None), (3, 0.5)]
+    assert not [m for m in metrics if "throughput" in m]  # "1e999x" is no rate
+
+
+def test_scaling_runs_each_size_in_turn_against_ideal(cluster, provisioned, tmp_path):
+    job = job_file(tmp_path, name="scaling")
+    dest = tmp_path / "runs"
+    result = fab(
+        "scaling",
+        "--job",
+        str(job),
+        "--nodes",
+        "1,2",
+        "--steps",
+        "60",
+        "--name",
+        cluster.cluster,
+        "--dest",
+        str(dest),
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "speed-up" in result.stdout and "efficiency" in result.stdout
+    (png,) = (dest / cluster.cluster).glob("scaling-scaling-*.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(png.with_suffix(".json").read_text())
+    assert [(d["nodes"], d["ranks"], d["unit"]) for d in data] == [(1, 2, "samples/s"), (2, 4, "samples/s")]
+    assert all(d["throughput"] > 0 for d in data) and data[0]["efficiency"] == 1.0
+    # One run per size, each finished, in order.
+    sized = [r for r in runs.records(cluster.cluster) if r.job == "scaling"]
+    assert [len(r.nodes) for r in sized] == [1, 2] and [r.id for r in sized] == [d["run_id"] for d in data]
 
 
 def test_failing_job_fails_the_monitor(cluster, provisioned, tmp_path):
