@@ -21,7 +21,18 @@ from infra.errors import TrainrigError
 from infra.inventory import Inventory
 from infra.models import Strict, first_error
 
-PLACEHOLDERS = {"run_dir", "code_dir", "checkpoint_dir", "max_steps", "data_dir", "scratch_dir", "resume_from"}
+PLACEHOLDERS = {
+    "run_dir",
+    "code_dir",
+    "checkpoint_dir",
+    "max_steps",
+    "data_dir",
+    "scratch_dir",
+    "resume_from",
+    "tensorboard_dir",
+}
+# What tensorboard.command may name: the event files, and where the server listens on the first node.
+TENSORBOARD_PLACEHOLDERS = {"tensorboard_dir", "host", "port"}
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Names trainrig sets itself, or that Open MPI and PMIx read to wire ranks together.
 RESERVED_ENV = re.compile(r"^(TRAINRIG_|OMPI_|PMIX_|PRTE_|OPAL_)")
@@ -128,6 +139,43 @@ class Health(Strict):
     node_check_every: int = Field(default=10, ge=2, le=300, description="seconds between checks of every node")
 
 
+def _inside_run_dir(value: str) -> str:
+    if PurePosixPath(value).is_absolute() or ".." in PurePosixPath(value).parts:
+        raise ValueError("must be a path inside the run directory (relative, no '..')")
+    return value
+
+
+class TensorBoard(Strict):
+    """Where the job writes TensorBoard event files, and the command in its image that serves them (fab tensorboard).
+
+    The server runs in the job's image on the first node of the run and must listen on {host}
+    (127.0.0.1) at {port}: fab tensorboard reaches it through an SSH tunnel and refuses one
+    that listens on any other address.
+    """
+
+    logdir: str = Field(default="tensorboard", description="inside the run directory; {tensorboard_dir} in command")
+    command: list[str] = Field(
+        default=["tensorboard", "--logdir", "{tensorboard_dir}", "--host", "{host}", "--port", "{port}"],
+        min_length=1,
+    )
+
+    @field_validator("logdir")
+    @classmethod
+    def _relative(cls, value: str) -> str:
+        return _inside_run_dir(value)
+
+    @field_validator("command")
+    @classmethod
+    def _serves_on_the_port(cls, command: list[str]) -> list[str]:
+        named = {f for arg in command for _, f, _, _ in string.Formatter().parse(arg) if f is not None}
+        unknown = named - TENSORBOARD_PLACEHOLDERS
+        if unknown:
+            raise ValueError(f"unknown placeholder {{{sorted(unknown)[0]}}}; use {sorted(TENSORBOARD_PLACEHOLDERS)}")
+        if not {"host", "port"} <= named:
+            raise ValueError("must listen on {host} and {port}, which fab tensorboard picks")
+        return command
+
+
 class JobSpec(Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,39}$")
     description: str = ""
@@ -145,6 +193,7 @@ class JobSpec(Strict):
     max_steps: int | None = Field(default=None, ge=1)
     checkpoint_dir: str = "checkpoints"
     metrics: MetricPatterns = MetricPatterns()
+    tensorboard: TensorBoard | None = Field(default=None, description="event files and their server (fab tensorboard)")
 
     @field_validator("env")
     @classmethod
@@ -164,9 +213,7 @@ class JobSpec(Strict):
     @field_validator("checkpoint_dir")
     @classmethod
     def _relative(cls, value: str) -> str:
-        if PurePosixPath(value).is_absolute() or ".." in PurePosixPath(value).parts:
-            raise ValueError("must be a path inside the run directory (relative, no '..')")
-        return value
+        return _inside_run_dir(value)
 
     @field_validator("command")
     @classmethod

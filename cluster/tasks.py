@@ -14,6 +14,7 @@ from cluster import monitor as monitor_mod
 from cluster import plot as plot_mod
 from cluster import provision as provision_mod
 from cluster import scaling as scaling_mod
+from cluster import tensorboard as tensorboard_mod
 from infra import inventory as inventory_mod
 from infra import ui
 from infra.errors import TrainrigError
@@ -202,6 +203,27 @@ def plot(c, run=None, name=None, dest="runs", inventory=None):
 
 @task(
     help={
+        "run": "run id or prefix (default: the latest)",
+        "name": NAME_HELP,
+        "port": "port on 127.0.0.1 of this machine to open TensorBoard at (default 6006)",
+        "inventory": INVENTORY_HELP,
+    }
+)
+@friendly
+def tensorboard(c, run=None, name=None, port=6006, inventory=None):
+    """TensorBoard of a run, served on its first node and tunnelled over SSH to 127.0.0.1 here; Ctrl-C closes it."""
+    inv = inventory_mod.require_running(_inventory(c, name, inventory))
+    record = runs.find(inv.cluster, run)
+    try:
+        with tensorboard_mod.serving(inv, record, int(port)) as served:
+            ui.console.print(f"TensorBoard of {record.id} at {served.url} (served on {served.node}; Ctrl-C closes it)")
+            served.wait()
+    except KeyboardInterrupt:
+        ui.console.print("TensorBoard closed")
+
+
+@task(
+    help={
         "job": "job spec, e.g. training_jobs/dp-mlp.yaml",
         "nodes": "cluster sizes to run it at, in nodes, e.g. 1,2,4 (default)",
         "steps": "max_steps of each run (default: the job's)",
@@ -270,5 +292,7 @@ def demo(c, name="demo", nodes=2, job=None, keep=False):
     demo_mod.demo(name, int(nodes), Path(job) if job else demo_mod.DEFAULT_JOB, keep=keep)
 
 
-namespace = Collection(up, status, provision, train, monitor, logs, cancel, fetch, plot, scaling, down, demo, plan)
+namespace = Collection(
+    up, status, provision, train, monitor, logs, cancel, fetch, plot, tensorboard, scaling, down, demo, plan
+)
 namespace.configure({"trainrig": {"cluster": "dev", "nodes": 2, "data_disk_gb": 2, "stack": None, "inventory": None}})

@@ -22,6 +22,7 @@ TASKS = [
     "provision",
     "scaling",
     "status",
+    "tensorboard",
     "train",
     "up",
 ]
