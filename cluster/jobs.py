@@ -43,16 +43,35 @@ MAX_CODE_BYTES = 200 * 1024**2
 SIZE = r"^[0-9]+[kmgKMG]?$"
 
 
+EXTRA_METRIC = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
+
+
 class MetricPatterns(Strict):
-    """Regexes with one named group each, matched against every log line of the run."""
+    """Regexes with one named group each, matched against every log line of the run.
+
+    Beyond step, loss and throughput a job may name metrics of its own (`bleu: 'BLEU (?P<bleu>[0-9.]+)'`):
+    each is a number in metrics.jsonl and a row of `fab monitor`.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
 
     step: str = r"\bstep (?P<step>\d+)"
     loss: str = r"\bloss (?P<loss>[-+0-9.eE]+|nan|inf)"
     throughput: str = r"\bsamples/s (?P<throughput>[-+0-9.eE]+)"
 
+    @property
+    def extra(self) -> list[str]:
+        """The names of the job's own metrics, in the order the spec gives them."""
+        return list(self.model_extra or {})
+
     @model_validator(mode="after")
     def _compiles_with_group(self) -> MetricPatterns:
-        for name in ("step", "loss", "throughput"):
+        for name in self.extra:
+            if not EXTRA_METRIC.match(name) or name == "time":
+                raise ValueError(f"metrics.{name}: a metric's name is lowercase letters, digits and '_' (not 'time')")
+            if not isinstance((self.model_extra or {})[name], str):
+                raise ValueError(f"metrics.{name}: give a regex with a named group (?P<{name}>...)")
+        for name in ("step", "loss", "throughput", *self.extra):
             pattern = getattr(self, name)
             try:
                 compiled = re.compile(pattern)

@@ -7,6 +7,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from cluster import monitor
 from cluster.monitor import RunView, sparkline
 from cluster.runs import RunRecord
@@ -80,3 +82,18 @@ def test_logs_follow_ends_on_a_stalled_run(ssh_cluster):
     started = time.monotonic()
     monitor.logs(cluster.inv, rec, follow=True, interval=0.1, out=out)
     assert out.getvalue() == "step 1 loss 2.0\n" and time.monotonic() - started < 15
+
+
+def test_eta_from_the_recent_pace_and_the_jobs_own_metrics():
+    view = RunView(RECORD, status={"state": "running", "started_at": 0})
+    assert view.eta() is None  # no pace yet
+    view.metrics = [{"step": s, "loss": 1.0, "time": s / 2} for s in range(10, 60, 10)]  # 2 steps/s
+    view.metrics.insert(2, {"step": 20, "bleu": 21.5, "time": 10.5})
+    assert view.eta() == pytest.approx((100 - 50) / 2)
+    assert view.own_metrics() == {"bleu": (21.5, 20)}
+    rows = dict(zip(*[column._cells for column in monitor.render(view).columns], strict=True))
+    assert rows["ETA"] == "0m25s" and rows["bleu"] == "21.5  (step 20)"
+    assert monitor.plain_line(view, view.metrics[2]).endswith("step 20/100  bleu 21.5")
+    view.status = {"state": "succeeded", "started_at": 0, "ended_at": 30}
+    assert view.eta() is None and "ETA" not in dict(zip(*[c._cells for c in monitor.render(view).columns], strict=True))
+    assert monitor.duration(3 * 3600 + 125) == "3h02m"

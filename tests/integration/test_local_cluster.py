@@ -8,13 +8,14 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from cluster import jobs, lifecycle, monitor, provision, results, runs
+from cluster import jobs, lifecycle, monitor, provision, results, runs, tensorboard
 from infra import clouds, inventory, keys, ssh
 from infra.errors import TrainrigError
 from tests.integration.conftest import CLUSTER
@@ -322,6 +323,59 @@ def test_scaling_runs_each_size_in_turn_against_ideal(cluster, provisioned, tmp_
     # One run per size, each finished, in order.
     sized = [r for r in runs.records(cluster.cluster) if r.job == "scaling"]
     assert [len(r.nodes) for r in sized] == [1, 2] and [r.id for r in sized] == [d["run_id"] for d in data]
+
+
+def test_tensorboard_answers_on_loopback_only_through_the_tunnel(cluster, provisioned, tmp_path):
+    # The demo image has no TensorBoard (it would add hundreds of MB): Python's own HTTP server stands in
+    # for it over the same log folder, started by the same tensorboard.command mechanism.
+    write = (
+        "import os, sys; os.makedirs(sys.argv[1], exist_ok=True); "
+        "open(os.path.join(sys.argv[1], 'events.out.tfevents.1'), 'w').write('an event'); "
+        "print('step 1 loss 1', flush=True)"
+    )
+    server = ["python3", "-m", "http.server", "--bind", "{host}", "--directory", "{tensorboard_dir}", "{port}"]
+    job = job_file(
+        tmp_path,
+        name="board",
+        nodes=1,
+        gpus_per_node=1,
+        max_steps=1,
+        command=["python3", "-c", write, "{tensorboard_dir}"],
+        tensorboard={"logdir": "tb", "command": server},
+    )
+    assert fab("train", "--job", str(job), "--name", cluster.cluster, "--follow").returncode == 0
+    record = runs.records(cluster.cluster)[-1]
+    probe = "import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)"
+    with tensorboard.serving(cluster, record, 0) as served:
+        with urllib.request.urlopen(served.url + "events.out.tfevents.1", timeout=30) as answer:
+            assert answer.read() == b"an event"
+        # Only loopback listens, on node0 and here: another node cannot reach it, nor can any other address here.
+        node0 = str(cluster.node("node0").private_address)
+        assert on(cluster, "node0", "python3", "-c", probe, "127.0.0.1", str(served.node_port)).exited == 0
+        assert on(cluster, "node1", "python3", "-c", probe, node0, str(served.node_port), check=False).exited != 0
+        assert on(cluster, "node0", "python3", "-c", probe, node0, str(served.node_port), check=False).exited != 0
+        here = subprocess.run(
+            [sys.executable, "-c", tensorboard.LISTENERS, str(served.local_port)], capture_output=True
+        )
+        assert here.stdout.split() == [b"0100007F"]
+    left = on(cluster, "node0", "docker", "ps", "-aq", "--filter", f"label=trainrig.tensorboard={record.id}")
+    assert left.stdout.strip() == ""
+    # The same run with the stock TensorBoard command: the demo image lacks it, and says so in one line.
+    spec = yaml.safe_load(job.read_text())
+    spec["tensorboard"] = {"logdir": "tb"}
+    on(
+        cluster,
+        "storage",
+        "sh",
+        "-c",
+        'printf "%s" "$1" > "$2"',
+        "-",
+        yaml.safe_dump(spec),
+        f"{record.run_dir}/job.yaml",
+    )
+    refused = fab("tensorboard", "--run", record.id, "--name", cluster.cluster, "--port", "0")
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "image has no tensorboard on its PATH" in refused.stderr
 
 
 def test_failing_job_fails_the_monitor(cluster, provisioned, tmp_path):
