@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import matplotlib.image
+
 from cluster import plot
 from cluster.monitor import host_table
 from cluster.remote import sampler
@@ -54,7 +56,16 @@ def test_telemetry_panels_are_a_real_png(tmp_path):
         (folder / f"{host}.jsonl").write_text("\n".join(lines) + '\n{"time": 10')  # a line cut mid-copy
     out = plot.plot_telemetry(tmp_path, "job: run")
     assert out == tmp_path / "telemetry.png" and out.read_bytes()[:4] == b"\x89PNG"
+    height, width, _ = matplotlib.image.imread(out).shape
+    assert (width, height) == (880, 770)  # the three panels at 8 x 7 inches, 110 dpi
     assert plot.plot_telemetry(tmp_path / "nothing", "x") is None
+    # The panels: GPU use, CPU and NIC per host over time, a line per host in each.
+    gpu_ax, cpu_ax, nic_ax = plot.telemetry_figure(plot.read_telemetry(folder), "job: run").axes
+    assert [ax.get_ylabel() for ax in (gpu_ax, cpu_ax, nic_ax)] == ["GPU use % (mean)", "CPU %", "NIC MB/s (in + out)"]
+    for ax, node0, node1 in ((gpu_ax, 80.0, 40.0), (cpu_ax, 80.0, 40.0), (nic_ax, 9.0, 9.0)):
+        assert [line.get_label() for line in ax.get_lines()] == ["node0", "node1"]
+        assert [list(line.get_ydata()) for line in ax.get_lines()] == [[node0] * 5, [node1] * 5]
+    assert list(gpu_ax.get_lines()[0].get_xdata()) == [0, 1, 2, 3, 4]  # seconds since the first sample
 
 
 def test_monitor_rows_per_host():

@@ -166,6 +166,7 @@ def test_cli_status_logs_plot_and_monitor(cluster, finished_run, tmp_path):
     curves = fab("plot", "--run", record.id, "--name", cluster.cluster, "--dest", str(tmp_path))
     assert curves.returncode == 0, curves.stderr
     assert (tmp_path / cluster.cluster / record.id / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / cluster.cluster / record.id / "telemetry.png").read_bytes()[:4] == b"\x89PNG"
     watched = fab("monitor", "--name", cluster.cluster)
     assert watched.returncode == 0 and f"run {record.id} succeeded" in watched.stdout
 
