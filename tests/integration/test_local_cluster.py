@@ -276,6 +276,28 @@ def test_a_killed_node_fails_the_run_naming_it_and_no_rank_is_left(cluster, prov
     assert "Traceback" not in result.stderr and "node1" in result.stdout + result.stderr
 
 
+def test_a_stalled_run_is_final_everywhere_and_leaves_no_rank(cluster, provisioned, tmp_path):
+    health = {"stall_timeout": 10, "startup_grace": 0, "node_check_every": 5}
+    hang = "import time; print('step 1 loss 1.0', flush=True); time.sleep(3600)"
+    job = job_file(tmp_path, name="stalls", max_steps=100, health=health, command=["python3", "-c", hang])
+    started = time.monotonic()
+    watched = fab("train", "--job", str(job), "--name", cluster.cluster, "--follow")
+    record = runs.records(cluster.cluster)[-1]
+    # fab monitor ends on it, with the cause in its last line, and fails.
+    assert watched.returncode == 1, watched.stderr
+    assert re.search(r"stalled after [0-9.]+s, .*\(no new step for 10s \(last: step 1 at ", watched.stderr)
+    assert time.monotonic() - started < 240
+    # logs --follow ends too, and cancel stops nothing more.
+    logs = fab("logs", "--run", record.id, "--name", cluster.cluster, "--follow", timeout=60)
+    assert logs.returncode == 0 and "step 1 loss 1.0" in logs.stdout
+    cancelled = fab("cancel", "--run", record.id, "--name", cluster.cluster, timeout=120)
+    assert cancelled.returncode == 0 and f"run {record.id} stalled" in cancelled.stdout, cancelled.stderr
+    for node in ("node0", "node1"):
+        assert containers_of(cluster, record, node) == "", f"container left on {node}"
+        assert on(cluster, node, "pgrep", "-f", "time.sleep", check=False).exited == 1, f"rank left on {node}"
+        assert on(cluster, node, "systemctl", "is-active", record.sampler_unit, check=False).exited != 0
+
+
 def test_garbage_in_a_metrics_line_does_not_end_the_run(cluster, provisioned, tmp_path):
     lines = ["step 1 loss 1.5", "step 8: loss estimate 3", "step 2 loss nope samples/s 1e999x", "step 3 loss 0.5"]
     job = job_file(
