@@ -8,6 +8,8 @@ readiness wait, the loopback-only check and the clean-up are the real ones.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -151,3 +153,37 @@ def test_a_local_port_in_use_is_one_line(ssh_cluster, tmp_path):
         with refused, tensorboard.serving(cluster.inv, record, port):
             pass
     assert not any(server.connections for server in cluster.servers.values())  # refused before reaching the node
+
+
+def test_fab_tensorboard_serves_until_ctrl_c(ssh_cluster, tmp_path):
+    from cluster import runs
+    from infra import inventory
+    from tests.sshd import free_port
+
+    cluster, record, state = a_run(ssh_cluster, tmp_path, {"logdir": "tb", "command": HTTP_SERVER})
+    inventory.save(cluster.inv)
+    runs._remember(cluster.inv.cluster, record)
+    port = free_port()
+    fab = Path(sys.executable).parent / "fab"
+    proc = subprocess.Popen(
+        [str(fab), "tensorboard", "--name", "unit", "--port", str(port)],
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},  # the line unwrapped
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert f"TensorBoard of tb-1 at http://127.0.0.1:{port}/ (served on node0; Ctrl-C closes it)" in line
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/events.out.tfevents.1", timeout=10) as answer:
+            assert answer.read() == b"an event file\n"
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "TensorBoard closed" in out and "Traceback" not in err
+    started = next(c for c in docker_calls(state) if c[:2] == ["run", "-d"])
+    assert ["rm", "-f", started[started.index("--name") + 1]] in docker_calls(state)
+    assert listeners(port) == [] and listeners(int(started[-1])) == []
