@@ -42,6 +42,18 @@ def friendly(body):
     return wrapper
 
 
+def _whole(flag: str, value, low: int, high: int | None = None) -> int:
+    """A flag's whole number within bounds, or a one-line error naming the flag."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number < low or (high is not None and number > high):
+        bounds = f"from {low} to {high}" if high is not None else f"of at least {low}"
+        raise TrainrigError(f"--{flag} {value!r}: give a whole number {bounds}")
+    return number
+
+
 def _name(c, name: str | None) -> str:
     return name or c.config.trainrig.cluster
 
@@ -210,12 +222,14 @@ def plot(c, run=None, name=None, dest="runs", inventory=None):
     }
 )
 @friendly
-def tensorboard(c, run=None, name=None, port=6006, inventory=None):
+def tensorboard(c, run=None, name=None, port=None, inventory=None):
     """TensorBoard of a run, served on its first node and tunnelled over SSH to 127.0.0.1 here; Ctrl-C closes it."""
+    # No int default: invoke would convert the flag itself and a typo would end in its traceback.
+    local_port = _whole("port", port, 0, 65535) if port is not None else tensorboard_mod.DEFAULT_PORT
     inv = inventory_mod.require_running(_inventory(c, name, inventory))
     record = runs.find(inv.cluster, run)
     try:
-        with tensorboard_mod.serving(inv, record, int(port)) as served:
+        with tensorboard_mod.serving(inv, record, local_port) as served:
             ui.console.print(f"TensorBoard of {record.id} at {served.url} (served on {served.node}; Ctrl-C closes it)")
             served.wait()
     except KeyboardInterrupt:
@@ -236,11 +250,10 @@ def tensorboard(c, run=None, name=None, port=6006, inventory=None):
 def scaling(c, job, nodes="1,2,4", steps=None, name=None, dest="runs", inventory=None):
     """Run a job at each cluster size in turn; throughput, speed-up and efficiency vs ideal, as a table and a PNG."""
     sizes = scaling_mod.parse_sizes(str(nodes))
+    max_steps = _whole("steps", steps, 1) if steps is not None else None
     spec = jobs.load(job)
     inv = inventory_mod.require_running(_inventory(c, name, inventory))
-    measured, png = scaling_mod.measure(
-        inv, spec, sizes, steps=int(steps) if steps else None, dest=Path(dest), said=ui.console.print
-    )
+    measured, png = scaling_mod.measure(inv, spec, sizes, steps=max_steps, dest=Path(dest), said=ui.console.print)
     ui.console.print(scaling_mod.table(spec.spec.name, measured))
     ui.console.print(f"throughput and efficiency against ideal in {png}")
 

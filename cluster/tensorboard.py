@@ -28,6 +28,7 @@ from infra.inventory import Inventory
 from infra.models import first_error
 
 HOST = "127.0.0.1"
+DEFAULT_PORT = 6006  # TensorBoard's own
 READY_TIMEOUT = 120  # TensorBoard reads every event file before it answers
 # On the node: a free port on loopback, and the addresses that listen on a given TCP port.
 FREE_PORT = "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"
@@ -86,7 +87,7 @@ class Served:
 
 
 @contextlib.contextmanager
-def serving(inv: Inventory, record: RunRecord, local_port: int = 6006) -> Iterator[Served]:
+def serving(inv: Inventory, record: RunRecord, local_port: int = DEFAULT_PORT) -> Iterator[Served]:
     """Start TensorBoard for a run and tunnel 127.0.0.1:local_port to it until the block ends (0: any free port)."""
     if record.node not in {n.name for n in inv.nodes}:
         raise TrainrigError(f"{record.node}, the first node of run {record.id}, is not up; TensorBoard runs there")

@@ -73,6 +73,8 @@ def test_every_flag_has_help(tmp_path):
         (["provision", "--name", "ghost"], "create it with: fab up --name ghost"),
         (["scaling", "--job", "training_jobs/dp-mlp.yaml", "--nodes", "2,1"], "--nodes '2,1': give increasing"),
         (["scaling", "--job", "training_jobs/dp-mlp.yaml", "--nodes", "one"], "--nodes 'one': give node counts"),
+        (["scaling", "--job", "training_jobs/dp-mlp.yaml", "--steps", "0"], "--steps '0': give a whole number of at"),
+        (["tensorboard", "--port", "http"], "--port 'http': give a whole number from 0 to 65535"),
     ],
 )
 def test_bad_input(tmp_path, args, text):
