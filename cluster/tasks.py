@@ -13,6 +13,8 @@ from cluster import jobs, lifecycle, results, runs
 from cluster import monitor as monitor_mod
 from cluster import plot as plot_mod
 from cluster import provision as provision_mod
+from cluster import scaling as scaling_mod
+from cluster import tensorboard as tensorboard_mod
 from infra import inventory as inventory_mod
 from infra import ui
 from infra.errors import TrainrigError
@@ -38,6 +40,18 @@ def friendly(body):
             raise Exit("interrupted", code=130) from None
 
     return wrapper
+
+
+def _whole(flag: str, value, low: int, high: int | None = None) -> int:
+    """A flag's whole number within bounds, or a one-line error naming the flag."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number < low or (high is not None and number > high):
+        bounds = f"from {low} to {high}" if high is not None else f"of at least {low}"
+        raise TrainrigError(f"--{flag} {value!r}: give a whole number {bounds}")
+    return number
 
 
 def _name(c, name: str | None) -> str:
@@ -214,6 +228,51 @@ def plot(c, run=None, name=None, dest="runs", inventory=None):
 
 @task(
     help={
+        "run": "run id or prefix (default: the latest)",
+        "name": NAME_HELP,
+        "port": "port on 127.0.0.1 of this machine to open TensorBoard at (default 6006)",
+        "inventory": INVENTORY_HELP,
+    }
+)
+@friendly
+def tensorboard(c, run=None, name=None, port=None, inventory=None):
+    """TensorBoard of a run, served on its first node and tunnelled over SSH to 127.0.0.1 here; Ctrl-C closes it."""
+    # No int default: invoke would convert the flag itself and a typo would end in its traceback.
+    local_port = _whole("port", port, 0, 65535) if port is not None else tensorboard_mod.DEFAULT_PORT
+    inv = inventory_mod.require_running(_inventory(c, name, inventory))
+    record = runs.find(inv.cluster, run)
+    try:
+        with tensorboard_mod.serving(inv, record, local_port) as served:
+            ui.console.print(f"TensorBoard of {record.id} at {served.url} (served on {served.node}; Ctrl-C closes it)")
+            served.wait()
+    except KeyboardInterrupt:
+        ui.console.print("TensorBoard closed")
+
+
+@task(
+    help={
+        "job": "job spec, e.g. training_jobs/dp-mlp.yaml",
+        "nodes": "cluster sizes to run it at, in nodes, e.g. 1,2,4 (default)",
+        "steps": "max_steps of each run (default: the job's)",
+        "name": NAME_HELP,
+        "dest": "local folder (default ./runs)",
+        "inventory": INVENTORY_HELP,
+    }
+)
+@friendly
+def scaling(c, job, nodes="1,2,4", steps=None, name=None, dest="runs", inventory=None):
+    """Run a job at each cluster size in turn; throughput, speed-up and efficiency vs ideal, as a table and a PNG."""
+    sizes = scaling_mod.parse_sizes(str(nodes))
+    max_steps = _whole("steps", steps, 1) if steps is not None else None
+    spec = jobs.load(job)
+    inv = inventory_mod.require_running(_inventory(c, name, inventory))
+    measured, png = scaling_mod.measure(inv, spec, sizes, steps=max_steps, dest=Path(dest), said=ui.console.print)
+    ui.console.print(scaling_mod.table(spec.spec.name, measured))
+    ui.console.print(f"throughput and efficiency against ideal in {png}")
+
+
+@task(
+    help={
         "name": NAME_HELP,
         "purge": "also delete storage: the shared volume or NFS server, data disks, keys and inventory",
         "stack": "Pulumi stack of a cluster that a stack made (default: the one its inventory names)",
@@ -259,5 +318,7 @@ def demo(c, name="demo", nodes=2, job=None, keep=False):
     demo_mod.demo(name, int(nodes), Path(job) if job else demo_mod.DEFAULT_JOB, keep=keep)
 
 
-namespace = Collection(up, status, provision, train, monitor, logs, cancel, fetch, plot, down, demo, plan)
+namespace = Collection(
+    up, status, provision, train, monitor, logs, cancel, fetch, plot, tensorboard, scaling, down, demo, plan
+)
 namespace.configure({"trainrig": {"cluster": "dev", "nodes": 2, "data_disk_gb": 2, "stack": None, "inventory": None}})

@@ -10,7 +10,22 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FAB = Path(sys.executable).parent / "fab"
-TASKS = ["cancel", "demo", "down", "fetch", "logs", "monitor", "plan", "plot", "provision", "status", "train", "up"]
+TASKS = [
+    "cancel",
+    "demo",
+    "down",
+    "fetch",
+    "logs",
+    "monitor",
+    "plan",
+    "plot",
+    "provision",
+    "scaling",
+    "status",
+    "tensorboard",
+    "train",
+    "up",
+]
 
 
 def fab(*args, home: Path, path: str | None = None):
@@ -56,6 +71,10 @@ def test_every_flag_has_help(tmp_path):
         (["monitor", "--name", "Bad_Name"], "cluster name 'Bad_Name' is invalid"),
         (["up", "--nodes", "0"], "--nodes 0: Input should be greater than or equal to 1"),
         (["provision", "--name", "ghost"], "create it with: fab up --name ghost"),
+        (["scaling", "--job", "training_jobs/dp-mlp.yaml", "--nodes", "2,1"], "--nodes '2,1': give increasing"),
+        (["scaling", "--job", "training_jobs/dp-mlp.yaml", "--nodes", "one"], "--nodes 'one': give node counts"),
+        (["scaling", "--job", "training_jobs/dp-mlp.yaml", "--steps", "0"], "--steps '0': give a whole number of at"),
+        (["tensorboard", "--port", "http"], "--port 'http': give a whole number from 0 to 65535"),
     ],
 )
 def test_bad_input(tmp_path, args, text):
