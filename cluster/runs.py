@@ -24,7 +24,7 @@ from infra.models import Strict
 SUPERVISOR = Path(__file__).parent / "remote" / "supervisor.py"
 SAMPLER = Path(__file__).parent / "remote" / "sampler.py"
 SAMPLE_EVERY = 2.0  # seconds between telemetry samples on each node
-FINAL_STATES = {"succeeded", "failed", "cancelled"}
+FINAL_STATES = {"succeeded", "failed", "stalled", "cancelled"}
 
 
 class RunRecord(Strict):

@@ -8,6 +8,7 @@ from pathlib import Path
 from invoke import Collection, task
 from invoke.exceptions import Exit
 
+from cluster import deadman as deadman_mod
 from cluster import demo as demo_mod
 from cluster import jobs, lifecycle, results, runs
 from cluster import monitor as monitor_mod
@@ -69,6 +70,13 @@ def status(c, name=None, inventory=None):
     ui.console.print(lifecycle.status_table(inv))
     if not inv.running:
         ui.console.print(f"no nodes running; start them with: fab up --name {inv.cluster}")
+        return
+    record = deadman_mod.teardown_record(inv)
+    if record:
+        ui.console.print(deadman_mod.describe_record(record))
+    armed = deadman_mod.saved(inv.cluster)
+    if armed.armed and not record:
+        ui.console.print(f"dead-man switch on {deadman_mod.host_of(inv).name}: {armed.describe()}")
 
 
 @task(
@@ -93,15 +101,25 @@ def provision(c, name=None, tags=None, retry_failed=False, playbook="site.yml", 
         "follow": "monitor the run until it ends (exit status = the run's)",
         "inventory": INVENTORY_HELP,
         "resume": "continue from the last checkpoint of this run (id or prefix), as a new run that records it",
+        "down_after": "when the run ends, however it ends, the cluster powers its GPU nodes off; storage stays",
+        "grace": "with --down-after: wait this long after the run ends first (90s, 5m, 2h; default 0s)",
     }
 )
 @friendly
-def train(c, job, name=None, follow=False, inventory=None, resume=None):
+def train(c, job, name=None, follow=False, inventory=None, resume=None, down_after=False, grace=None):
     """Launch a training job across the cluster, detached; prints the run id."""
     spec = jobs.load(job)
+    if grace is not None and not down_after:
+        raise TrainrigError("--grace goes with --down-after")
+    grace_s = deadman_mod.parse_duration(grace or "0s", "--grace")
     inv = inventory_mod.require_running(_inventory(c, name, inventory))
+    if down_after:
+        deadman_mod.require_verifiable(inv)
     record = runs.launch(inv, spec, resume=runs.find(inv.cluster, resume) if resume else None)
     ui.console.print(f"started run [bold]{record.id}[/] ({record.ranks} ranks) in {record.run_dir}")
+    if down_after:
+        armed = deadman_mod.arm(inv, deadman_mod.with_run(inv, record.id, record.run_dir, grace_s))
+        ui.console.print(f"dead-man switch on {deadman_mod.host_of(inv).name}: {armed.describe()}")
     if follow:
         _follow(inv, record)
     else:
@@ -223,6 +241,34 @@ def down(c, name=None, purge=False, stack=None):
     ui.console.print(f"remove storage too with: fab down --name {cluster} --purge")
 
 
+@task(
+    help={
+        "name": NAME_HELP,
+        "idle": "power the GPU nodes off when no run has gone on for this long (90s, 5m, 2h)",
+        "stall": "power them off when a run has logged no new step for this long",
+        "hard_limit": "power them off once the compute has been up this long, whatever it does",
+        "off": "disarm the switch",
+        "inventory": INVENTORY_HELP,
+    }
+)
+@friendly
+def deadman(c, name=None, idle=None, stall=None, hard_limit=None, off=False, inventory=None):
+    """Arm the cluster's dead-man switch: it powers the GPU nodes off on its own, storage stays."""
+    limits = {
+        "idle": deadman_mod.parse_duration(idle, "--idle") if idle is not None else None,
+        "stall": deadman_mod.parse_duration(stall, "--stall") if stall is not None else None,
+        "hard_limit": deadman_mod.parse_duration(hard_limit, "--hard-limit") if hard_limit is not None else None,
+    }
+    if off and any(v is not None for v in limits.values()):
+        raise TrainrigError("--off disarms the switch: give it alone")
+    if not off and all(v is None for v in limits.values()):
+        raise TrainrigError("give at least one of --idle, --stall, --hard-limit (or --off)")
+    inv = inventory_mod.require_running(_inventory(c, name, inventory))
+    settings = deadman_mod.Settings() if off else deadman_mod.saved(inv.cluster).model_copy(update=limits)
+    armed = deadman_mod.arm(inv, settings)
+    ui.console.print(f"dead-man switch on {deadman_mod.host_of(inv).name}: {armed.describe()}")
+
+
 @task(help={"stack": "stack name (stacks/Pulumi.<stack>.yaml) or a stack file (default: trainrig.stack)"})
 @friendly
 def plan(c, stack=None):
@@ -246,5 +292,5 @@ def demo(c, name="demo", nodes=2, job=None, keep=False):
     demo_mod.demo(name, int(nodes), Path(job) if job else demo_mod.DEFAULT_JOB, keep=keep)
 
 
-namespace = Collection(up, status, provision, train, monitor, logs, cancel, fetch, plot, down, demo, plan)
+namespace = Collection(up, status, provision, train, monitor, logs, cancel, fetch, plot, down, demo, plan, deadman)
 namespace.configure({"trainrig": {"cluster": "dev", "nodes": 2, "data_disk_gb": 2, "stack": None, "inventory": None}})

@@ -49,6 +49,7 @@ CAPABILITIES = frozenset(
         "data_disk",
         "shared_storage",
         "ssh_mesh",
+        "self_teardown",  # a GPU node that powers itself off stops billing (the dead-man switch relies on it)
     }
 )
 

@@ -85,7 +85,9 @@ class AwsConfig(MachineStack):
 class AwsCloud:
     name = "aws"
     Config = AwsConfig
-    capabilities = frozenset({"pulumi_stack", "gpu", "memlock", "data_disk", "shared_storage", "ssh_mesh"})
+    capabilities = frozenset(
+        {"pulumi_stack", "gpu", "memlock", "data_disk", "shared_storage", "ssh_mesh", "self_teardown"}
+    )
 
     def build(self, parent, name, cfg, blueprint):
         from infra.clouds.aws import program

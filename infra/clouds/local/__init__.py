@@ -28,7 +28,7 @@ class LocalConfig(StackBase):
 class LocalCloud:
     name = "local"
     Config = LocalConfig
-    capabilities = frozenset({"create", "data_disk", "shared_storage", "ssh_mesh"})
+    capabilities = frozenset({"create", "data_disk", "shared_storage", "ssh_mesh", "self_teardown"})
 
     def build(self, parent, name, cfg, blueprint):
         from infra.clouds.local import program

@@ -13,7 +13,7 @@ from pathlib import Path
 from infra import inventory as inventory_mod
 from infra import keys, ssh, state
 from infra.clouds import ClusterRequest
-from infra.clouds.local import engine, image
+from infra.clouds.local import engine, image, reaper
 from infra.commands import run, wait_until
 from infra.errors import TrainrigError
 from infra.inventory import STORAGE_NODE, DataDisk, Inventory, Network, Node, Retained, SharedStorage, gpu_node_names
@@ -75,9 +75,13 @@ class LocalBackend:
         cluster = request.name
         existing = inventory_mod.path_for(cluster)
         if existing.is_file() and inventory_mod.load(cluster).running:
-            raise TrainrigError(
-                f"cluster {cluster!r} is already up; use it, or remove it first with: fab down --name {cluster}"
-            )
+            if self._listing("container", cluster, role="gpu"):
+                raise TrainrigError(
+                    f"cluster {cluster!r} is already up; use it, or remove it first with: fab down --name {cluster}"
+                )
+            # Its GPU nodes tore themselves down (the dead-man switch): what is left goes, storage stays.
+            reaper.stop(cluster)
+            self._remove_compute(cluster)
         node_image = image.ensure_image()
         cdir = state.cluster_dir(cluster)
         fresh = not cdir.exists()
@@ -115,6 +119,7 @@ class LocalBackend:
             network=Network(name=network_name(cluster), cidr=cidr),
         )
         inventory_mod.save(inv)
+        reaper.start(cluster)
         return inv
 
     def _create_network(self, cluster: str) -> None:
@@ -242,6 +247,7 @@ class LocalBackend:
     def destroy(self, inv: Inventory, purge: bool) -> Inventory | None:
         engine.ensure()
         cluster = inv.cluster
+        reaper.stop(cluster)
         self._remove_compute(cluster)
         disks = sorted(state.cluster_dir(cluster).glob("disks/*.img"))
         if purge:
@@ -278,10 +284,11 @@ class LocalBackend:
             found += [f"loop device {loop}" for loop in self._loops_of(path)]
         return found
 
-    def _listing(self, kind: str, cluster: str) -> list[str]:
+    def _listing(self, kind: str, cluster: str, role: str | None = None) -> list[str]:
         name_field = "{{.Names}}" if kind == "container" else "{{.Name}}"
         every = ["--all"] if kind == "container" else []
-        argv = ["docker", kind, "ls", *every, "--filter", f"label={LABEL}={cluster}", "--format", name_field]
+        roles = ["--filter", f"label=trainrig.role={role}"] if role else []
+        argv = ["docker", kind, "ls", *every, "--filter", f"label={LABEL}={cluster}", *roles, "--format", name_field]
         return run(argv, what=f"listing {kind}s").stdout.split()
 
     def _exists(self, kind: str, name: str) -> bool:
