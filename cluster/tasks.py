@@ -55,7 +55,7 @@ def _inventory(c, name: str | None, inventory: str | None = None):
 )
 @friendly
 def up(c, name=None, nodes=None, disk_gb=None):
-    """Create a local cluster: N GPU-role nodes and one storage node as Docker 'VMs'."""
+    """Create a local cluster (N GPU-role nodes and a storage node as Docker "VMs"), or bring a parked one back."""
     cfg = c.config.trainrig
     inv = lifecycle.up(_name(c, name), int(nodes or cfg.nodes), int(disk_gb or cfg.data_disk_gb))
     ui.console.print(lifecycle.status_table(inv))
@@ -70,6 +70,12 @@ def status(c, name=None, inventory=None):
     ui.console.print(lifecycle.status_table(inv))
     if not inv.running:
         ui.console.print(f"no nodes running; start them with: fab up --name {inv.cluster}")
+        return
+    if inv.parked_at:
+        ui.console.print(
+            f"parked since {inv.parked_at:%Y-%m-%d %H:%M:%S} UTC: GPU nodes stopped, disks kept; "
+            f"bring it back with: fab up --name {inv.cluster}"
+        )
         return
     record = deadman_mod.teardown_record(inv)
     if record:
@@ -267,6 +273,15 @@ def deadman(c, name=None, idle=None, stall=None, hard_limit=None, off=False, inv
     settings = deadman_mod.Settings() if off else deadman_mod.saved(inv.cluster).model_copy(update=limits)
     armed = deadman_mod.arm(inv, settings)
     ui.console.print(f"dead-man switch on {deadman_mod.host_of(inv).name}: {armed.describe()}")
+
+
+@task(help={"name": NAME_HELP, "stack": "Pulumi stack of a cluster that a stack made (default: its inventory's)"})
+@friendly
+def park(c, name=None, stack=None):
+    """Stop the GPU nodes, keeping their disks and set-up: compute billing ends; fab up resumes."""
+    inv = lifecycle.park(inventory_mod.load(_name(c, name)), stack=stack or c.config.trainrig.stack)
+    ui.console.print(f"cluster {inv.cluster!r} parked ({len(inv.gpu_nodes)} GPU nodes stopped, disks kept)")
+    ui.console.print(f"bring it back with: fab up --name {inv.cluster}")
 
 
 @task(help={"stack": "stack name (stacks/Pulumi.<stack>.yaml) or a stack file (default: trainrig.stack)"})

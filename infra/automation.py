@@ -117,6 +117,27 @@ class StackBackend:
         inventory.save(remaining)
         return remaining
 
+    def park(self, inv: Inventory) -> Inventory:
+        from datetime import UTC, datetime
+
+        from infra import clouds
+
+        clouds.require(self.cloud, "park", "park their GPU nodes: fab down removes them, storage kept")
+        self.cloud.power(inv.cluster, stack_config(self._stack_for(inv)), False)
+        parked = inv.model_copy(update={"parked_at": datetime.now(UTC)})
+        inventory.save(parked)
+        return parked
+
+    def resume(self, inv: Inventory, board: Progress) -> Inventory:
+        started = self.cloud.power(inv.cluster, stack_config(self._stack_for(inv)), True)
+        # A stopped instance comes back with a new public address (unless it has an elastic IP).
+        nodes = [n.model_copy(update={"public_address": started.get(n.name, n.public_address)}) for n in inv.nodes]
+        for name in started:
+            board.update(name, "[green]running[/]")
+        resumed = inv.model_copy(update={"nodes": nodes, "parked_at": None})
+        inventory.save(resumed)
+        return resumed
+
     def billable(self, cluster: str) -> list[str]:
         inv = inventory.load(cluster)
         return self.cloud.billable(cluster, stack_config(self._stack_for(inv)))

@@ -8,6 +8,9 @@ A cloud is a package infra/clouds/<name>/ whose __init__ defines CLOUD, with:
                     its part of the Pulumi program: storage (protected) and compute, children of
                     `parent` named f"{name}-...", returning the inventory once the cloud has answered
     backend(stack)  the runtime verbs on its clusters (the Backend protocol below)
+    power(cluster, cfg, on) -> dict[str, str]
+                    stop (on=False) or start its clusters' GPU nodes, disks kept; returns each started
+                    node's public address (clouds without "park" refuse in one line)
     billable(cluster, cfg) -> list[str]
                     what the cloud's own listing still holds for a cluster (teardown is checked with it)
     stand_in_image(reference) -> str | None
@@ -49,6 +52,7 @@ CAPABILITIES = frozenset(
         "data_disk",
         "shared_storage",
         "ssh_mesh",
+        "park",  # its GPU nodes can be stopped with their disks kept, and billing for them stops
         "self_teardown",  # a GPU node that powers itself off stops billing (the dead-man switch relies on it)
     }
 )
@@ -77,6 +81,8 @@ class Backend(Protocol):
     def describe(self, cluster: str) -> Inventory: ...
     def destroy(self, inv: Inventory, purge: bool) -> Inventory | None: ...
     def billable(self, cluster: str) -> list[str]: ...
+    def park(self, inv: Inventory) -> Inventory: ...
+    def resume(self, inv: Inventory, board: Progress) -> Inventory: ...
 
 
 class Cloud(Protocol):
@@ -87,6 +93,7 @@ class Cloud(Protocol):
     def build(self, parent: pulumi.ComponentResource, name: str, cfg: Any, blueprint: Blueprint) -> pulumi.Output: ...
     def backend(self, stack: str | None = None) -> Backend: ...
     def billable(self, cluster: str, cfg: Any) -> list[str]: ...
+    def power(self, cluster: str, cfg: Any, on: bool) -> dict[str, str]: ...
     def stand_in_image(self, reference: str) -> str | None: ...
 
 

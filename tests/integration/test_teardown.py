@@ -143,3 +143,55 @@ def test_down_after_is_refused_before_the_run_with_a_bad_grace():
     bad = fab("train", "--job", "training_jobs/dp-mlp.yaml", "--name", NAME, "--down-after", "--grace", "-5m")
     assert bad.returncode != 0
     assert bad.stderr.strip() == "error: --grace '-5m': not a duration; write it like 90s, 5m or 2h"
+
+
+# -- park ----------------------------------------------------------------------------------
+
+PARK = f"{CLUSTER}-park"[:31]
+
+
+def test_a_parked_cluster_comes_back_with_its_disk_images_and_mesh_and_trains(home):
+    """Parked, the GPU nodes are stopped (not removed); fab up starts them without provisioning again."""
+    from cluster import jobs, monitor, runs
+
+    remove_leftovers(PARK)
+    inv = lifecycle.up(PARK, gpu_nodes=2, data_disk_gb=1)
+    try:
+        provision.provision(inv)
+        job = jobs.load(ROOT / "training_jobs" / "dp-mlp.yaml")
+        job = job.model_copy(update={"spec": job.spec.model_copy(update={"max_steps": 20})})
+        first = runs.launch(inv, job)
+        assert monitor.monitor(inv, first, timeout=600).state == "succeeded"
+
+        def on(node, *argv):
+            with ssh.open_checked(inv, inv.node(node)) as conn:
+                return ssh.run(conn, list(argv), timeout=60).stdout.strip()
+
+        on("node0", "sh", "-c", "echo on-the-disk > /data1/park-check")
+        images_before = on("node0", "docker", "images", "-q", "--no-trunc")
+        parked = fab("park", "--name", PARK)
+        assert parked.returncode == 0, parked.stderr
+        states = subprocess.run(
+            ["docker", "ps", "-a", "--filter", f"label=trainrig.cluster={PARK}", "--format", "{{.Names}} {{.State}}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split("\n")[:-1]
+        assert sorted(states) == [
+            f"trainrig-{PARK}-node0 exited",
+            f"trainrig-{PARK}-node1 exited",
+            f"trainrig-{PARK}-storage running",
+        ]
+        refused = fab("train", "--job", "training_jobs/dp-mlp.yaml", "--name", PARK)
+        assert "is parked; bring it back with: fab up" in refused.stderr
+        up = fab("up", "--name", PARK)
+        assert up.returncode == 0, up.stderr
+        inv = inventory.load(PARK)
+        assert inv.parked_at is None
+        assert on("node0", "cat", "/data1/park-check") == "on-the-disk"
+        assert on("node0", "docker", "images", "-q", "--no-trunc") == images_before
+        assert on("node0", "ssh", "-o", "BatchMode=yes", "node1", "hostname") == "node1"
+        second = runs.launch(inv, job)  # no provisioning in between
+        assert monitor.monitor(inv, second, timeout=600).state == "succeeded"
+    finally:
+        lifecycle.down(inventory.load(PARK), purge=True)

@@ -11,6 +11,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from infra.config import ConfigError, MachineStack
+from infra.errors import TrainrigError
 
 
 class AwsConfig(MachineStack):
@@ -86,7 +87,7 @@ class AwsCloud:
     name = "aws"
     Config = AwsConfig
     capabilities = frozenset(
-        {"pulumi_stack", "gpu", "memlock", "data_disk", "shared_storage", "ssh_mesh", "self_teardown"}
+        {"pulumi_stack", "gpu", "memlock", "data_disk", "shared_storage", "ssh_mesh", "self_teardown", "park"}
     )
 
     def build(self, parent, name, cfg, blueprint):
@@ -122,6 +123,46 @@ class AwsCloud:
         found += [f"key pair {k['KeyName']}" for k in ec2.describe_key_pairs(Filters=tag)["KeyPairs"]]
         return found + self._efs_billable(cluster, cfg, endpoint_url)
 
+    def power(
+        self, cluster: str, cfg: AwsConfig, on: bool, endpoint_url: str | None = None, timeout: float = 600
+    ) -> dict[str, str]:
+        """Stop the cluster's GPU instances (EBS kept, compute billing ends) or start them; their public IPs."""
+        import boto3
+
+        from infra.commands import wait_until
+
+        if on is False and cfg.spot:
+            raise TrainrigError(
+                f"{cluster!r} runs on spot instances, which AWS cannot stop: fab down removes them (storage kept)"
+            )
+        ec2 = boto3.client("ec2", region_name=cfg.region, endpoint_url=endpoint_url)
+        filters = [
+            {"Name": "tag:trainrig:cluster", "Values": [cluster]},
+            {"Name": "tag:trainrig:role", "Values": ["gpu"]},
+            {"Name": "instance-state-name", "Values": ["pending", "running", "stopping", "stopped"]},
+        ]
+
+        def instances() -> list[dict]:
+            return [i for r in ec2.describe_instances(Filters=filters)["Reservations"] for i in r["Instances"]]
+
+        ids = [i["InstanceId"] for i in instances()]
+        if not ids:
+            raise TrainrigError(f"AWS lists no GPU instances of {cluster!r} to {'start' if on else 'stop'}")
+        target = "running" if on else "stopped"
+        if on:
+            ec2.start_instances(InstanceIds=ids)
+        else:
+            ec2.stop_instances(InstanceIds=ids)
+        done = wait_until(
+            lambda: (found := instances()) and all(i["State"]["Name"] == target for i in found) and found,
+            timeout=timeout,
+            interval=2,
+            what=f"the GPU instances of {cluster!r} to be {target}",
+        )
+        # Instances are named "<cluster>-<node>" by the program.
+        names = {i["InstanceId"]: _tag(i, "Name").removeprefix(f"{cluster}-") for i in done}
+        return {names[i["InstanceId"]]: i.get("PublicIpAddress", "") for i in done} if on else {}
+
     @staticmethod
     def _efs_billable(cluster: str, cfg: AwsConfig, endpoint_url: str | None) -> list[str]:
         """EFS file systems, which the EFS API lists with their tags (it has no tag filter)."""
@@ -135,6 +176,10 @@ class AwsCloud:
             for fs in page["FileSystems"]
             if ours in fs.get("Tags", [])
         ]
+
+
+def _tag(resource: dict, key: str) -> str:
+    return next((t["Value"] for t in resource.get("Tags", []) if t["Key"] == key), "")
 
 
 CLOUD = AwsCloud()

@@ -265,6 +265,42 @@ class LocalBackend:
         inventory_mod.save(remaining)
         return remaining
 
+    # -- park, resume ----------------------------------------------------------------------
+    def power(self, cluster: str, on: bool) -> dict[str, str]:
+        gpu = self._listing("container", cluster, role="gpu")
+        if not gpu:
+            raise TrainrigError(f"cluster {cluster!r} has no GPU nodes to {'start' if on else 'stop'}")
+        if on:
+            run(["docker", "start", *gpu], timeout=120, what="starting the GPU nodes")
+        else:
+            # systemd in each node shuts down cleanly (SIGRTMIN+3); the data disk stays attached to its loop device.
+            run(["docker", "stop", "--time", "60", *gpu], timeout=180, what="stopping the GPU nodes")
+        return {name.removeprefix(f"trainrig-{cluster}-"): "127.0.0.1" for name in gpu}
+
+    def park(self, inv: Inventory) -> Inventory:
+        from datetime import UTC, datetime
+
+        reaper.stop(inv.cluster)  # stopping a node on purpose must not remove it
+        self.power(inv.cluster, on=False)
+        parked = inv.model_copy(update={"parked_at": datetime.now(UTC)})
+        inventory_mod.save(parked)
+        return parked
+
+    def resume(self, inv: Inventory, board) -> Inventory:
+        self.power(inv.cluster, on=True)
+        # Docker publishes sshd on a new loopback port at every start: the inventory follows.
+        nodes = []
+        for node in inv.nodes:
+            if node.role == "gpu":
+                board.update(node.name, "started")
+                address, port = self._addresses(inv.cluster, node.name)
+                node = node.model_copy(update={"ssh_port": port, "private_address": address})
+            nodes.append(node)
+        resumed = inv.model_copy(update={"nodes": nodes, "parked_at": None})
+        inventory_mod.save(resumed)
+        reaper.start(inv.cluster)
+        return resumed
+
     def _remove_compute(self, cluster: str) -> None:
         containers = self._listing("container", cluster)
         if containers:
