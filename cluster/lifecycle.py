@@ -77,9 +77,17 @@ def resume(inv: Inventory, stack: str | None = None) -> Inventory:
 
 
 def down(inv: Inventory, purge: bool, stack: str | None = None) -> Inventory | None:
-    """Remove compute (and storage with purge); verified against the backend's own listing."""
+    """Remove compute (and storage with purge); verified against the backend's own listing.
+
+    The bill up to now goes to the ledger once the compute is gone (the nodes' uptimes are read first).
+    """
+    from cluster import cost
+
     backend = clouds.get(inv.cloud).backend(stack)
+    entry = cost.bill(inv).entry() if inv.nodes else None
     remaining = backend.destroy(inv, purge)
+    if entry:
+        cost.record_bill({**entry, "purge": purge})
     if purge:
         shutil.rmtree(state.cluster_dir(inv.cluster), ignore_errors=True)
     return remaining

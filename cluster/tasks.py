@@ -8,6 +8,7 @@ from pathlib import Path
 from invoke import Collection, task
 from invoke.exceptions import Exit
 
+from cluster import cost as cost_mod
 from cluster import deadman as deadman_mod
 from cluster import demo as demo_mod
 from cluster import jobs, lifecycle, results, runs
@@ -15,7 +16,7 @@ from cluster import monitor as monitor_mod
 from cluster import plot as plot_mod
 from cluster import provision as provision_mod
 from infra import inventory as inventory_mod
-from infra import ui
+from infra import state, ui
 from infra.errors import TrainrigError
 
 NAME_HELP = "cluster name (default: trainrig.cluster in Fabric config, 'dev')"
@@ -150,7 +151,7 @@ def monitor(c, run=None, name=None, timeout=None, inventory=None):
 def _follow(inv, record, timeout=None):
     view = monitor_mod.monitor(inv, record, timeout=timeout)
     losses = view.losses()
-    summary = f"run {record.id} {view.state} after {view.elapsed:.1f}s"
+    summary = f"run {record.id} {view.state} after {view.elapsed:.1f}s (${view.usd:,.2f})"
     if losses:
         summary += f", loss {losses[0]:.4f} -> {losses[-1]:.4f}"
     if view.state != "succeeded":
@@ -273,6 +274,26 @@ def deadman(c, name=None, idle=None, stall=None, hard_limit=None, off=False, inv
     settings = deadman_mod.Settings() if off else deadman_mod.saved(inv.cluster).model_copy(update=limits)
     armed = deadman_mod.arm(inv, settings)
     ui.console.print(f"dead-man switch on {deadman_mod.host_of(inv).name}: {armed.describe()}")
+
+
+@task(help={"name": NAME_HELP, "all": "every known cluster, then the ledger of clusters torn down"})
+@friendly
+def cost(c, name=None, all=False):
+    """Hours up and dollars so far per cluster (storage apart) and per run, from the inventory's prices."""
+    names = state.known_clusters() if all else [_name(c, name)]
+    for cluster in names:
+        inv = inventory_mod.load(cluster)
+        if not inv.running:
+            continue
+        bill = cost_mod.bill(inv)
+        ui.console.print(cost_mod.bill_table(bill))
+        if bill.runs:
+            ui.console.print(cost_mod.runs_table(bill))
+    entries = [e for e in cost_mod.ledger() if all or e["cluster"] in names]
+    if entries:
+        ui.console.print(cost_mod.ledger_table(entries))
+    elif not any(inventory_mod.load(n).running for n in names):
+        ui.console.print("nothing running and no bills in the ledger")
 
 
 @task(help={"name": NAME_HELP, "stack": "Pulumi stack of a cluster that a stack made (default: its inventory's)"})

@@ -42,6 +42,9 @@ class Node(Strict):
     cpus: int = Field(ge=1)
     data_disks: list[DataDisk] = []
     hourly_price_usd: float = Field(ge=0)
+    parked_hourly_price_usd: float | None = Field(
+        default=None, ge=0, description="what the node bills while stopped (its disks); None: it cannot be parked"
+    )
 
 
 class SharedStorage(Strict):

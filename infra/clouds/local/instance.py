@@ -195,6 +195,7 @@ class LocalBackend:
             # A kept disk keeps its size, whatever this `up` asked for.
             data_disks=[DataDisk(device=DISK_DEVICE, size_gb=disk_file(cluster, node).stat().st_size // 1024**3)],
             hourly_price_usd=0.0,
+            parked_hourly_price_usd=0.0,
         )
 
     def _attach_disk(self, cluster: str, node: str, size_gb: int) -> str:
