@@ -8,6 +8,7 @@ from pathlib import Path
 from invoke import Collection, task
 from invoke.exceptions import Exit
 
+from cluster import audit as audit_mod
 from cluster import cost as cost_mod
 from cluster import deadman as deadman_mod
 from cluster import demo as demo_mod
@@ -276,6 +277,26 @@ def deadman(c, name=None, idle=None, stall=None, hard_limit=None, off=False, inv
     ui.console.print(f"dead-man switch on {deadman_mod.host_of(inv).name}: {armed.describe()}")
 
 
+@task(help={"all": "every cloud, and clusters whose local state was lost (found by their tags)"})
+@friendly
+def audit(c, all=False):
+    """List what still bills for trainrig clusters; exit 1 when something is in no inventory."""
+    report = audit_mod.audit(everything=all)
+    for line in report.unchecked:
+        ui.console.print(f"[yellow]not checked[/] {line}")
+    if report.found:
+        ui.console.print(audit_mod.table(report))
+    left = report.unaccounted
+    if left:
+        first = left[0][1]
+        raise Exit(
+            f"error: {len(left)} billable item(s) that no inventory accounts for, first {first.kind} {first.id} "
+            f"of {first.cluster or 'no cluster'}: remove them with fab down --name CLUSTER --purge, or in the cloud",
+            code=1,
+        )
+    ui.console.print("nothing billable outside the inventories")
+
+
 @task(help={"name": NAME_HELP, "all": "every known cluster, then the ledger of clusters torn down"})
 @friendly
 def cost(c, name=None, all=False):
@@ -328,5 +349,7 @@ def demo(c, name="demo", nodes=2, job=None, keep=False):
     demo_mod.demo(name, int(nodes), Path(job) if job else demo_mod.DEFAULT_JOB, keep=keep)
 
 
-namespace = Collection(up, status, provision, train, monitor, logs, cancel, fetch, plot, down, demo, plan, deadman)
+namespace = Collection(
+    up, status, provision, train, monitor, logs, cancel, fetch, plot, down, demo, plan, deadman, park, cost, audit
+)
 namespace.configure({"trainrig": {"cluster": "dev", "nodes": 2, "data_disk_gb": 2, "stack": None, "inventory": None}})

@@ -10,7 +10,24 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FAB = Path(sys.executable).parent / "fab"
-TASKS = ["cancel", "demo", "down", "fetch", "logs", "monitor", "plan", "plot", "provision", "status", "train", "up"]
+TASKS = [
+    "audit",
+    "cancel",
+    "cost",
+    "deadman",
+    "demo",
+    "down",
+    "fetch",
+    "logs",
+    "monitor",
+    "park",
+    "plan",
+    "plot",
+    "provision",
+    "status",
+    "train",
+    "up",
+]
 
 
 def fab(*args, home: Path, path: str | None = None):

@@ -86,6 +86,12 @@ class IbmCloud:
             "use fab down (storage kept)"
         )
 
+    def audit(self, known, everything: bool, transport=None):
+        """Virtual servers and their SAN disks by the trainrig-cluster: tag (credentials from the environment)."""
+        from infra.clouds.ibm.softlayer import Listing
+
+        return Listing(transport).audit(set(known), everything)
+
     def billable(self, cluster: str, cfg: IbmConfig | None, transport=None) -> list[str]:
         """What the account still lists for the cluster: one line per server, named by hostname."""
         from infra.clouds.ibm.softlayer import Listing

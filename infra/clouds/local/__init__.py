@@ -51,6 +51,10 @@ class LocalCloud:
     def billable(self, cluster: str, cfg=None) -> list[str]:
         return self.backend().billable(cluster)
 
+    def audit(self, known, everything: bool):
+        """Containers, volumes and networks by their trainrig.cluster label; loop devices by their disk file."""
+        return self.backend().audit(set(known), everything)
+
     def power(self, cluster: str, cfg=None, on: bool = True) -> dict[str, str]:
         """Stop or start the GPU node containers; their loop devices, volume and images stay."""
         return self.backend().power(cluster, on)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from infra import inventory as inventory_mod
 from infra import keys, ssh, state
-from infra.clouds import ClusterRequest
+from infra.clouds import Billable, ClusterRequest
 from infra.clouds.local import engine, image, reaper
 from infra.commands import run, wait_until
 from infra.errors import TrainrigError
@@ -319,6 +319,34 @@ class LocalBackend:
         found += [f"volume {v}" for v in self._listing("volume", cluster)]
         for path in state.cluster_dir(cluster).glob("disks/*.img"):
             found += [f"loop device {loop}" for loop in self._loops_of(path)]
+        return found
+
+    def audit(self, clusters: set[str], everything: bool) -> list[Billable]:
+        engine.ensure(start=False)
+        found: list[Billable] = []
+        for kind in ("container", "volume", "network"):
+            name_field = "{{.Names}}" if kind == "container" else "{{.Name}}"
+            every = ["--all"] if kind == "container" else []
+            fmt = name_field + ' {{.Label "' + LABEL + '"}}'
+            argv = ["docker", kind, "ls", *every, "--filter", f"label={LABEL}", "--format", fmt]
+            for line in run(argv, what=f"listing {kind}s").stdout.splitlines():
+                name, _, cluster = line.partition(" ")
+                if everything or cluster in clusters:
+                    node = name.removeprefix(container_name(cluster, "")) if kind == "container" else None
+                    found.append(Billable(kind=kind, id=name, cluster=cluster, node=node))
+        if shutil.which("losetup"):
+            out = run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"], check=False).stdout
+            for line in out.splitlines():
+                loop, _, back = line.strip().partition(" ")
+                path = Path(back.strip().removesuffix(" (deleted)"))
+                # <TRAINRIG_HOME>/clusters/<cluster>/disks/<node>.img: a node's data disk
+                if path.suffix == ".img" and path.parent.name == "disks" and path.parents[2].name == "clusters":
+                    cluster = path.parents[1].name
+                    ours = path.parents[2] == state.home() / "clusters"
+                    if everything or (ours and cluster in clusters):
+                        found.append(
+                            Billable(kind="loop device", id=loop, cluster=cluster, node=path.stem, detail=back)
+                        )
         return found
 
     def _listing(self, kind: str, cluster: str, role: str | None = None) -> list[str]:
