@@ -73,6 +73,18 @@ def test_every_flag_has_help(tmp_path):
         (["monitor", "--name", "Bad_Name"], "cluster name 'Bad_Name' is invalid"),
         (["up", "--nodes", "0"], "--nodes 0: Input should be greater than or equal to 1"),
         (["provision", "--name", "ghost"], "create it with: fab up --name ghost"),
+        # Durations are refused before the run starts, before any cluster is even looked at.
+        (
+            ["train", "--job", "training_jobs/dp-mlp.yaml", "--down-after", "--grace", "-5m"],
+            "--grace '-5m': not a duration; write it like 90s, 5m or 2h",
+        ),
+        (["train", "--job", "training_jobs/dp-mlp.yaml", "--grace", "5m"], "--grace goes with --down-after"),
+        (["deadman", "--idle", "ten"], "--idle 'ten': not a duration"),
+        (["deadman", "--stall", "5m", "--hard-limit", "1d"], "--hard-limit '1d': not a duration"),
+        (["deadman"], "give at least one of --idle, --stall, --hard-limit (or --off)"),
+        (["deadman", "--off", "--idle", "5m"], "--off disarms the switch: give it alone"),
+        (["park", "--name", "ghost"], "no cluster named 'ghost'"),
+        (["cost", "--name", "ghost"], "no cluster named 'ghost'"),
     ],
 )
 def test_bad_input(tmp_path, args, text):
