@@ -115,39 +115,34 @@ def paths(inv: Inventory) -> tuple[str, str]:
     return base, posixpath.join(inv.storage.mount_point, "trainrig", "teardown.json")
 
 
-def arm(inv: Inventory, settings: Settings, every: float = CHECK_EVERY) -> Settings:
-    """Start (or restart) the switch with these settings; checks first that it can reach every GPU node."""
+MESH_PROBE = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=5"]
+
+
+def preflight(inv: Inventory) -> None:
+    """Everything `arm` needs, checked before a run starts: a cloud whose nodes end their own
+    billing, and every GPU node reachable from the switch's node (it stops them over the mesh)."""
     require_verifiable(inv)
+    home = host_of(inv)
+    with ssh.open_checked(inv, home) as conn:
+        for node in inv.gpu_nodes:
+            if node.name == home.name:
+                continue
+            probe = ssh.run(conn, [*MESH_PROBE, node.name, "true"], check=False, timeout=30)
+            if probe.exited != 0:
+                raise TrainrigError(
+                    f"{home.name} cannot reach {node.name} over the cluster's SSH mesh, so it could not stop it: "
+                    f"run fab provision --name {inv.cluster} --tags ssh_mesh"
+                )
+
+
+def arm(inv: Inventory, settings: Settings, every: float = CHECK_EVERY) -> Settings:
+    """Start (or restart) the switch with these settings, after the checks of `preflight`."""
+    preflight(inv)
     assert inv.storage is not None
     home = host_of(inv)
     base, record = paths(inv)
     gpu = [n.name for n in inv.gpu_nodes]
     with ssh.open_checked(inv, home) as conn:
-        # The switch stops nodes over the cluster's SSH mesh: a node it cannot reach now it could not stop later.
-        for name in gpu:
-            if name == home.name:
-                continue
-            probe = ssh.run(
-                conn,
-                [
-                    "ssh",
-                    "-o",
-                    "BatchMode=yes",
-                    "-o",
-                    "StrictHostKeyChecking=yes",
-                    "-o",
-                    "ConnectTimeout=5",
-                    name,
-                    "true",
-                ],
-                check=False,
-                timeout=30,
-            )
-            if probe.exited != 0:
-                raise TrainrigError(
-                    f"{home.name} cannot reach {name} over the cluster's SSH mesh, so it could not stop it: "
-                    f"run fab provision --name {inv.cluster} --tags ssh_mesh"
-                )
         # When the compute came up: how long PID 1 of the first GPU node has run (a VM's boot, a container's start).
         with ssh.open_checked(inv, inv.gpu_nodes[0]) as first:
             uptime = float(ssh.run(first, ["ps", "-o", "etimes=", "-p", "1"], what="reading the node's uptime").stdout)

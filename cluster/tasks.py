@@ -122,7 +122,7 @@ def train(c, job, name=None, follow=False, inventory=None, resume=None, down_aft
     grace_s = deadman_mod.parse_duration(grace or "0s", "--grace")
     inv = inventory_mod.require_running(_inventory(c, name, inventory))
     if down_after:
-        deadman_mod.require_verifiable(inv)
+        deadman_mod.preflight(inv)
     record = runs.launch(inv, spec, resume=runs.find(inv.cluster, resume) if resume else None)
     ui.console.print(f"started run [bold]{record.id}[/] ({record.ranks} ranks) in {record.run_dir}")
     if down_after:

@@ -128,3 +128,16 @@ def test_a_stack_cluster_without_the_pulumi_cli_is_refused(tmp_path, monkeypatch
     deadman.require_verifiable(inventory("aws", tmp_path))
     with pytest.raises(TrainrigError, match="no shared storage"):
         deadman.require_verifiable(inventory("aws", tmp_path, storage=False))
+
+
+def test_a_gpu_node_the_switch_cannot_reach_is_refused_before_any_run(ssh_cluster):
+    cluster = ssh_cluster(2)
+    cluster.add_program("ssh", 'test "$7" = node1 && exit 255; exit 0')  # the mesh reaches node0 only
+    with pytest.raises(TrainrigError) as exc:
+        deadman.preflight(cluster.inv)
+    assert str(exc.value) == (
+        "storage cannot reach node1 over the cluster's SSH mesh, so it could not stop it: "
+        "run fab provision --name unit --tags ssh_mesh"
+    )
+    cluster.add_program("ssh", "exit 0")
+    deadman.preflight(cluster.inv)
