@@ -104,7 +104,8 @@ class StackBackend:
         from pulumi import automation as auto
 
         stack.set_config(f"{config.NAMESPACE}:gpu_nodes", auto.ConfigValue(value="0"))
-        _step(f"pulumi up of {inv.cluster} without GPU nodes", lambda out: stack.up(on_output=out))
+        # --refresh: GPU instances that ended themselves (the dead-man switch) are read as gone, not deleted again.
+        _step(f"pulumi up of {inv.cluster} without GPU nodes", lambda out: stack.up(on_output=out, refresh=True))
         # Listings end each server's line with its role or hostname: "(..., storage)" / "(storage)".
         compute = [
             item
