@@ -67,13 +67,11 @@ def park(inv: Inventory, stack: str | None = None) -> Inventory:
 
 
 def resume(inv: Inventory, stack: str | None = None) -> Inventory:
-    """A parked cluster back as it was: nodes started, addresses refreshed, each node answering with its pinned key."""
+    """A parked cluster back as it was: nodes started, addresses refreshed, ready to train (the backend waits)."""
     backend = clouds.get(inv.cloud).backend(stack)
     names = [n.name for n in inv.gpu_nodes]
     with ui.NodeBoard(f"resuming cluster {inv.cluster} ({inv.cloud})", names) as board:
-        resumed = backend.resume(inv, board)
-        backend.wait_ready(resumed, board)
-    return resumed
+        return backend.resume(inv, board)
 
 
 def down(inv: Inventory, purge: bool, stack: str | None = None) -> Inventory | None:

@@ -137,6 +137,17 @@ class StackBackend:
             board.update(name, "[green]running[/]")
         resumed = inv.model_copy(update={"nodes": nodes, "parked_at": None})
         inventory.save(resumed)
+        from infra import ssh
+        from infra.commands import wait_until
+
+        # The instances boot as they were: fstab mounts the data disk and systemd starts Docker.
+        for node in resumed.gpu_nodes:
+            wait_until(
+                lambda node=node: ssh.reachable(resumed, node),
+                timeout=600,
+                interval=5,
+                what=f"{node.name} to answer SSH with its pinned host key",
+            )
         return resumed
 
     def billable(self, cluster: str) -> list[str]:

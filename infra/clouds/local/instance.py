@@ -299,8 +299,26 @@ class LocalBackend:
             nodes.append(node)
         resumed = inv.model_copy(update={"nodes": nodes, "parked_at": None})
         inventory_mod.save(resumed)
+        self.wait_ready(resumed, board)
+        ssh.on_nodes(resumed.gpu_nodes, lambda node: self._remount(resumed, node, board))
         reaper.start(inv.cluster)
         return resumed
+
+    def _remount(self, inv: Inventory, node: Node, board) -> None:
+        """The data disk back on /data1, and Docker restarted onto it (its data root and images live there).
+
+        A node container has no udev, so systemd never sees the disk's by-UUID link that fstab names
+        and skips the mount (nofail); Docker then starts on an empty /data1 of the container's own.
+        """
+        board.update(node.name, "remounting the data disk, restarting Docker")
+        script = (
+            'if grep -qs "[[:space:]]/data1[[:space:]]" /etc/fstab && ! mountpoint -q /data1; then '
+            'mount -o noatime "$1" /data1; fi; '
+            "if systemctl is-enabled --quiet docker 2>/dev/null; then systemctl restart docker; fi"
+        )
+        with ssh.open_checked(inv, node) as conn:
+            ssh.run(conn, ["sh", "-c", script, "remount", DISK_DEVICE], timeout=180, what=f"{node.name}: remount")
+        board.update(node.name, "[green]ready[/] (disk and Docker back)")
 
     def _remove_compute(self, cluster: str) -> None:
         containers = self._listing("container", cluster)
