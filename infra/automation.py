@@ -9,6 +9,7 @@ refused before anything changes.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from collections.abc import Callable
@@ -143,7 +144,7 @@ class StackBackend:
         # The instances boot as they were: fstab mounts the data disk and systemd starts Docker.
         for node in resumed.gpu_nodes:
             wait_until(
-                lambda node=node: ssh.reachable(resumed, node),
+                functools.partial(ssh.reachable, resumed, node),
                 timeout=600,
                 interval=5,
                 what=f"{node.name} to answer SSH with its pinned host key",
