@@ -9,6 +9,7 @@ from rich import box
 from rich.table import Table
 
 from infra import clouds, ssh, state, ui
+from infra import inventory as inventory_mod
 from infra.clouds import ClusterRequest
 from infra.errors import TrainrigError
 from infra.inventory import STORAGE_NODE, Inventory, gpu_node_names
@@ -16,6 +17,11 @@ from infra.inventory import STORAGE_NODE, Inventory, gpu_node_names
 
 def up(name: str, gpu_nodes: int, data_disk_gb: int, cloud: str = clouds.DEFAULT) -> Inventory:
     request = _request(name=name, cloud=cloud, gpu_nodes=gpu_nodes, data_disk_gb=data_disk_gb)
+    saved = inventory_mod.path_for(name)
+    if saved.is_file():
+        parked = inventory_mod.load(name)
+        if parked.parked_at:
+            return resume(parked)
     provider = clouds.get(cloud)
     clouds.require(provider, "create", "be created by fab up: make them with pulumi up --stack NAME")
     backend = provider.backend()
@@ -50,10 +56,36 @@ def _request(**fields) -> ClusterRequest:
         raise TrainrigError(f"{FLAGS.get(field, field)} {fields.get(field)!r}: {first['msg']}") from exc
 
 
-def down(inv: Inventory, purge: bool, stack: str | None = None) -> Inventory | None:
-    """Remove compute (and storage with purge); verified against the backend's own listing."""
+def park(inv: Inventory, stack: str | None = None) -> Inventory:
+    """Stop the GPU nodes, disks and set-up kept: compute billing ends; `up` brings them back."""
+    provider = clouds.get(inv.cloud)
+    clouds.require(provider, "park", "park their GPU nodes (a stopped one keeps billing): fab down removes them")
+    inventory_mod.require_running(inv)
+    if not inv.gpu_nodes:
+        raise TrainrigError(f"cluster {inv.cluster!r} has no GPU nodes to park")
+    return provider.backend(stack).park(inv)
+
+
+def resume(inv: Inventory, stack: str | None = None) -> Inventory:
+    """A parked cluster back as it was: nodes started, addresses refreshed, ready to train (the backend waits)."""
     backend = clouds.get(inv.cloud).backend(stack)
+    names = [n.name for n in inv.gpu_nodes]
+    with ui.NodeBoard(f"resuming cluster {inv.cluster} ({inv.cloud})", names) as board:
+        return backend.resume(inv, board)
+
+
+def down(inv: Inventory, purge: bool, stack: str | None = None) -> Inventory | None:
+    """Remove compute (and storage with purge); verified against the backend's own listing.
+
+    The bill up to now goes to the ledger once the compute is gone (the nodes' uptimes are read first).
+    """
+    from cluster import cost
+
+    backend = clouds.get(inv.cloud).backend(stack)
+    entry = cost.bill(inv).entry() if inv.nodes else None
     remaining = backend.destroy(inv, purge)
+    if entry:
+        cost.record_bill({**entry, "purge": purge})
     if purge:
         shutil.rmtree(state.cluster_dir(inv.cluster), ignore_errors=True)
     return remaining

@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
-from cluster import runs
+from cluster import cost, runs
 from cluster.runs import FINAL_STATES, RunRecord
 from infra import ssh, ui
 from infra.errors import TrainrigError
@@ -36,6 +36,11 @@ class RunView:
     partial: bytes = b""
     hosts: dict[str, dict] = field(default_factory=dict)  # each node's latest telemetry sample
     telemetry_offsets: dict[str, int] = field(default_factory=dict)
+    usd_per_hour: float = 0.0  # the run's nodes at the inventory's prices
+
+    @property
+    def usd(self) -> float:
+        return self.usd_per_hour * self.elapsed / 3600
 
     def feed_telemetry(self, host: str, chunk: bytes) -> None:
         complete = chunk[: chunk.rfind(b"\n") + 1]
@@ -136,6 +141,7 @@ def render(view: RunView) -> Table:
     eta = view.eta()
     if eta is not None:
         table.add_row("ETA", duration(eta))
+    table.add_row("cost", f"${view.usd:,.2f} so far (${view.usd_per_hour:,.2f}/h for {len(view.record.nodes)} nodes)")
     warning = stall_warning(view)
     if warning:
         table.add_row("[yellow]stall?[/]", warning)
@@ -226,7 +232,7 @@ def plain_line(view: RunView, metric: dict) -> str:
 
 def monitor(inv: Inventory, record: RunRecord, *, interval: float = 1.0, timeout: float | None = None) -> RunView:
     """Poll the run until it ends (or timeout passes); live view on a terminal, lines otherwise."""
-    view = RunView(record)
+    view = RunView(record, usd_per_hour=cost.run_usd_per_hour(inv, record))
     node = runs.reader_node(inv, record)
     deadline = time.monotonic() + timeout if timeout else None
     with ssh.open_checked(inv, node) as conn, _answering(node, record):

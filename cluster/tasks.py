@@ -8,6 +8,9 @@ from pathlib import Path
 from invoke import Collection, task
 from invoke.exceptions import Exit
 
+from cluster import audit as audit_mod
+from cluster import cost as cost_mod
+from cluster import deadman as deadman_mod
 from cluster import demo as demo_mod
 from cluster import jobs, lifecycle, results, runs
 from cluster import monitor as monitor_mod
@@ -16,7 +19,7 @@ from cluster import provision as provision_mod
 from cluster import scaling as scaling_mod
 from cluster import tensorboard as tensorboard_mod
 from infra import inventory as inventory_mod
-from infra import ui
+from infra import state, ui
 from infra.errors import TrainrigError
 
 NAME_HELP = "cluster name (default: trainrig.cluster in Fabric config, 'dev')"
@@ -68,7 +71,7 @@ def _inventory(c, name: str | None, inventory: str | None = None):
 )
 @friendly
 def up(c, name=None, nodes=None, disk_gb=None):
-    """Create a local cluster: N GPU-role nodes and one storage node as Docker 'VMs'."""
+    """Create a local cluster (N GPU-role nodes and a storage node as Docker "VMs"), or bring a parked one back."""
     cfg = c.config.trainrig
     inv = lifecycle.up(_name(c, name), int(nodes or cfg.nodes), int(disk_gb or cfg.data_disk_gb))
     ui.console.print(lifecycle.status_table(inv))
@@ -83,6 +86,19 @@ def status(c, name=None, inventory=None):
     ui.console.print(lifecycle.status_table(inv))
     if not inv.running:
         ui.console.print(f"no nodes running; start them with: fab up --name {inv.cluster}")
+        return
+    if inv.parked_at:
+        ui.console.print(
+            f"parked since {inv.parked_at:%Y-%m-%d %H:%M:%S} UTC: GPU nodes stopped, disks kept; "
+            f"bring it back with: fab up --name {inv.cluster}"
+        )
+        return
+    record = deadman_mod.teardown_record(inv)
+    if record:
+        ui.console.print(deadman_mod.describe_record(record))
+    armed = deadman_mod.saved(inv.cluster)
+    if armed.armed and not record:
+        ui.console.print(f"dead-man switch on {deadman_mod.host_of(inv).name}: {armed.describe()}")
 
 
 @task(
@@ -120,15 +136,25 @@ def provision(
         "follow": "monitor the run until it ends (exit status = the run's)",
         "inventory": INVENTORY_HELP,
         "resume": "continue from the last checkpoint of this run (id or prefix), as a new run that records it",
+        "down_after": "when the run ends, however it ends, the cluster powers its GPU nodes off; storage stays",
+        "grace": "with --down-after: wait this long after the run ends first (90s, 5m, 2h; default 0s)",
     }
 )
 @friendly
-def train(c, job, name=None, follow=False, inventory=None, resume=None):
+def train(c, job, name=None, follow=False, inventory=None, resume=None, down_after=False, grace=None):
     """Launch a training job across the cluster, detached; prints the run id."""
     spec = jobs.load(job)
+    if grace is not None and not down_after:
+        raise TrainrigError("--grace goes with --down-after")
+    grace_s = deadman_mod.parse_duration(grace or "0s", "--grace")
     inv = inventory_mod.require_running(_inventory(c, name, inventory))
+    if down_after:
+        deadman_mod.preflight(inv)
     record = runs.launch(inv, spec, resume=runs.find(inv.cluster, resume) if resume else None)
     ui.console.print(f"started run [bold]{record.id}[/] ({record.ranks} ranks) in {record.run_dir}")
+    if down_after:
+        armed = deadman_mod.arm(inv, deadman_mod.with_run(inv, record.id, record.run_dir, grace_s))
+        ui.console.print(f"dead-man switch on {deadman_mod.host_of(inv).name}: {armed.describe()}")
     if follow:
         _follow(inv, record)
     else:
@@ -153,7 +179,7 @@ def monitor(c, run=None, name=None, timeout=None, inventory=None):
 def _follow(inv, record, timeout=None):
     view = monitor_mod.monitor(inv, record, timeout=timeout)
     losses = view.losses()
-    summary = f"run {record.id} {view.state} after {view.elapsed:.1f}s"
+    summary = f"run {record.id} {view.state} after {view.elapsed:.1f}s (${view.usd:,.2f})"
     if losses:
         summary += f", loss {losses[0]:.4f} -> {losses[-1]:.4f}"
     if view.state != "succeeded":
@@ -295,6 +321,83 @@ def down(c, name=None, purge=False, stack=None):
     ui.console.print(f"remove storage too with: fab down --name {cluster} --purge")
 
 
+@task(
+    help={
+        "name": NAME_HELP,
+        "idle": "power the GPU nodes off when no run has gone on for this long (90s, 5m, 2h)",
+        "stall": "power them off when a run has logged no new step for this long",
+        "hard_limit": "power them off once the compute has been up this long, whatever it does",
+        "off": "disarm the switch",
+        "inventory": INVENTORY_HELP,
+    }
+)
+@friendly
+def deadman(c, name=None, idle=None, stall=None, hard_limit=None, off=False, inventory=None):
+    """Arm the cluster's dead-man switch: it powers the GPU nodes off on its own, storage stays."""
+    limits = {
+        "idle": deadman_mod.parse_duration(idle, "--idle") if idle is not None else None,
+        "stall": deadman_mod.parse_duration(stall, "--stall") if stall is not None else None,
+        "hard_limit": deadman_mod.parse_duration(hard_limit, "--hard-limit") if hard_limit is not None else None,
+    }
+    if off and any(v is not None for v in limits.values()):
+        raise TrainrigError("--off disarms the switch: give it alone")
+    if not off and all(v is None for v in limits.values()):
+        raise TrainrigError("give at least one of --idle, --stall, --hard-limit (or --off)")
+    inv = inventory_mod.require_running(_inventory(c, name, inventory))
+    settings = deadman_mod.Settings() if off else deadman_mod.saved(inv.cluster).model_copy(update=limits)
+    armed = deadman_mod.arm(inv, settings)
+    ui.console.print(f"dead-man switch on {deadman_mod.host_of(inv).name}: {armed.describe()}")
+
+
+@task(help={"all": "every cloud, and clusters whose local state was lost (found by their tags)"})
+@friendly
+def audit(c, all=False):
+    """List what still bills for trainrig clusters; exit 1 when something is in no inventory."""
+    report = audit_mod.audit(everything=all)
+    for line in report.unchecked:
+        ui.console.print(f"[yellow]not checked[/] {line}")
+    if report.found:
+        ui.console.print(audit_mod.table(report))
+    left = report.unaccounted
+    if left:
+        first = left[0][1]
+        raise Exit(
+            f"error: {len(left)} billable item(s) that no inventory accounts for, first {first.kind} {first.id} "
+            f"of {first.cluster or 'no cluster'}: remove them with fab down --name CLUSTER --purge, or in the cloud",
+            code=1,
+        )
+    ui.console.print("nothing billable outside the inventories")
+
+
+@task(help={"name": NAME_HELP, "all": "every known cluster, then the ledger of clusters torn down"})
+@friendly
+def cost(c, name=None, all=False):
+    """Hours up and dollars so far per cluster (storage apart) and per run, from the inventory's prices."""
+    names = state.known_clusters() if all else [_name(c, name)]
+    for cluster in names:
+        inv = inventory_mod.load(cluster)
+        if not inv.running:
+            continue
+        bill = cost_mod.bill(inv)
+        ui.console.print(cost_mod.bill_table(bill))
+        if bill.runs:
+            ui.console.print(cost_mod.runs_table(bill))
+    entries = [e for e in cost_mod.ledger() if all or e["cluster"] in names]
+    if entries:
+        ui.console.print(cost_mod.ledger_table(entries))
+    elif not any(inventory_mod.load(n).running for n in names):
+        ui.console.print("nothing running and no bills in the ledger")
+
+
+@task(help={"name": NAME_HELP, "stack": "Pulumi stack of a cluster that a stack made (default: its inventory's)"})
+@friendly
+def park(c, name=None, stack=None):
+    """Stop the GPU nodes, keeping their disks and set-up: compute billing ends; fab up resumes."""
+    inv = lifecycle.park(inventory_mod.load(_name(c, name)), stack=stack or c.config.trainrig.stack)
+    ui.console.print(f"cluster {inv.cluster!r} parked ({len(inv.gpu_nodes)} GPU nodes stopped, disks kept)")
+    ui.console.print(f"bring it back with: fab up --name {inv.cluster}")
+
+
 @task(help={"stack": "stack name (stacks/Pulumi.<stack>.yaml) or a stack file (default: trainrig.stack)"})
 @friendly
 def plan(c, stack=None):
@@ -319,6 +422,23 @@ def demo(c, name="demo", nodes=2, job=None, keep=False):
 
 
 namespace = Collection(
-    up, status, provision, train, monitor, logs, cancel, fetch, plot, tensorboard, scaling, down, demo, plan
+    up,
+    status,
+    provision,
+    train,
+    monitor,
+    logs,
+    cancel,
+    fetch,
+    plot,
+    tensorboard,
+    scaling,
+    down,
+    demo,
+    plan,
+    deadman,
+    park,
+    cost,
+    audit,
 )
 namespace.configure({"trainrig": {"cluster": "dev", "nodes": 2, "data_disk_gb": 2, "stack": None, "inventory": None}})

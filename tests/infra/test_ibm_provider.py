@@ -240,3 +240,43 @@ def test_round_trip_through_pulumis_pickling_keeps_no_credentials(monkeypatch):
     assert restored.ready_timeout_s == 5 and restored.flavor_sizes == SIZES
     assert restored._stack_credentials is None
     assert pickle.loads(pickle.dumps(restored)).flavor_sizes == SIZES
+
+
+def test_audit_lists_tagged_servers_and_their_san_disks_and_nothing_once_cancelled(transport):
+    from infra.clouds.ibm import CLOUD as IBM
+    from tests.helpers import make_inventory
+
+    def guest(guest_id, hostname, cluster):
+        return {
+            "id": guest_id,
+            "hostname": hostname,
+            "datacenter": {"name": "syd04"},
+            "tagReferences": [{"tag": {"name": f"trainrig-cluster:{cluster}"}}] if cluster else [],
+            "blockDevices": [
+                {"device": "0", "diskImage": {"capacity": 100, "units": "GB"}},
+                {"device": "2", "diskImage": {"capacity": 2000, "units": "GB"}},
+            ],
+        }
+
+    listing = transport.set_mock("SoftLayer_Account", "getVirtualGuests")
+    listing.return_value = [
+        guest(1, "storage", "nmt"),
+        guest(2, "node0", "nmt"),
+        guest(3, "node0", "lost"),
+        guest(4, "web", None),
+    ]
+    known = {"nmt": make_inventory(gpu_nodes=0, cluster="nmt")}
+    found = IBM.audit(known, everything=False, transport=transport)
+    assert [(b.kind, b.id, b.node, b.accounted_for(known)) for b in found] == [
+        ("virtual server", "1", "storage", True),
+        ("san volume", "1/disk0", "storage", True),
+        ("san volume", "1/disk2", "storage", True),
+        ("virtual server", "2", "node0", False),
+        ("san volume", "2/disk0", "node0", False),
+        ("san volume", "2/disk2", "node0", False),
+    ]
+    assert found[2].detail == "2000 GB"
+    everything = IBM.audit(known, everything=True, transport=transport)
+    assert {b.cluster for b in everything} == {"nmt", "lost"}, "servers without the tag are not trainrig's"
+    listing.return_value = [guest(4, "web", None)]
+    assert IBM.audit(known, everything=True, transport=transport) == []

@@ -62,6 +62,8 @@ def test_down_removes_compute_keeps_storage(ec2, stack):
     assert verbs.index("config set") < verbs.index("up") and "destroy" not in verbs
     assert ["config", "set", "trainrig:gpu_nodes", "--plaintext", "--stack", STACK, "--", "0"] in stack.calls()
     assert all(STACK in call for call in stack.calls() if call[:1] != ["version"])  # always the named stack
+    # Refreshed first: GPU instances that terminated themselves (the dead-man switch) are read as gone.
+    assert any(call[:1] == ["up"] and "--refresh" in call for call in stack.calls())
     assert [n.name for n in remaining.nodes] == ["storage"]
     assert inventory.load("imagenet").gpu_nodes == []
 

@@ -10,6 +10,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, SecretStr, model_validator
 
 from infra.config import ConfigError, MachineStack, secret
+from infra.errors import TrainrigError
 
 
 class IbmConfig(MachineStack):
@@ -77,6 +78,19 @@ class IbmCloud:
         from infra.automation import StackBackend
 
         return StackBackend(self, stack)
+
+    def power(self, cluster: str, cfg: IbmConfig, on: bool) -> dict[str, str]:
+        # Not "park" in its capabilities, so this is reached only by mistake; say why all the same.
+        raise TrainrigError(
+            f"IBM Cloud classic keeps billing a powered-off GPU server: cluster {cluster!r} cannot be parked, "
+            "use fab down (storage kept)"
+        )
+
+    def audit(self, known, everything: bool, transport=None):
+        """Virtual servers and their SAN disks by the trainrig-cluster: tag (credentials from the environment)."""
+        from infra.clouds.ibm.softlayer import Listing
+
+        return Listing(transport).audit(set(known), everything)
 
     def billable(self, cluster: str, cfg: IbmConfig | None, transport=None) -> list[str]:
         """What the account still lists for the cluster: one line per server, named by hostname."""

@@ -15,6 +15,7 @@ import SoftLayer
 from pulumi.dynamic import CreateResult, DiffResult, ReadResult, ResourceProvider, UpdateResult
 from SoftLayer import utils as sl_utils
 
+from infra.clouds import Billable
 from infra.commands import wait_until
 from infra.errors import TrainrigError
 
@@ -277,6 +278,9 @@ def _outputs(props: dict[str, Any], guest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+TAG_PREFIX = "trainrig-cluster:"
+
+
 class Listing(_Credentials):
     """The account's own list of a cluster's servers (what still bills), by the tag every server carries."""
 
@@ -293,3 +297,33 @@ class Listing(_Credentials):
         except SoftLayer.SoftLayerAPIError as exc:
             raise _api_error(f"list the servers of cluster {cluster}", exc) from None
         return [f"virtual server {g['id']} ({g['hostname']})" for g in guests]
+
+    def audit(self, clusters: set[str], everything: bool) -> list[Billable]:
+        """The account's virtual servers tagged trainrig-cluster:<name>, and the SAN disks each one bills for."""
+        mask = "id,hostname,datacenter[name],tagReferences[tag[name]],blockDevices[device,diskImage[capacity,units]]"
+        try:
+            guests = self.client().call("SoftLayer_Account", "getVirtualGuests", mask=mask, iter=True)
+            guests = list(guests)
+        except SoftLayer.SoftLayerAPIError as exc:
+            raise _api_error("list the account's virtual servers", exc) from None
+        found: list[Billable] = []
+        for guest in guests:
+            tags = [ref.get("tag", {}).get("name", "") for ref in guest.get("tagReferences", [])]
+            cluster = next((t.removeprefix(TAG_PREFIX) for t in tags if t.startswith(TAG_PREFIX)), None)
+            if not cluster or not (everything or cluster in clusters):
+                continue
+            node, where = guest["hostname"], guest.get("datacenter", {}).get("name", "")
+            found.append(Billable(kind="virtual server", id=str(guest["id"]), cluster=cluster, node=node, detail=where))
+            for device in guest.get("blockDevices", []):
+                disk = device.get("diskImage") or {}
+                if disk.get("capacity"):
+                    found.append(
+                        Billable(
+                            kind="san volume",
+                            id=f"{guest['id']}/disk{device.get('device')}",
+                            cluster=cluster,
+                            node=node,
+                            detail=f"{disk['capacity']} {disk.get('units', 'GB')}",
+                        )
+                    )
+        return found
