@@ -18,8 +18,8 @@ from rich.table import Table
 
 from cluster import phases as phases_mod
 from cluster.images import REGISTRY_PORT
+from infra import clouds, state, ui
 from infra import inventory as inventory_mod
-from infra import state, ui
 from infra.commands import run
 from infra.errors import TrainrigError
 from infra.inventory import Inventory
@@ -67,6 +67,8 @@ def ansible_inventory(
         "ansible_python_interpreter": "/usr/bin/python3",
         "trainrig_cluster": inv.cluster,
         "trainrig_cloud": inv.cloud,
+        # Whether containers may lift the locked-memory limit (NCCL, RDMA): the docker role's default.
+        "trainrig_memlock": "memlock" in clouds.get(inv.cloud).capabilities,
         "trainrig_nodes": nodes,
     }
     if inv.ssh_user != "root":

@@ -398,13 +398,33 @@ def park(c, name=None, stack=None):
     ui.console.print(f"bring it back with: fab up --name {inv.cluster}")
 
 
-@task(help={"stack": "stack name (stacks/Pulumi.<stack>.yaml) or a stack file (default: trainrig.stack)"})
+@task(
+    help={
+        "stack": "stack name (stacks/Pulumi.<stack>.yaml) or a stack file (default: trainrig.stack)",
+        "verify": "also ask the cloud's API whether it would accept every order (creates nothing)",
+    }
+)
 @friendly
-def plan(c, stack=None):
+def plan(c, stack=None, verify=False):
     """Print the nodes, flavors, disks and $/hour a stack will create (no Pulumi CLI needed)."""
-    from infra import blueprint, config
+    from rich.markup import escape
 
-    ui.console.print(blueprint.table(blueprint.blueprint(config.load_named(stack or c.config.trainrig.stack))))
+    from infra import blueprint, clouds, config
+
+    cfg = config.load_named(stack or c.config.trainrig.stack)
+    bp = blueprint.blueprint(cfg)
+    ui.console.print(blueprint.table(bp))
+    if not verify:
+        return
+    with ui.status(f"asking {cfg.cloud} whether it would accept this stack"):
+        found = clouds.get(cfg.cloud).verify(cfg, bp)
+    for note in found.notes:
+        ui.console.print(f"note: {escape(note)}", soft_wrap=True)
+    if found.problems:
+        for problem in found.problems:
+            ui.console.print(f"problem: {escape(problem)}", soft_wrap=True)
+        raise Exit(f"error: the clouds would refuse this stack: {len(found.problems)} problem(s) above", code=1)
+    ui.console.print("the clouds accept this stack")
 
 
 @task(

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import Field
@@ -60,6 +61,14 @@ CAPABILITIES = frozenset(
         "self_teardown",  # a GPU node that powers itself off stops billing (the dead-man switch relies on it)
     }
 )
+
+
+@dataclass
+class Findings:
+    """What `fab plan --verify` learnt: problems (the cloud would refuse) and notes (worth knowing)."""
+
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 class ClusterRequest(Strict):
@@ -116,6 +125,7 @@ class Cloud(Protocol):
     def billable(self, cluster: str, cfg: Any) -> list[str]: ...
     def power(self, cluster: str, cfg: Any, on: bool) -> dict[str, str]: ...
     def audit(self, known: dict[str, Inventory], everything: bool) -> list[Billable]: ...
+    def verify(self, cfg: Any, blueprint: Blueprint) -> Findings: ...
     def stand_in_image(self, reference: str) -> str | None: ...
 
 

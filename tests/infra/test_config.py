@@ -51,7 +51,7 @@ def test_seed_clusters():
         2000,
     )
     aws = config.load_stack_file(config.stack_file("aws-16-gpu", ROOT))
-    assert (aws.gpu_nodes, aws.flavor, aws.gpus) == (16, "p2.16xlarge", 16)
+    assert (aws.gpu_nodes, aws.flavor, aws.gpus) == (16, "p3.16xlarge", 8)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c["error"][:60])
@@ -126,3 +126,12 @@ def test_a_typo_is_named_before_the_missing_key_it_explains(tmp_path):
     path.write_text(yaml.safe_dump(doc))
     with pytest.raises(TrainrigError, match=r"^trainrig:gpu_node: unknown key; remove it from the stack$"):
         config.load_stack_file(path)
+
+
+def test_a_wide_admin_cidr_passes_only_when_the_stack_says_it_means_it(tmp_path):
+    doc = yaml.safe_load(config.stack_file("ibm-dal10-v100", ROOT).read_text())
+    doc["config"]["trainrig:admin_cidr"] = "0.0.0.0/1"
+    doc["config"]["trainrig:admin_cidr_wide"] = True
+    path = tmp_path / "Pulumi.wide.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert str(config.load_stack_file(path).admin_cidr) == "0.0.0.0/1"

@@ -119,7 +119,11 @@ def test_without_the_pulumi_cli_says_what_to_do(tmp_path, monkeypatch):
 def test_ibm_listing_by_cluster_tag():
     transport = MockableTransport(SoftLayer.FixtureTransport())
     guests = transport.set_mock("SoftLayer_Account", "getVirtualGuests")
-    guests.return_value = [{"id": 7, "hostname": "node0"}, {"id": 8, "hostname": "storage"}]
+    guests.return_value = [
+        {"id": 7, "hostname": "node0", "billingItem": {"id": 70}},
+        {"id": 8, "hostname": "storage", "billingItem": {"id": 80}},
+        {"id": 9, "hostname": "node1"},  # cancelled: listed while IBM reclaims it, but no longer billing
+    ]
     assert Listing(transport).servers("nmt") == ["virtual server 7 (node0)", "virtual server 8 (storage)"]
     request = transport.calls[-1]
     assert "trainrig-cluster:nmt" in json.dumps(request.filter)

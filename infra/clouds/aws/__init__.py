@@ -24,7 +24,9 @@ class AwsConfig(MachineStack):
     machine_word: ClassVar[str] = "instance type"
 
     cloud: Literal["aws"]
-    image: str | None = Field(default=None, description="AMI id (default: the Deep Learning AMI)")
+    image: str | None = Field(
+        default=None, description="AMI id (default: chosen by instance family, see infra/clouds/aws/images.py)"
+    )
     region: str = Field(pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]$")
     zone: str | None = Field(default=None, pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9][a-z]$")
     spot: bool = False
@@ -47,9 +49,21 @@ class AwsConfig(MachineStack):
 
     @model_validator(mode="after")
     def _zone_in_region(self) -> AwsConfig:
+        from infra.clouds.aws import images
+
         if self.zone and not self.zone.startswith(self.region):
             raise ConfigError("zone", f"{self.zone} is not in region {self.region}")
+        refused = images.refusal(self.flavor, self.machine.gpus)
+        if refused:
+            raise ConfigError("flavor", refused)
         return self
+
+    @property
+    def image_choice(self):
+        """Where the GPU nodes' image comes from (None: trainrig:image names one)."""
+        from infra.clouds.aws import images
+
+        return None if self.image else images.image_for(self.flavor, self.machine.gpus)
 
     @property
     def shared_fs(self) -> bool:
@@ -67,6 +81,8 @@ class AwsConfig(MachineStack):
             )
         if self.spot:
             notes.append("spot instances: priced here at on-demand rates, the most they can cost")
+        choice = self.image_choice
+        notes.append(f"GPU node image: {choice.describe() if choice else self.image}")
         return notes
 
     def check_credentials(self, environ: Mapping[str, str] = os.environ) -> None:
@@ -103,6 +119,17 @@ class AwsCloud:
         from infra.automation import StackBackend
 
         return StackBackend(self, stack)
+
+    def verify(self, cfg: AwsConfig, blueprint, endpoint_url: str | None = None):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        from infra.clouds.aws import verify
+        from infra.errors import TrainrigError
+
+        try:
+            return verify.verify(cfg, blueprint, endpoint_url=endpoint_url)
+        except (BotoCoreError, ClientError) as exc:
+            raise TrainrigError(f"AWS could not be asked about the stack: {str(exc).splitlines()[0]}") from None
 
     def billable(self, cluster: str, cfg: AwsConfig, endpoint_url: str | None = None) -> list[str]:
         """What AWS's own listings still hold for a cluster (instances not terminated, volumes, EFS, VPCs, groups)."""
