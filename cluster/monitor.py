@@ -47,7 +47,7 @@ class RunView:
     def feed(self, chunk: bytes) -> list[dict]:
         data = self.partial + chunk
         *lines, self.partial = data.split(b"\n")
-        new = [json.loads(line) for line in lines if line.strip()]
+        new = [m for m in map(runs.parse_metric, lines) if m is not None]
         self.metrics += new
         return new
 

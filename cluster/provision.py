@@ -343,7 +343,15 @@ class ProvisionFailed(TrainrigError):
 
 def _previously_failed(cluster: str) -> list[str]:
     path = failed_hosts_path(cluster)
-    hosts = json.loads(path.read_text()) if path.is_file() else []
+    try:
+        hosts = json.loads(path.read_text()) if path.is_file() else []
+    except ValueError:
+        hosts = None
+    if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
+        raise TrainrigError(
+            f"{path} is damaged (not a JSON list of host names): delete it and provision every host with "
+            f"fab provision --name {cluster}"
+        )
     if not hosts:
         raise TrainrigError(f"no failed hosts recorded for {cluster!r}: run `fab provision --name {cluster}`")
     return hosts

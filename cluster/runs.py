@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pydantic import Field, TypeAdapter
+from pydantic import Field, TypeAdapter, ValidationError
 
 from cluster import images, jobs, preflight, transfer
 from cluster import launch as launch_mod
@@ -19,7 +19,7 @@ from infra import clouds, ssh, state
 from infra.commands import wait_until
 from infra.errors import TrainrigError
 from infra.inventory import Inventory, Node, how_to_start, require_running
-from infra.models import Strict
+from infra.models import Strict, first_error
 
 SUPERVISOR = Path(__file__).parent / "remote" / "supervisor.py"
 SAMPLER = Path(__file__).parent / "remote" / "sampler.py"
@@ -58,7 +58,15 @@ def records_path(cluster: str) -> Path:
 
 def records(cluster: str) -> list[RunRecord]:
     path = records_path(cluster)
-    return _records.validate_json(path.read_text()) if path.is_file() else []
+    if not path.is_file():
+        return []
+    try:
+        return _records.validate_json(path.read_text())
+    except ValidationError as exc:
+        raise TrainrigError(
+            f"{path} is damaged ({first_error(exc)}): restore it from a backup, or move it aside to start "
+            "a new list (the runs it held can then only be reached on the cluster's shared storage)"
+        ) from None
 
 
 def _remember(cluster: str, record: RunRecord) -> None:
@@ -317,6 +325,27 @@ def remove_containers(inv: Inventory, record: RunRecord) -> list[str]:
             return str(exc)
 
     return [problem for problem in ssh.on_nodes(nodes, remove).values() if problem]
+
+
+METRIC_FIELDS = ("step", "loss", "throughput", "time")
+
+
+def parse_metric(line: str | bytes) -> dict | None:
+    """One metrics.jsonl line with its numbers; None for a line cut short by a copy mid-write, or one without numbers.
+
+    The file is written on the cluster from what the job prints, so a line may be incomplete or
+    hold a value that is not a number: such a line is skipped, never the end of a plot or a monitor.
+    """
+    try:
+        data = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    metric = {
+        k: data[k] for k in METRIC_FIELDS if isinstance(data.get(k), int | float) and not isinstance(data.get(k), bool)
+    }
+    return metric if isinstance(metric.get("step"), int) else None
 
 
 def read_status(sftp, record: RunRecord) -> dict | None:

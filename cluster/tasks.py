@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 
 from invoke import Collection, task
@@ -14,7 +15,7 @@ from cluster import monitor as monitor_mod
 from cluster import plot as plot_mod
 from cluster import provision as provision_mod
 from infra import inventory as inventory_mod
-from infra import ui
+from infra import state, ui
 from infra.errors import TrainrigError
 
 NAME_HELP = "cluster name (default: trainrig.cluster in Fabric config, 'dev')"
@@ -41,11 +42,42 @@ def friendly(body):
 
 
 def _name(c, name: str | None) -> str:
-    return name or c.config.trainrig.cluster
+    """--name, else trainrig.cluster; an empty name is refused, never read as the default cluster."""
+    chosen = c.config.trainrig.cluster if name is None else name
+    if not chosen or not state.CLUSTER_NAME.match(chosen):
+        flag = "--name" if name is not None else "trainrig.cluster"
+        raise TrainrigError(
+            f"{flag} {chosen!r}: give a cluster name of 1-31 lowercase letters, digits or '-', starting with a letter"
+        )
+    return chosen
+
+
+def _whole(value, flag: str, default: int) -> int:
+    """A count flag as an int, or one line naming the flag (the range is the library's to check)."""
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise TrainrigError(f"{flag} {value!r}: give a whole number, e.g. {flag} {default}") from None
+
+
+def _seconds(value, flag: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise TrainrigError(f"{flag} {value!r}: give a number of seconds above 0, e.g. {flag} 600")
+    return seconds
 
 
 def _inventory(c, name: str | None, inventory: str | None = None):
     cfg = c.config.trainrig
+    if name is not None:
+        _name(c, name)
     return inventory_mod.for_task(name, cfg.cluster, inventory or cfg.inventory, cfg.stack)
 
 
@@ -56,7 +88,9 @@ def _inventory(c, name: str | None, inventory: str | None = None):
 def up(c, name=None, nodes=None, disk_gb=None):
     """Create a local cluster: N GPU-role nodes and one storage node as Docker 'VMs'."""
     cfg = c.config.trainrig
-    inv = lifecycle.up(_name(c, name), int(nodes or cfg.nodes), int(disk_gb or cfg.data_disk_gb))
+    inv = lifecycle.up(
+        _name(c, name), _whole(nodes, "--nodes", cfg.nodes), _whole(disk_gb, "--disk-gb", cfg.data_disk_gb)
+    )
     ui.console.print(lifecycle.status_table(inv))
     ui.console.print(f"inventory: {inventory_mod.path_for(inv.cluster)}")
 
@@ -119,8 +153,9 @@ def train(c, job, name=None, follow=False, inventory=None, resume=None):
 @friendly
 def monitor(c, run=None, name=None, timeout=None, inventory=None):
     """Follow a run live (step, loss, samples/s); exits with the run's success or failure."""
+    seconds = _seconds(timeout, "--timeout")
     inv = _inventory(c, name, inventory)
-    _follow(inv, runs.find(inv.cluster, run), float(timeout) if timeout else None)
+    _follow(inv, runs.find(inv.cluster, run), seconds)
 
 
 def _follow(inv, record, timeout=None):
@@ -241,9 +276,9 @@ def plan(c, stack=None):
     }
 )
 @friendly
-def demo(c, name="demo", nodes=2, job=None, keep=False):
+def demo(c, name="demo", nodes=None, job=None, keep=False):
     """Up, provision, train, monitor, fetch and down in one command, with a summary."""
-    demo_mod.demo(name, int(nodes), Path(job) if job else demo_mod.DEFAULT_JOB, keep=keep)
+    demo_mod.demo(_name(c, name), _whole(nodes, "--nodes", 2), Path(job) if job else demo_mod.DEFAULT_JOB, keep=keep)
 
 
 namespace = Collection(up, status, provision, train, monitor, logs, cancel, fetch, plot, down, demo, plan)

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from cluster import provision
+from infra.errors import TrainrigError
 from infra.inventory import SharedStorage
 from tests.helpers import make_inventory
 
@@ -163,3 +164,12 @@ def test_a_broken_playbook_is_an_error_not_a_quiet_success(tmp_path, monkeypatch
     monkeypatch.setattr(provision, "PLAYBOOKS", tmp_path)
     with pytest.raises(provision.TrainrigError, match=r"^ansible-playbook did not run \(failed\): .*ERROR"):
         provision.provision(make_inventory(gpu_nodes=1), playbook="broken.yml")
+
+
+@pytest.mark.parametrize("text", ['["node0"', '{"node0": 1}', "[1, 2]"])
+def test_a_damaged_failed_host_list_says_which_file_and_what_to_do(tmp_path, text):
+    path = provision.failed_hosts_path("unit")
+    path.parent.mkdir(parents=True)
+    path.write_text(text)
+    with pytest.raises(TrainrigError, match=r"provision-failed.json is damaged .*: delete it and provision every host"):
+        provision.provision(make_inventory(), retry_failed=True)
