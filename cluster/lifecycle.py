@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 
 from pydantic import ValidationError
 from rich import box
@@ -48,6 +49,22 @@ def _request(**fields) -> ClusterRequest:
         first = exc.errors()[0]
         field = str(first["loc"][0])
         raise TrainrigError(f"{FLAGS.get(field, field)} {fields.get(field)!r}: {first['msg']}") from exc
+
+
+def confirm_purge(inv: Inventory, yes: bool, ask: Callable[[str], str] | None) -> None:
+    """A purge of a cluster someone pays for deletes its data for good: the operator types its name, or said --yes.
+
+    `ask` prompts on a terminal; None means there is none (a script, CI), where only --yes will do.
+    Local clusters hold nothing billed and are purged without asking.
+    """
+    if yes or inv.cloud == clouds.DEFAULT:
+        return
+    what = f"--purge deletes the storage and data of {inv.cloud} cluster {inv.cluster!r} for good"
+    if ask is None:
+        raise TrainrigError(f"{what}; no terminal to confirm on: add --yes if that is what you mean")
+    typed = ask(f"{what}. Type the cluster's name to confirm: ").strip()
+    if typed != inv.cluster:
+        raise TrainrigError(f"{typed!r} is not {inv.cluster!r}: nothing was removed")
 
 
 def down(inv: Inventory, purge: bool, stack: str | None = None) -> Inventory | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from pathlib import Path
 
 from invoke import Collection, task
@@ -72,6 +73,13 @@ def _seconds(value, flag: str) -> float | None:
     if not math.isfinite(seconds) or seconds <= 0:
         raise TrainrigError(f"{flag} {value!r}: give a number of seconds above 0, e.g. {flag} 600")
     return seconds
+
+
+def _ask(prompt: str) -> str:
+    try:
+        return ui.console.input(ui.plain(prompt))
+    except EOFError:
+        return ""
 
 
 def _inventory(c, name: str | None, inventory: str | None = None):
@@ -239,16 +247,20 @@ def plot(c, run=None, name=None, dest="runs", inventory=None):
         "name": NAME_HELP,
         "purge": "also delete storage: the shared volume or NFS server, data disks, keys and inventory",
         "stack": "Pulumi stack of a cluster that a stack made (default: the one its inventory names)",
+        "yes": "purge a cloud cluster without typing its name (for scripts; a local one never asks)",
     }
 )
 @friendly
-def down(c, name=None, purge=False, stack=None):
+def down(c, name=None, purge=False, stack=None, yes=False):
     """Remove compute; storage is kept unless --purge. Checked against the cloud's listing; safe twice."""
     cluster = _name(c, name)
     if not inventory_mod.path_for(cluster).is_file():
         ui.console.print(f"cluster {cluster!r} does not exist: nothing to remove")
         return
-    remaining = lifecycle.down(inventory_mod.load(cluster), purge=purge, stack=stack or c.config.trainrig.stack)
+    inv = inventory_mod.load(cluster)
+    if purge:
+        lifecycle.confirm_purge(inv, yes, _ask if sys.stdin.isatty() else None)
+    remaining = lifecycle.down(inv, purge=purge, stack=stack or c.config.trainrig.stack)
     if remaining is None:
         ui.console.print(f"cluster {cluster!r} removed, storage included")
         return
