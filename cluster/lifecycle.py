@@ -19,23 +19,25 @@ def up(name: str, gpu_nodes: int, data_disk_gb: int, cloud: str = clouds.DEFAULT
     request = _request(name=name, cloud=cloud, gpu_nodes=gpu_nodes, data_disk_gb=data_disk_gb)
     provider = clouds.get(cloud)
     clouds.require(provider, "create", "be created by fab up: make them with pulumi up --stack NAME")
-    backend = provider.backend()
-    fresh = not state.cluster_dir(name).exists()
-    names = [*gpu_node_names(gpu_nodes), STORAGE_NODE]
-    with ui.NodeBoard(f"creating cluster {name} ({cloud})", names) as board:
-        inv = backend.create(request, board)
-        try:
-            backend.wait_ready(inv, board)
-        except BaseException as exc:
+    with state.cluster_lock(name, "up"):
+        backend = provider.backend()
+        fresh = not state.cluster_dir(name).exists()
+        names = [*gpu_node_names(gpu_nodes), STORAGE_NODE]
+        with ui.NodeBoard(f"creating cluster {name} ({cloud})", names) as board:
+            inv = backend.create(request, board)
             try:
-                backend.destroy(inv, purge=fresh)
-            except Exception as cleanup:
-                # The cause first (it is why up failed), then what may still bill and how to remove it.
-                again = f"fab down --name {name}" + (" --purge" if fresh else "")
-                raise TrainrigError(
-                    f"{exc or type(exc).__name__}; removing the half-made cluster failed too ({cleanup}): run {again}"
-                ) from exc
-            raise
+                backend.wait_ready(inv, board)
+            except BaseException as exc:
+                try:
+                    backend.destroy(inv, purge=fresh)
+                except Exception as cleanup:
+                    # The cause first (it is why up failed), then what may still bill and how to remove it.
+                    again = f"fab down --name {name}" + (" --purge" if fresh else "")
+                    cause = exc or type(exc).__name__
+                    raise TrainrigError(
+                        f"{cause}; removing the half-made cluster failed too ({cleanup}): run {again}"
+                    ) from exc
+                raise
     return inv
 
 
@@ -70,9 +72,10 @@ def confirm_purge(inv: Inventory, yes: bool, ask: Callable[[str], str] | None) -
 def down(inv: Inventory, purge: bool, stack: str | None = None) -> Inventory | None:
     """Remove compute (and storage with purge); verified against the backend's own listing."""
     backend = clouds.get(inv.cloud).backend(stack)
-    remaining = backend.destroy(inv, purge)
-    if purge:
-        shutil.rmtree(state.cluster_dir(inv.cluster), ignore_errors=True)
+    with state.cluster_lock(inv.cluster, "down --purge" if purge else "down"):
+        remaining = backend.destroy(inv, purge)
+        if purge:
+            shutil.rmtree(state.cluster_dir(inv.cluster), ignore_errors=True)
     return remaining
 
 

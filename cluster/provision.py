@@ -5,14 +5,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
 import tempfile
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import ansible_runner
 import yaml
 from rich.table import Table
+from rich.text import Text
 
 from cluster.images import REGISTRY_PORT
 from infra import inventory as inventory_mod
@@ -175,6 +179,7 @@ class HostRecap:
 @dataclass
 class Recap:
     hosts: dict[str, HostRecap] = field(default_factory=dict)
+    complete: bool = False  # Ansible's PLAY RECAP came: every host's outcome is known
 
     @property
     def failed_hosts(self) -> list[str]:
@@ -200,17 +205,17 @@ class _Progress:
         kind = event.get("event", "")
         task = data.get("task", "")
         if kind == "runner_on_start":
-            self.board.update(host, f"{task} …")
+            self.board.update(host, f"{ui.plain(task)} …")
         elif kind == "runner_on_ok":
             _record_files(rec, data.get("res", {}))
         elif kind == "runner_on_failed" and not data.get("ignore_errors"):
             rec.failed += 1
             rec.message = _first_line(data.get("res", {}).get("msg", "failed"), task)
-            self.board.update(host, f"[red]failed[/]: {rec.message}")
+            self.board.update(host, f"[red]failed[/]: {ui.plain(rec.message)}")
         elif kind == "runner_on_unreachable":
             rec.unreachable += 1
             rec.message = _first_line(data.get("res", {}).get("msg", "unreachable"), task)
-            self.board.update(host, f"[red]unreachable[/]: {rec.message}")
+            self.board.update(host, f"[red]unreachable[/]: {ui.plain(rec.message)}")
         return True
 
     def _final_counts(self, stats: dict) -> None:
@@ -225,6 +230,7 @@ class _Progress:
             rec.unreachable = stats.get("dark", {}).get(host, 0)
             if rec.succeeded:
                 rec.message = ""
+        self.recap.complete = True
 
 
 def _record_files(rec: HostRecap, res: dict) -> None:
@@ -273,53 +279,79 @@ def provision(
     inventory_mod.require_running(inv)
     if not (PLAYBOOKS / playbook).is_file():
         raise TrainrigError(f"playbook {playbook} not found in {PLAYBOOKS}")
-    targets = [n.name for n in inv.nodes]
-    if retry_failed:
-        # Only hosts that still exist: a node removed since then has nothing left to retry.
-        targets = [h for h in _previously_failed(inv.cluster) if h in targets]
-    recap = Recap(hosts={h: HostRecap() for h in targets})
-    with contextlib.ExitStack() as stack:
-        private_dir = (
-            str(keep_artifacts)
-            if keep_artifacts
-            else stack.enter_context(tempfile.TemporaryDirectory(prefix="trainrig-ansible-"))
-        )
-        with ui.NodeBoard(f"provisioning {inv.cluster} ({playbook})", targets) as board:
-            runner = ansible_runner.run(
-                private_data_dir=private_dir,
-                project_dir=str(PLAYBOOKS),
-                playbook=str(PLAYBOOKS / playbook),
-                inventory=ansible_inventory(inv, host_vars),
-                envvars={**ansible_env(inv), **(settings or {})},
-                extravars={**cluster_vars(inv.cluster), **(extravars or {})},
-                cmdline="--check --diff" if check else None,
-                limit=",".join(targets),
-                tags=tags,
-                quiet=True,
-                event_handler=_Progress(board, recap),
-                status_handler=_forget_environment,
+    with state.cluster_lock(inv.cluster, "provision"), _interrupts() as interrupted:
+        targets = [n.name for n in inv.nodes]
+        if retry_failed:
+            # Only hosts that still exist: a node removed since then has nothing left to retry.
+            targets = [h for h in _previously_failed(inv.cluster) if h in targets]
+        recap = Recap(hosts={h: HostRecap() for h in targets})
+        with contextlib.ExitStack() as stack:
+            private_dir = (
+                str(keep_artifacts)
+                if keep_artifacts
+                else stack.enter_context(tempfile.TemporaryDirectory(prefix="trainrig-ansible-"))
             )
-            for host, rec in recap.hosts.items():
-                if rec.succeeded:
-                    board.update(host, f"[green]done[/] ok={rec.ok} changed={rec.changed}")
-        # Read while ansible-runner's files still exist.
-        # Not successful with no host to blame: the playbook itself is broken, or Ansible is.
-        did_not_run = runner.status != "successful" and not recap.failed_hosts
-        error = _runner_error(runner) if did_not_run else ""
-    _print_recap(recap)
-    failed = recap.failed_hosts
-    if not check:
-        # What --retry-failed picks up; a rehearsal in check mode leaves it alone.
-        state.write_atomic(failed_hosts_path(inv.cluster), json.dumps(failed))
-    if did_not_run:
-        raise TrainrigError(f"ansible-playbook did not run ({runner.status}): {error}")
-    if failed:
-        raise ProvisionFailed(
-            recap,
-            f"provisioning failed on {', '.join(failed)}: {recap.hosts[failed[0]].message}; "
-            f"fix it, then run: fab provision --name {inv.cluster} --retry-failed",
-        )
+            with ui.NodeBoard(f"provisioning {inv.cluster} ({playbook})", targets) as board:
+                runner = ansible_runner.run(
+                    private_data_dir=private_dir,
+                    project_dir=str(PLAYBOOKS),
+                    playbook=str(PLAYBOOKS / playbook),
+                    inventory=ansible_inventory(inv, host_vars),
+                    envvars={**ansible_env(inv), **(settings or {})},
+                    extravars={**cluster_vars(inv.cluster), **(extravars or {})},
+                    cmdline="--check --diff" if check else None,
+                    limit=",".join(targets),
+                    tags=tags,
+                    quiet=True,
+                    # Ctrl-C never reaches ansible-playbook (it runs in its own terminal): the
+                    # runner stops it when asked, so no task goes on after the user said stop.
+                    cancel_callback=interrupted.is_set,
+                    event_handler=_Progress(board, recap),
+                    status_handler=_forget_environment,
+                )
+                for host, rec in recap.hosts.items():
+                    if rec.succeeded:
+                        board.update(host, f"[green]done[/] ok={rec.ok} changed={rec.changed}")
+            # Read while ansible-runner's files still exist.
+            # Not successful with no host to blame: the playbook itself is broken, or Ansible is.
+            did_not_run = runner.status != "successful" and not recap.failed_hosts and not interrupted.is_set()
+            error = _runner_error(runner) if did_not_run else ""
+        _print_recap(recap)
+        # Without Ansible's final counts (interrupted, or Ansible died) no host is known to be
+        # done: all of them are left for --retry-failed, never an empty list that resumes nothing.
+        failed = recap.failed_hosts if recap.complete else sorted(recap.hosts)
+        if not check:
+            # What --retry-failed picks up; a rehearsal in check mode leaves it alone.
+            state.write_atomic(failed_hosts_path(inv.cluster), json.dumps(failed))
+        if interrupted.is_set():
+            raise TrainrigError(
+                f"provisioning interrupted: ansible-playbook stopped; finish it with: "
+                f"fab provision --name {inv.cluster} --retry-failed",
+                exit_code=130,
+            )
+        if did_not_run:
+            raise TrainrigError(f"ansible-playbook did not run ({runner.status}): {error}")
+        if failed:
+            raise ProvisionFailed(
+                recap,
+                f"provisioning failed on {', '.join(failed)}: {recap.hosts[failed[0]].message}; "
+                f"fix it, then run: fab provision --name {inv.cluster} --retry-failed",
+            )
     return recap
+
+
+@contextlib.contextmanager
+def _interrupts() -> Iterator[threading.Event]:
+    """Ctrl-C during a playbook sets an event (the runner polls it) instead of abandoning Ansible mid-task."""
+    asked = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield asked  # signal handlers belong to the main thread; elsewhere there is no Ctrl-C to catch
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: asked.set())
+    try:
+        yield asked
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _forget_environment(status: dict, runner_config) -> None:
@@ -371,5 +403,6 @@ def _print_recap(recap: Recap) -> None:
     for column in ("host", "ok", "changed", "failed", "unreachable", "skipped", "note"):
         table.add_column(column, justify="right" if column not in ("host", "note") else "left")
     for host, r in recap.hosts.items():
-        table.add_row(host, str(r.ok), str(r.changed), str(r.failed), str(r.unreachable), str(r.skipped), r.message)
+        row = (host, str(r.ok), str(r.changed), str(r.failed), str(r.unreachable), str(r.skipped), r.message)
+        table.add_row(*(Text(cell) for cell in row))  # Ansible's words, shown as they are: never markup
     ui.console.print(table)

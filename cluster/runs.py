@@ -70,12 +70,14 @@ def records(cluster: str) -> list[RunRecord]:
 
 
 def _remember(cluster: str, record: RunRecord) -> None:
-    state.write_atomic(records_path(cluster), _records.dump_json(records(cluster) + [record], indent=2).decode())
+    with state.records_lock(cluster):
+        state.write_atomic(records_path(cluster), _records.dump_json(records(cluster) + [record], indent=2).decode())
 
 
 def _forget(cluster: str, run_id: str) -> None:
-    kept = [r for r in records(cluster) if r.id != run_id]
-    state.write_atomic(records_path(cluster), _records.dump_json(kept, indent=2).decode())
+    with state.records_lock(cluster):
+        kept = [r for r in records(cluster) if r.id != run_id]
+        state.write_atomic(records_path(cluster), _records.dump_json(kept, indent=2).decode())
 
 
 def find(cluster: str, run_id: str | None) -> RunRecord:
