@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -120,7 +121,15 @@ def control_dir() -> Path:
     """Where SSH keeps its ControlPersist sockets between tasks and between runs."""
     # Unix socket paths are short (108 bytes): keep the control sockets out of deep test dirs.
     path = Path(tempfile.gettempdir()) / f"trainrig-cp-{os.getuid()}"
-    path.mkdir(mode=0o700, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    # The temp folder is shared: a folder of that name made by someone else (or open to them)
+    # could hold a socket that poses as a master connection to our nodes. Never reuse one.
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
+        raise TrainrigError(
+            f"{path} (SSH connection sharing) is not a folder that only you own and use; remove it and run again"
+        )
     return path
 
 

@@ -61,6 +61,14 @@ def container_name(cluster: str, node: str) -> str:
     return f"trainrig-{cluster}-{node}"
 
 
+def create_disk_image(path: Path, size_gb: int) -> None:
+    """A sparse file of size_gb that only the operator can read: it holds the node's data."""
+    state.private_dir(path.parent)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.truncate(size_gb * 1024**3)
+
+
 def disk_file(cluster: str, node: str) -> Path:
     return state.cluster_dir(cluster) / "disks" / f"{node}.img"
 
@@ -195,10 +203,8 @@ class LocalBackend:
     def _attach_disk(self, cluster: str, node: str, size_gb: int) -> str:
         """A sparse file as a block device; an existing file (kept by `down`) keeps its data."""
         path = disk_file(cluster, node)
-        path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists():
-            with open(path, "wb") as fh:
-                fh.truncate(size_gb * 1024**3)
+            create_disk_image(path, size_gb)
         for loop in self._loops_of(path):
             return loop
         return run(
