@@ -30,6 +30,10 @@ def up(name: str, gpu_nodes: int, data_disk_gb: int, cloud: str = clouds.DEFAULT
             except BaseException as exc:
                 try:
                     backend.destroy(inv, purge=fresh)
+                    if fresh:
+                        # Its inventory listed nodes as running and its keys were made for them:
+                        # left behind, they make the next `fab up` say the cluster is already up.
+                        shutil.rmtree(state.cluster_dir(name), ignore_errors=True)
                 except Exception as cleanup:
                     # The cause first (it is why up failed), then what may still bill and how to remove it.
                     again = f"fab down --name {name}" + (" --purge" if fresh else "")

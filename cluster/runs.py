@@ -197,11 +197,23 @@ def launch(
             )
     except BaseException:
         # Nothing half-started: no container on any node, and no record of a run that is not running.
+        if remembered:
+            # An interrupt may land after systemd started the unit and before we heard so:
+            # stop it, so no supervisor goes on for a run that is about to be forgotten.
+            _stop_unit(inv, nodes[0], record)
         remove_containers(inv, record)
         if remembered:
             _forget(inv.cluster, record.id)
         raise
     return record
+
+
+def _stop_unit(inv: Inventory, node: Node, record: RunRecord) -> None:
+    try:
+        with ssh.open_checked(inv, node, timeout=10) as conn:
+            ssh.run(conn, ["systemctl", "stop", record.unit], check=False, timeout=60)
+    except TrainrigError:
+        pass  # the node is gone: so is the unit
 
 
 def _prepare_run_dir(inv: Inventory, node: Node, job: jobs.LoadedJob, paths: launch_mod.RunPaths) -> None:

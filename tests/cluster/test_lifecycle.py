@@ -96,6 +96,8 @@ def test_a_new_cluster_that_never_gets_ready_is_removed_entirely(cloud):
     assert exc.value is cause
     # The backend wrote state while creating: newness is judged from before create, so purge=True.
     assert cloud.backend_.calls[-1] == ("destroy", "alpha", True)
+    # No inventory of nodes that are gone, no keys: the next `fab up` starts afresh, not "already up".
+    assert not state.cluster_dir("alpha").exists()
 
 
 def test_an_existing_cluster_that_never_gets_ready_keeps_its_storage(cloud):
@@ -106,6 +108,7 @@ def test_an_existing_cluster_that_never_gets_ready_keeps_its_storage(cloud):
         lifecycle.up("alpha", gpu_nodes=2, data_disk_gb=2)
     assert exc.value is cause
     assert cloud.backend_.calls[-1] == ("destroy", "alpha", False)
+    assert state.cluster_dir("alpha").is_dir()  # its kept storage is still known
 
 
 def test_an_interrupted_wait_rolls_back_too(cloud):

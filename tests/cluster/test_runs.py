@@ -312,6 +312,30 @@ def test_a_run_that_systemd_refuses_is_not_remembered_and_its_containers_go(ssh_
     assert runs.records("unit") == []
 
 
+def test_ctrl_c_just_after_the_unit_started_leaves_no_unit_no_container_and_no_record(
+    ssh_cluster, tmp_path, monkeypatch
+):
+    cluster = ssh_cluster(1)
+    log = tmp_path / "docker.log"
+    stand_in_node(cluster, log)
+    cluster.add_program("systemctl", f'echo "$*" >> {tmp_path / "systemctl.log"}\n')
+    real_run = ssh.run
+
+    def interrupted_once_started(conn, argv, **kwargs):
+        result = real_run(conn, argv, **kwargs)
+        if argv[0] == "systemd-run" and any("supervisor.py" in str(a) for a in argv):
+            raise KeyboardInterrupt  # the unit runs on the node; we never heard it started
+        return result
+
+    monkeypatch.setattr(ssh, "run", interrupted_once_started)
+    with pytest.raises(KeyboardInterrupt):
+        runs.launch(cluster.inv, write_job(tmp_path, nodes=1, code=False))
+    stops = (tmp_path / "systemctl.log").read_text().splitlines()
+    assert any(line.startswith("stop trainrig-run-tiny-") for line in stops), stops
+    assert any(line.startswith("ps -aq --filter label=trainrig.run=") for line in log.read_text().splitlines())
+    assert runs.records("unit") == []
+
+
 # Reading a run's files
 
 

@@ -250,6 +250,12 @@ class LocalBackend:
         cluster = inv.cluster
         self._remove_compute(cluster)
         disks = sorted(state.cluster_dir(cluster).glob("disks/*.img"))
+        # Checked before any image is deleted: a loop device still attached to a deleted image
+        # could no longer be found by its file, and would be leaked for good.
+        left = self.billable(cluster, volumes=False)
+        if left:
+            again = f"fab down --name {cluster}" + (" --purge" if purge else "")
+            raise TrainrigError(f"removing the nodes of {cluster!r} left: {', '.join(left)}; run {again} again")
         if purge:
             run(["docker", "volume", "rm", "-f", volume_name(cluster)], check=False)
             for path in disks:
@@ -275,11 +281,12 @@ class LocalBackend:
         if self._exists("network", network_name(cluster)):
             run(["docker", "network", "rm", network_name(cluster)], check=False, what="removing the cluster network")
 
-    def billable(self, cluster: str) -> list[str]:
-        """Everything Docker still lists for this cluster, plus attached loop devices."""
+    def billable(self, cluster: str, volumes: bool = True) -> list[str]:
+        """Everything Docker still lists for this cluster, plus attached loop devices (volumes: the storage)."""
         found = [f"container {c}" for c in self._listing("container", cluster)]
         found += [f"network {n}" for n in self._listing("network", cluster)]
-        found += [f"volume {v}" for v in self._listing("volume", cluster)]
+        if volumes:
+            found += [f"volume {v}" for v in self._listing("volume", cluster)]
         for path in state.cluster_dir(cluster).glob("disks/*.img"):
             found += [f"loop device {loop}" for loop in self._loops_of(path)]
         return found
