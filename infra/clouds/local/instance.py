@@ -11,7 +11,7 @@ import tarfile
 from pathlib import Path
 
 from infra import inventory as inventory_mod
-from infra import keys, ssh, state
+from infra import keys, ssh, state, ui
 from infra.clouds import ClusterRequest
 from infra.clouds.local import engine, image
 from infra.commands import run, wait_until
@@ -237,7 +237,7 @@ class LocalBackend:
             with ssh.open_checked(inv, node) as conn:
                 board.update(node.name, "waiting for systemd")
                 state_ = ssh.run(conn, ["systemctl", "is-system-running", "--wait"], timeout=READY_TIMEOUT, check=False)
-            board.update(node.name, f"[green]ready[/] ({state_.stdout.strip()})")
+            board.update(node.name, f"[green]ready[/] ({ui.plain(state_.stdout.strip())})")
 
         ssh.on_nodes(inv.nodes, ready)
 
