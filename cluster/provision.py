@@ -288,6 +288,7 @@ def provision(
     inventory_mod.require_running(inv)
     if not (PLAYBOOKS / playbook).is_file():
         raise TrainrigError(f"playbook {playbook} not found in {PLAYBOOKS}")
+    variables = {**cluster_vars(inv.cluster), **(extravars or {})}  # a bad vars file stops us before any node
     with state.cluster_lock(inv.cluster, "provision"), _interrupts() as interrupted:
         targets = [n.name for n in inv.nodes]
         if retry_failed:
@@ -307,7 +308,7 @@ def provision(
                     playbook=str(PLAYBOOKS / playbook),
                     inventory=ansible_inventory(inv, host_vars),
                     envvars={**ansible_env(inv), **(settings or {})},
-                    extravars={**cluster_vars(inv.cluster), **(extravars or {})},
+                    extravars=variables,
                     cmdline="--check --diff" if check else None,
                     limit=",".join(targets),
                     tags=tags,
