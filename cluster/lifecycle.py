@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from rich import box
 from rich.table import Table
 
-from infra import clouds, ssh, state, ui
+from infra import clouds, inventory, ssh, state, ui
 from infra.clouds import ClusterRequest
 from infra.errors import TrainrigError
 from infra.inventory import STORAGE_NODE, Inventory, gpu_node_names
@@ -21,6 +21,10 @@ def up(name: str, gpu_nodes: int, data_disk_gb: int, cloud: str = clouds.DEFAULT
     clouds.require(provider, "create", "be created by fab up: make them with pulumi up --stack NAME")
     with state.cluster_lock(name, "up"):
         backend = provider.backend()
+        if inventory.path_for(name).is_file():
+            earlier = inventory.load(name)
+            if earlier.running:
+                return _bring_back(backend, earlier, gpu_nodes)
         fresh = not state.cluster_dir(name).exists()
         names = [*gpu_node_names(gpu_nodes), STORAGE_NODE]
         with ui.NodeBoard(f"creating cluster {name} ({cloud})", names) as board:
@@ -43,6 +47,29 @@ def up(name: str, gpu_nodes: int, data_disk_gb: int, cloud: str = clouds.DEFAULT
                     ) from exc
                 raise
     return inv
+
+
+def _bring_back(backend, inv: Inventory, gpu_nodes: int) -> Inventory:
+    """`fab up` of a cluster that is up already: its nodes restarted (new ports) or stopped come back as they were."""
+    if len(inv.gpu_nodes) != gpu_nodes:
+        raise TrainrigError(
+            f"cluster {inv.cluster!r} is up with {len(inv.gpu_nodes)} GPU nodes, not {gpu_nodes}; "
+            f"use it as it is, or remove it first: fab down --name {inv.cluster}"
+        )
+    with ui.NodeBoard(f"bringing back cluster {inv.cluster} ({inv.cloud})", [n.name for n in inv.nodes]) as board:
+        inv, done = backend.reconcile(inv, board)
+        backend.wait_ready(inv, board)
+    for line in done or [f"cluster {inv.cluster} was up: nothing to bring back"]:
+        ui.console.print(ui.plain(line))
+    return inv
+
+
+def running_gpu_nodes(name: str) -> int | None:
+    """How many GPU nodes a cluster that is up has (what `fab up` of it keeps by default); None if it is not up."""
+    if not inventory.path_for(name).is_file():
+        return None
+    inv = inventory.load(name)
+    return len(inv.gpu_nodes) if inv.running else None
 
 
 FLAGS = {"name": "--name", "gpu_nodes": "--nodes", "data_disk_gb": "--disk-gb", "cloud": "cloud"}

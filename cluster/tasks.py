@@ -94,11 +94,14 @@ def _inventory(c, name: str | None, inventory: str | None = None):
 )
 @friendly
 def up(c, name=None, nodes=None, disk_gb=None):
-    """Create a local cluster: N GPU-role nodes and one storage node as Docker 'VMs'."""
+    """Create a local cluster: N GPU-role nodes and one storage node as Docker 'VMs'; on one that is up, bring back
+    stopped or restarted nodes."""
     cfg = c.config.trainrig
-    inv = lifecycle.up(
-        _name(c, name), _whole(nodes, "--nodes", cfg.nodes), _whole(disk_gb, "--disk-gb", cfg.data_disk_gb)
-    )
+    cluster = _name(c, name)
+    count = _whole(nodes, "--nodes", cfg.nodes)
+    if nodes is None:  # a cluster that is up keeps its size; --nodes that differs is refused
+        count = lifecycle.running_gpu_nodes(cluster) or count
+    inv = lifecycle.up(cluster, count, _whole(disk_gb, "--disk-gb", cfg.data_disk_gb))
     ui.console.print(lifecycle.status_table(inv))
     ui.console.print(f"inventory: {inventory_mod.path_for(inv.cluster)}")
 

@@ -23,19 +23,45 @@ SHARED_MOUNT = "/data"
 DISK_DEVICE = "/dev/xvdc"
 READY_TIMEOUT = 120
 
-# What lets systemd, loop devices and Docker-in-Docker work in a node without --privileged
-# (which hosts without CAP_SYS_RESOURCE, such as nested containers, refuse).
+# A node runs systemd, loop disks and Docker-in-Docker without --privileged (which hosts without
+# CAP_SYS_RESOURCE, such as nested containers, refuse) and with as little of the host as that allows.
+# Docker's own default capability set: what an ordinary container may do.
+DOCKER_DEFAULT_CAPS = (
+    "AUDIT_WRITE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "MKNOD",
+    "NET_BIND_SERVICE",
+    "NET_RAW",
+    "SETFCAP",
+    "SETGID",
+    "SETPCAP",
+    "SETUID",
+    "SYS_CHROOT",
+)
+# What a node needs beyond that: systemd (mounts, namespaces: SYS_ADMIN), Docker-in-Docker's
+# bridges and iptables (NET_ADMIN), and debuggers and MPI's shared-memory transport (SYS_PTRACE).
+# Not kept, among others: SYS_MODULE (load kernel modules), SYS_RAWIO, SYS_BOOT, SYS_TIME,
+# SYS_RESOURCE, MAC_ADMIN, SYSLOG, BPF, PERFMON: a job on a local node cannot use them on the host.
+NODE_CAPS = (*DOCKER_DEFAULT_CAPS, "SYS_ADMIN", "NET_ADMIN", "SYS_PTRACE")
 VM_OPTIONS = [
-    "--cap-add",
-    "ALL",
     "--cap-drop",
-    "SYS_RESOURCE",
+    "ALL",
+    *[arg for cap in NODE_CAPS for arg in ("--cap-add", cap)],
+    # Docker's default seccomp profile refuses keyctl, which the nodes' own runc needs to start
+    # containers; AppArmor's docker-default profile refuses the mounts systemd makes. Both stay
+    # off, and the README says so.
     "--security-opt",
     "seccomp=unconfined",
     "--security-opt",
     "apparmor=unconfined",
-    "--security-opt",
-    "systempaths=unconfined",
+    # /proc/sys and the other system paths stay masked or read-only (Docker's default); the one
+    # setting the nodes' Docker needs is set here, for the node's network namespace only.
+    "--sysctl",
+    "net.ipv4.ip_forward=1",
     "--cgroupns",
     "host",
     "-v",
@@ -124,6 +150,51 @@ class LocalBackend:
         )
         inventory_mod.save(inv)
         return inv
+
+    # -- reconcile ----------------------------------------------------------------------
+    def reconcile(self, inv: Inventory, board) -> tuple[Inventory, list[str]]:
+        """Start the nodes that stopped (a restarted engine or host), with their disks; read back the ports
+        Docker gave them. Host keys stay as pinned: a node that comes back with another key is refused."""
+        engine.ensure()
+        done: list[str] = []
+
+        def bring_back(node: Node) -> Node:
+            name = container_name(inv.cluster, node.name)
+            found = run(["docker", "inspect", name], check=False)
+            if found.returncode != 0:
+                raise TrainrigError(
+                    f"{node.name} of {inv.cluster!r} is gone (no container {name}); remove the cluster with "
+                    f"fab down --name {inv.cluster} and create it again"
+                )
+            info = json.loads(found.stdout)[0]
+            if not info["State"]["Running"]:
+                board.update(node.name, "starting")
+                for device in info["HostConfig"].get("Devices") or []:
+                    self._reattach(inv.cluster, node.name, device["PathOnHost"])
+                run(["docker", "start", name], what=f"starting node {node.name}")
+                done.append(f"{node.name}: started")
+            address, port = self._addresses(inv.cluster, node.name)
+            if port != node.ssh_port or address != str(node.private_address):
+                done.append(f"{node.name}: now at 127.0.0.1:{port} ({address}), was :{node.ssh_port}")
+            board.update(node.name, "up")
+            return Node.model_validate({**node.model_dump(), "private_address": address, "ssh_port": port})
+
+        nodes = ssh.on_nodes(inv.nodes, bring_back)
+        # Node names keep their order, so the listing and known_hosts read as before.
+        current = inv.model_copy(update={"nodes": [nodes[n.name] for n in inv.nodes]})
+        inventory_mod.save(current)
+        return current, sorted(done)
+
+    def _reattach(self, cluster: str, node: str, loop: str) -> None:
+        """After a host restart the node's disk image is no longer on its loop device: attach it there again."""
+        path = disk_file(cluster, node)
+        if loop in self._loops_of(path):
+            return
+        if not path.is_file():
+            raise TrainrigError(
+                f"{node}: its data disk {path} is gone; remove the cluster with fab down --name {cluster}"
+            )
+        run(["losetup", loop, path], what=f"attaching the data disk of {node} at {loop} again")
 
     def _create_network(self, cluster: str) -> None:
         if not self._exists("network", network_name(cluster)):
