@@ -133,4 +133,7 @@ def status_table(inv: Inventory) -> Table:
         )
     for r in inv.retained:
         table.add_row(f"[dim]{r.name}[/]", f"kept {r.kind}", "", "", "", "", f"{r.hourly_price_usd:.2f}", "")
+    if not all(reachable.values()) and "create" in clouds.get(inv.cloud).capabilities:
+        table.caption = f"a node that stopped or restarted comes back with: fab up --name {inv.cluster}"
+        table.caption_justify = "left"
     return table

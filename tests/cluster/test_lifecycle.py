@@ -218,6 +218,7 @@ def test_status_shows_each_node_reachable_or_not(ssh_cluster):
     assert rows["node0"][1:3] == ["gpu", "10.9.0.10"]
     assert f"127.0.0.1:{gone.ssh_port}" in rows["node1"]
     assert rows["alpha-data"][1:] == ["kept", "volume", "0.05"]
+    assert " ".join(rows["a"]) == "a node that stopped or restarted comes back with: fab up --name unit"
 
 
 def test_up_of_a_cluster_that_is_up_brings_its_nodes_back_instead_of_refusing(cloud):
