@@ -9,6 +9,7 @@ from pathlib import Path
 
 from invoke import Collection, task
 from invoke.exceptions import Exit
+from rich.markup import escape
 
 from cluster import demo as demo_mod
 from cluster import jobs, lifecycle, results, runs
@@ -77,7 +78,7 @@ def _seconds(value, flag: str) -> float | None:
 
 def _ask(prompt: str) -> str:
     try:
-        return ui.console.input(ui.plain(prompt))
+        return ui.console.input(escape(prompt))
     except EOFError:
         return ""
 
