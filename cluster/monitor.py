@@ -42,6 +42,11 @@ class RunView:
     def usd(self) -> float:
         return self.usd_per_hour * self.elapsed / 3600
 
+    # Clocks are never mixed: a node's times are compared with the same node's, and the operator's
+    # monotonic clock measures only what happened here (when a sample or a heartbeat came in).
+    sample_seen: dict[str, float] = field(default_factory=dict)  # host -> monotonic arrival of its sample
+    beat_seen: tuple[float, float] | None = None  # (node's heartbeat_at, monotonic when we first saw it)
+
     def feed_telemetry(self, host: str, chunk: bytes) -> None:
         complete = chunk[: chunk.rfind(b"\n") + 1]
         self.telemetry_offsets[host] = self.telemetry_offsets.get(host, 0) + len(complete)
@@ -50,11 +55,12 @@ class RunView:
                 self.hosts[host] = json.loads(line)
             except ValueError:
                 continue  # a line being written as we read: the next sample will do
+            self.sample_seen[host] = time.monotonic()
 
     def feed(self, chunk: bytes) -> list[dict]:
         data = self.partial + chunk
         *lines, self.partial = data.split(b"\n")
-        new = [json.loads(line) for line in lines if line.strip()]
+        new = [m for m in map(runs.parse_metric, lines) if m is not None]
         self.metrics += new
         return new
 
@@ -68,9 +74,25 @@ class RunView:
 
     @property
     def elapsed(self) -> float:
+        """The run's age on its node's clock, plus how long ago (on ours) the node last said it was alive.
+
+        The operator's wall clock minus the node's start time would be off by the clocks' skew
+        (a node ahead by years gave a negative age of millions of seconds).
+        """
         if not self.status:
             return 0.0
-        return (self.status.get("ended_at") or time.time()) - self.status["started_at"]
+        started = self.status["started_at"]
+        if self.status.get("ended_at"):
+            return max(0.0, self.status["ended_at"] - started)
+        beat = self.status.get("heartbeat_at") or started
+        if self.beat_seen is None or self.beat_seen[0] != beat:
+            self.beat_seen = (beat, time.monotonic())
+        return max(0.0, beat - started + time.monotonic() - self.beat_seen[1])
+
+    def sample_ages(self) -> dict[str, float]:
+        """Seconds since each host's latest sample came in (our clock only)."""
+        now = time.monotonic()
+        return {host: now - seen for host, seen in self.sample_seen.items()}
 
     @property
     def last(self) -> dict:
@@ -146,7 +168,7 @@ def render(view: RunView) -> Table:
     if warning:
         table.add_row("[yellow]stall?[/]", warning)
     if view.hosts:
-        table.add_row("hosts", host_table(view.hosts))
+        table.add_row("hosts", host_table(view.hosts, view.sample_ages()))
         table.add_row("network", network_verdict(view.hosts))
     return table
 
@@ -197,8 +219,8 @@ def network_verdict(hosts: dict[str, dict]) -> str:
     return f"busy, not shown to be the limit: {host} at {share:.0%} of its link"
 
 
-def host_table(hosts: dict[str, dict]) -> Table:
-    """One row per node: GPU use and memory, CPU, memory, NIC MB/s, and how old the sample is."""
+def host_table(hosts: dict[str, dict], ages: dict[str, float]) -> Table:
+    """One row per node: GPU use and memory, CPU, memory, NIC MB/s, and how long ago its sample came in."""
     table = Table(box=None, pad_edge=False, show_edge=False)
     for column in ("host", "GPU %", "GPU mem", "CPU %", "mem %", "NIC in MB/s", "NIC out MB/s", "age"):
         table.add_column(column, justify="left" if column == "host" else "right")
@@ -214,7 +236,7 @@ def host_table(hosts: dict[str, dict]) -> Table:
             f"{s.get('mem') or 0:.0f}",
             f"{s.get('nic_in_mbs', 0):.2f}",
             f"{s.get('nic_out_mbs', 0):.2f}",
-            f"{max(time.time() - s.get('time', time.time()), 0):.0f}s",
+            f"{ages[host]:.0f}s" if host in ages else "-",
         )
     return table
 

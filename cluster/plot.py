@@ -68,7 +68,9 @@ def telemetry_figure(hosts: dict[str, list[dict]], title: str):
 def read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         raise TrainrigError(f"{path} does not exist; bring the run home first with: fab fetch")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from cluster.runs import parse_metric
+
+    return [m for m in map(parse_metric, path.read_text(errors="replace").splitlines()) if m is not None]
 
 
 def plot_run(run_dir: Path, title: str) -> Path:

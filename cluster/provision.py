@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
+import stat
 import sys
 import tempfile
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,7 @@ from typing import Any
 import ansible_runner
 import yaml
 from rich.table import Table
+from rich.text import Text
 
 from cluster import phases as phases_mod
 from cluster.images import REGISTRY_PORT
@@ -139,7 +143,15 @@ def control_dir() -> Path:
     """Where SSH keeps its ControlPersist sockets between tasks and between runs."""
     # Unix socket paths are short (108 bytes): keep the control sockets out of deep test dirs.
     path = Path(tempfile.gettempdir()) / f"trainrig-cp-{os.getuid()}"
-    path.mkdir(mode=0o700, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    # The temp folder is shared: a folder of that name made by someone else (or open to them)
+    # could hold a socket that poses as a master connection to our nodes. Never reuse one.
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
+        raise TrainrigError(
+            f"{path} (SSH connection sharing) is not a folder that only you own and use; remove it and run again"
+        )
     return path
 
 
@@ -200,6 +212,7 @@ class HostRecap:
 @dataclass
 class Recap:
     hosts: dict[str, HostRecap] = field(default_factory=dict)
+    complete: bool = False  # Ansible's PLAY RECAP came: every host's outcome is known
 
     @property
     def failed_hosts(self) -> list[str]:
@@ -225,7 +238,7 @@ class _Progress:
         kind = event.get("event", "")
         task = data.get("task", "")
         if kind == "runner_on_start":
-            self.board.update(host, f"{task} …")
+            self.board.update(host, f"{ui.plain(task)} …")
         elif kind == "runner_on_ok":
             _record_files(rec, data.get("res", {}))
             if data.get("res", {}).get("changed"):
@@ -233,11 +246,11 @@ class _Progress:
         elif kind == "runner_on_failed" and not data.get("ignore_errors"):
             rec.failed += 1
             rec.message = _first_line(data.get("res", {}).get("msg", "failed"), task)
-            self.board.update(host, f"[red]failed[/]: {rec.message}")
+            self.board.update(host, f"[red]failed[/]: {ui.plain(rec.message)}")
         elif kind == "runner_on_unreachable":
             rec.unreachable += 1
             rec.message = _first_line(data.get("res", {}).get("msg", "unreachable"), task)
-            self.board.update(host, f"[red]unreachable[/]: {rec.message}")
+            self.board.update(host, f"[red]unreachable[/]: {ui.plain(rec.message)}")
         return True
 
     def _final_counts(self, stats: dict) -> None:
@@ -252,6 +265,7 @@ class _Progress:
             rec.unreachable = stats.get("dark", {}).get(host, 0)
             if rec.succeeded:
                 rec.message = ""
+        self.recap.complete = True
 
 
 def _record_files(rec: HostRecap, res: dict) -> None:
@@ -304,42 +318,49 @@ def provision(
     inventory_mod.require_running(inv)
     if not (PLAYBOOKS / playbook).is_file():
         raise TrainrigError(f"playbook {playbook} not found in {PLAYBOOKS}")
-    targets = [n.name for n in inv.nodes]
-    if retry_failed:
-        # Only hosts that still exist: a node removed since then has nothing left to retry.
-        targets = [h for h in _previously_failed(inv.cluster) if h in targets]
-    extra = {**cluster_vars(inv.cluster), **(extravars or {})}
-    _forget_stale_facts(inv)
-    plan = _phase_plan(inv, host_vars, extra) if playbook == "site.yml" and not tags and not check else None
-    due = None if plan is None or force else plan[0]
-    up_to_date = [h for h in targets if due is not None and not due.get(h)]
-    targets = [h for h in targets if h not in up_to_date]
-    recap = Recap(hosts={h: HostRecap() for h in targets})
-    if targets:
-        runner_status, error = _run(
-            inv, playbook, targets, recap, host_vars, extra, tags, check, due, keep_artifacts, settings
-        )
-    else:
+    extra = {**cluster_vars(inv.cluster), **(extravars or {})}  # a bad vars file stops us before any node
+    with state.cluster_lock(inv.cluster, "provision"), _interrupts() as interrupted:
+        targets = [n.name for n in inv.nodes]
+        if retry_failed:
+            # Only hosts that still exist: a node removed since then has nothing left to retry.
+            targets = [h for h in _previously_failed(inv.cluster) if h in targets]
+        _forget_stale_facts(inv)
+        plan = _phase_plan(inv, host_vars, extra) if playbook == "site.yml" and not tags and not check else None
+        due = None if plan is None or force else plan[0]
+        up_to_date = [h for h in targets if due is not None and not due.get(h)]
+        targets = [h for h in targets if h not in up_to_date]
+        recap = Recap(hosts={h: HostRecap() for h in targets}, complete=not targets)
         runner_status, error = "successful", ""
-    for host in up_to_date:
-        recap.hosts[host] = HostRecap(message=f"up to date: its {len(PHASES)} phases' inputs are unchanged")
-    _print_recap(recap)
-    failed = recap.failed_hosts
-    if not check:
-        # What --retry-failed picks up; a rehearsal in check mode leaves it alone.
-        state.write_atomic(failed_hosts_path(inv.cluster), json.dumps(failed))
-    if plan is not None:
-        done = {h: plan[1][h] for h in targets if recap.hosts[h].succeeded and h in plan[1]}
-        phases_mod.record(inv, done)
-    if runner_status != "successful" and not failed:
-        # Not successful with no host to blame: the playbook itself is broken, or Ansible is.
-        raise TrainrigError(f"ansible-playbook did not run ({runner_status}): {error}")
-    if failed:
-        raise ProvisionFailed(
-            recap,
-            f"provisioning failed on {', '.join(failed)}: {recap.hosts[failed[0]].message}; "
-            f"fix it, then run: fab provision --name {inv.cluster} --retry-failed",
-        )
+        if targets:
+            runner_status, error = _run(
+                inv, playbook, targets, recap, host_vars, extra, tags, check, due, keep_artifacts, settings, interrupted
+            )
+        for host in up_to_date:
+            recap.hosts[host] = HostRecap(message=f"up to date: its {len(PHASES)} phases' inputs are unchanged")
+        _print_recap(recap)
+        # Without Ansible's final counts (interrupted, or Ansible died) no host is known to be
+        # done: all of them are left for --retry-failed, never an empty list that resumes nothing.
+        failed = recap.failed_hosts if recap.complete else sorted(targets)
+        if not check:
+            # What --retry-failed picks up; a rehearsal in check mode leaves it alone.
+            state.write_atomic(failed_hosts_path(inv.cluster), json.dumps(failed))
+        if plan is not None and recap.complete:
+            phases_mod.record(inv, {h: plan[1][h] for h in targets if recap.hosts[h].succeeded and h in plan[1]})
+        if interrupted.is_set():
+            raise TrainrigError(
+                f"provisioning interrupted: ansible-playbook stopped; finish it with: "
+                f"fab provision --name {inv.cluster} --retry-failed",
+                exit_code=130,
+            )
+        if error:
+            # Not successful with no host to blame: the playbook itself is broken, or Ansible is.
+            raise TrainrigError(f"ansible-playbook did not run ({runner_status}): {error}")
+        if failed:
+            raise ProvisionFailed(
+                recap,
+                f"provisioning failed on {', '.join(failed)}: {recap.hosts[failed[0]].message}; "
+                f"fix it, then run: fab provision --name {inv.cluster} --retry-failed",
+            )
     return recap
 
 
@@ -364,9 +385,12 @@ def check_drift(inv: Inventory) -> dict[str, list[str]]:
 
 
 def _run(
-    inv, playbook, targets, recap, host_vars, extra, tags, check, due, keep_artifacts, settings
+    inv, playbook, targets, recap, host_vars, extra, tags, check, due, keep_artifacts, settings, interrupted
 ) -> tuple[str, str]:
-    """One ansible-playbook run over `targets` with a live line per host; (runner status, Ansible's error)."""
+    """One ansible-playbook run over `targets` with a live line per host.
+
+    Returns the runner's status and, when it failed with no host to blame, Ansible's own error.
+    """
     with contextlib.ExitStack() as stack:
         private_dir = (
             str(keep_artifacts)
@@ -385,6 +409,9 @@ def _run(
                 limit=",".join(targets),
                 tags=tags,
                 quiet=True,
+                # Ctrl-C never reaches ansible-playbook (it runs in its own terminal): the
+                # runner stops it when asked, so no task goes on after the user said stop.
+                cancel_callback=interrupted.is_set,
                 event_handler=_Progress(board, recap),
                 status_handler=_forget_environment,
             )
@@ -392,8 +419,8 @@ def _run(
                 if rec.succeeded:
                     board.update(host, f"[green]done[/] ok={rec.ok} changed={rec.changed}")
         # Read while ansible-runner's files still exist.
-        error = _runner_error(runner) if runner.status != "successful" and not recap.failed_hosts else ""
-        return runner.status, error
+        blameless = runner.status != "successful" and not recap.failed_hosts and not interrupted.is_set()
+        return runner.status, _runner_error(runner) if blameless else ""
 
 
 def _phase_plan(
@@ -429,6 +456,20 @@ def _forget_stale_facts(inv: Inventory, host_facts: Mapping[str, str] | None = N
             marker.write_text(now)
 
 
+@contextlib.contextmanager
+def _interrupts() -> Iterator[threading.Event]:
+    """Ctrl-C during a playbook sets an event (the runner polls it) instead of abandoning Ansible mid-task."""
+    asked = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield asked  # signal handlers belong to the main thread; elsewhere there is no Ctrl-C to catch
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: asked.set())
+    try:
+        yield asked
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _forget_environment(status: dict, runner_config) -> None:
     """Remove ansible-runner's record of the environment as soon as Ansible has started.
 
@@ -450,7 +491,15 @@ class ProvisionFailed(TrainrigError):
 
 def _previously_failed(cluster: str) -> list[str]:
     path = failed_hosts_path(cluster)
-    hosts = json.loads(path.read_text()) if path.is_file() else []
+    try:
+        hosts = json.loads(path.read_text()) if path.is_file() else []
+    except ValueError:
+        hosts = None
+    if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
+        raise TrainrigError(
+            f"{path} is damaged (not a JSON list of host names): delete it and provision every host with "
+            f"fab provision --name {cluster}"
+        )
     if not hosts:
         raise TrainrigError(f"no failed hosts recorded for {cluster!r}: run `fab provision --name {cluster}`")
     return hosts
@@ -470,5 +519,6 @@ def _print_recap(recap: Recap) -> None:
     for column in ("host", "ok", "changed", "failed", "unreachable", "skipped", "note"):
         table.add_column(column, justify="right" if column not in ("host", "note") else "left")
     for host, r in recap.hosts.items():
-        table.add_row(host, str(r.ok), str(r.changed), str(r.failed), str(r.unreachable), str(r.skipped), r.message)
+        row = (host, str(r.ok), str(r.changed), str(r.failed), str(r.unreachable), str(r.skipped), r.message)
+        table.add_row(*(Text(cell) for cell in row))  # Ansible's words, shown as they are: never markup
     ui.console.print(table)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import functools
+import math
+import sys
 from pathlib import Path
 
 from invoke import Collection, task
 from invoke.exceptions import Exit
+from rich.markup import escape
 
 from cluster import audit as audit_mod
 from cluster import cost as cost_mod
@@ -58,11 +61,49 @@ def _whole(flag: str, value, low: int, high: int | None = None) -> int:
 
 
 def _name(c, name: str | None) -> str:
-    return name or c.config.trainrig.cluster
+    """--name, else trainrig.cluster; an empty name is refused, never read as the default cluster."""
+    chosen = c.config.trainrig.cluster if name is None else name
+    if not chosen or not state.CLUSTER_NAME.match(chosen):
+        flag = "--name" if name is not None else "trainrig.cluster"
+        raise TrainrigError(
+            f"{flag} {chosen!r}: give a cluster name of 1-31 lowercase letters, digits or '-', starting with a letter"
+        )
+    return chosen
+
+
+def _count(value, flag: str, default: int) -> int:
+    """A count flag as an int, or one line naming the flag (the range is the library's to check)."""
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise TrainrigError(f"{flag} {value!r}: give a whole number, e.g. {flag} {default}") from None
+
+
+def _seconds(value, flag: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise TrainrigError(f"{flag} {value!r}: give a number of seconds above 0, e.g. {flag} 600")
+    return seconds
+
+
+def _ask(prompt: str) -> str:
+    try:
+        return ui.console.input(escape(prompt))
+    except EOFError:
+        return ""
 
 
 def _inventory(c, name: str | None, inventory: str | None = None):
     cfg = c.config.trainrig
+    if name is not None:
+        _name(c, name)
     return inventory_mod.for_task(name, cfg.cluster, inventory or cfg.inventory, cfg.stack)
 
 
@@ -71,9 +112,14 @@ def _inventory(c, name: str | None, inventory: str | None = None):
 )
 @friendly
 def up(c, name=None, nodes=None, disk_gb=None):
-    """Create a local cluster (N GPU-role nodes and a storage node as Docker "VMs"), or bring a parked one back."""
+    """Create a local cluster (N GPU-role nodes and a storage node as Docker "VMs"); bring back a parked one, or
+    the stopped or restarted nodes of one that is up."""
     cfg = c.config.trainrig
-    inv = lifecycle.up(_name(c, name), int(nodes or cfg.nodes), int(disk_gb or cfg.data_disk_gb))
+    cluster = _name(c, name)
+    count = _count(nodes, "--nodes", cfg.nodes)
+    if nodes is None:  # a cluster that is up keeps its size; --nodes that differs is refused
+        count = lifecycle.running_gpu_nodes(cluster) or count
+    inv = lifecycle.up(cluster, count, _count(disk_gb, "--disk-gb", cfg.data_disk_gb))
     ui.console.print(lifecycle.status_table(inv))
     ui.console.print(f"inventory: {inventory_mod.path_for(inv.cluster)}")
 
@@ -172,8 +218,9 @@ def train(c, job, name=None, follow=False, inventory=None, resume=None, down_aft
 @friendly
 def monitor(c, run=None, name=None, timeout=None, inventory=None):
     """Follow a run live (step, loss, samples/s); exits with the run's success or failure."""
+    seconds = _seconds(timeout, "--timeout")
     inv = _inventory(c, name, inventory)
-    _follow(inv, runs.find(inv.cluster, run), float(timeout) if timeout else None)
+    _follow(inv, runs.find(inv.cluster, run), seconds)
 
 
 def _follow(inv, record, timeout=None):
@@ -302,16 +349,20 @@ def scaling(c, job, nodes="1,2,4", steps=None, name=None, dest="runs", inventory
         "name": NAME_HELP,
         "purge": "also delete storage: the shared volume or NFS server, data disks, keys and inventory",
         "stack": "Pulumi stack of a cluster that a stack made (default: the one its inventory names)",
+        "yes": "purge a cloud cluster without typing its name (for scripts; a local one never asks)",
     }
 )
 @friendly
-def down(c, name=None, purge=False, stack=None):
+def down(c, name=None, purge=False, stack=None, yes=False):
     """Remove compute; storage is kept unless --purge. Checked against the cloud's listing; safe twice."""
     cluster = _name(c, name)
     if not inventory_mod.path_for(cluster).is_file():
         ui.console.print(f"cluster {cluster!r} does not exist: nothing to remove")
         return
-    remaining = lifecycle.down(inventory_mod.load(cluster), purge=purge, stack=stack or c.config.trainrig.stack)
+    inv = inventory_mod.load(cluster)
+    if purge:
+        lifecycle.confirm_purge(inv, yes, _ask if sys.stdin.isatty() else None)
+    remaining = lifecycle.down(inv, purge=purge, stack=stack or c.config.trainrig.stack)
     if remaining is None:
         ui.console.print(f"cluster {cluster!r} removed, storage included")
         return
@@ -436,9 +487,9 @@ def plan(c, stack=None, verify=False):
     }
 )
 @friendly
-def demo(c, name="demo", nodes=2, job=None, keep=False):
+def demo(c, name="demo", nodes=None, job=None, keep=False):
     """Up, provision, train, monitor, fetch and down in one command, with a summary."""
-    demo_mod.demo(name, int(nodes), Path(job) if job else demo_mod.DEFAULT_JOB, keep=keep)
+    demo_mod.demo(_name(c, name), _count(nodes, "--nodes", 2), Path(job) if job else demo_mod.DEFAULT_JOB, keep=keep)
 
 
 namespace = Collection(

@@ -74,6 +74,12 @@ class StackBackend:
             "then pulumi up --stack NAME"
         )
 
+    def reconcile(self, inv: Inventory, board: Progress) -> tuple[Inventory, list[str]]:
+        raise TrainrigError(
+            f"{self.cloud.name} clusters are brought back from their stack: pulumi up --refresh --stack "
+            f"{inv.stack or 'NAME'}, then fab status --name {inv.cluster} --inventory stack:{inv.stack or 'NAME'}"
+        )
+
     def wait_ready(self, inv: Inventory, board: Progress) -> None:
         """`pulumi up` returns once the cloud reports the servers ready; SSH is checked by provisioning."""
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv4Network
@@ -45,6 +47,23 @@ class Node(Strict):
     parked_hourly_price_usd: float | None = Field(
         default=None, ge=0, description="what the node bills while stopped (its disks); None: it cannot be parked"
     )
+
+    @field_validator("host_key")
+    @classmethod
+    def _key_blob(cls, host_key: str) -> str:
+        """The key itself must decode and be of the type it says: SSH pins it, and a bad one fails every connection."""
+        kind, blob = host_key.split(" ", 1)
+        try:
+            data = base64.b64decode(blob, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError(f"the {kind} key is not valid base64; copy the node's public host key again") from None
+        size = int.from_bytes(data[:4], "big") if len(data) >= 4 else -1
+        inner = data[4 : 4 + size].decode("ascii", errors="replace") if 0 < size <= len(data) - 4 else ""
+        if inner != kind:
+            raise ValueError(
+                f"the key says {kind} but holds {inner or 'no key type'}; copy the node's public host key again"
+            )
+        return host_key
 
 
 class SharedStorage(Strict):

@@ -10,6 +10,7 @@ from cluster import deadman
 from cluster.remote import deadman as remote
 from infra.errors import TrainrigError
 from infra.inventory import Inventory
+from tests.helpers import KEY
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("90s", 90), ("5m", 300), ("2h", 7200), ("0s", 0), ("45", 45)])
@@ -104,7 +105,7 @@ def inventory(cloud, tmp_path, storage=True):
                 "public_address": "1.2.3.4",
                 "private_address": "10.0.0.2",
                 "ssh_port": 22,
-                "host_key": "ssh-ed25519 AAAA",
+                "host_key": KEY,
                 "gpu_count": 1,
                 "cpus": 4,
                 "hourly_price_usd": 1.0,

@@ -571,6 +571,25 @@ def test_down_keeps_storage_and_purge_removes_everything(home):
     assert leftover == ""
 
 
+def test_up_brings_back_restarted_and_stopped_nodes_with_their_keys(home):
+    name = f"{CLUSTER}-back"
+    inv = lifecycle.up(name, gpu_nodes=1, data_disk_gb=1)
+    try:
+        on(inv, "node0", "sh", "-c", "echo kept > /data/survives")
+        # A restarted container gets a new SSH port: the saved inventory no longer reaches it.
+        subprocess.run(["docker", "restart", f"trainrig-{name}-node0"], check=True, capture_output=True)
+        subprocess.run(["docker", "stop", f"trainrig-{name}-storage"], check=True, capture_output=True)
+        result = fab("up", "--name", name)
+        assert result.returncode == 0, result.stderr
+        assert "storage: started" in result.stdout and "node0: now at 127.0.0.1:" in result.stdout
+        back = inventory.load(name)
+        assert [n.host_key for n in back.nodes] == [n.host_key for n in inv.nodes]  # the same pinned keys
+        assert on(back, "node0", "cat", "/data/survives").stdout.strip() == "kept"
+        assert on(back, "storage", "blockdev", "--getsize64", "/dev/xvdc").stdout.strip() == str(1024**3)
+    finally:
+        assert fab("down", "--name", name, "--purge").returncode == 0
+
+
 def test_failed_up_leaves_nothing_behind(home, tmp_path):
     # No losetup on PATH: node creation fails after the network and volume exist; all rolled back.
     name = f"{CLUSTER}-fail"

@@ -11,7 +11,7 @@ import tarfile
 from pathlib import Path
 
 from infra import inventory as inventory_mod
-from infra import keys, ssh, state
+from infra import keys, ssh, state, ui
 from infra.clouds import Billable, ClusterRequest
 from infra.clouds.local import engine, image, reaper
 from infra.commands import run, wait_until
@@ -23,19 +23,45 @@ SHARED_MOUNT = "/data"
 DISK_DEVICE = "/dev/xvdc"
 READY_TIMEOUT = 120
 
-# What lets systemd, loop devices and Docker-in-Docker work in a node without --privileged
-# (which hosts without CAP_SYS_RESOURCE, such as nested containers, refuse).
+# A node runs systemd, loop disks and Docker-in-Docker without --privileged (which hosts without
+# CAP_SYS_RESOURCE, such as nested containers, refuse) and with as little of the host as that allows.
+# Docker's own default capability set: what an ordinary container may do.
+DOCKER_DEFAULT_CAPS = (
+    "AUDIT_WRITE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "MKNOD",
+    "NET_BIND_SERVICE",
+    "NET_RAW",
+    "SETFCAP",
+    "SETGID",
+    "SETPCAP",
+    "SETUID",
+    "SYS_CHROOT",
+)
+# What a node needs beyond that: systemd (mounts, namespaces: SYS_ADMIN), Docker-in-Docker's
+# bridges and iptables (NET_ADMIN), and debuggers and MPI's shared-memory transport (SYS_PTRACE).
+# Not kept, among others: SYS_MODULE (load kernel modules), SYS_RAWIO, SYS_BOOT, SYS_TIME,
+# SYS_RESOURCE, MAC_ADMIN, SYSLOG, BPF, PERFMON: a job on a local node cannot use them on the host.
+NODE_CAPS = (*DOCKER_DEFAULT_CAPS, "SYS_ADMIN", "NET_ADMIN", "SYS_PTRACE")
 VM_OPTIONS = [
-    "--cap-add",
-    "ALL",
     "--cap-drop",
-    "SYS_RESOURCE",
+    "ALL",
+    *[arg for cap in NODE_CAPS for arg in ("--cap-add", cap)],
+    # Docker's default seccomp profile refuses keyctl, which the nodes' own runc needs to start
+    # containers; AppArmor's docker-default profile refuses the mounts systemd makes. Both stay
+    # off, and the README says so.
     "--security-opt",
     "seccomp=unconfined",
     "--security-opt",
     "apparmor=unconfined",
-    "--security-opt",
-    "systempaths=unconfined",
+    # /proc/sys and the other system paths stay masked or read-only (Docker's default); the one
+    # setting the nodes' Docker needs is set here, for the node's network namespace only.
+    "--sysctl",
+    "net.ipv4.ip_forward=1",
     "--cgroupns",
     "host",
     "-v",
@@ -59,6 +85,14 @@ def volume_name(cluster: str) -> str:
 
 def container_name(cluster: str, node: str) -> str:
     return f"trainrig-{cluster}-{node}"
+
+
+def create_disk_image(path: Path, size_gb: int) -> None:
+    """A sparse file of size_gb that only the operator can read: it holds the node's data."""
+    state.private_dir(path.parent)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.truncate(size_gb * 1024**3)
 
 
 def disk_file(cluster: str, node: str) -> Path:
@@ -121,6 +155,51 @@ class LocalBackend:
         inventory_mod.save(inv)
         reaper.start(cluster)
         return inv
+
+    # -- reconcile ----------------------------------------------------------------------
+    def reconcile(self, inv: Inventory, board) -> tuple[Inventory, list[str]]:
+        """Start the nodes that stopped (a restarted engine or host), with their disks; read back the ports
+        Docker gave them. Host keys stay as pinned: a node that comes back with another key is refused."""
+        engine.ensure()
+        done: list[str] = []
+
+        def bring_back(node: Node) -> Node:
+            name = container_name(inv.cluster, node.name)
+            found = run(["docker", "inspect", name], check=False)
+            if found.returncode != 0:
+                raise TrainrigError(
+                    f"{node.name} of {inv.cluster!r} is gone (no container {name}); remove the cluster with "
+                    f"fab down --name {inv.cluster} and create it again"
+                )
+            info = json.loads(found.stdout)[0]
+            if not info["State"]["Running"]:
+                board.update(node.name, "starting")
+                for device in info["HostConfig"].get("Devices") or []:
+                    self._reattach(inv.cluster, node.name, device["PathOnHost"])
+                run(["docker", "start", name], what=f"starting node {node.name}")
+                done.append(f"{node.name}: started")
+            address, port = self._addresses(inv.cluster, node.name)
+            if port != node.ssh_port or address != str(node.private_address):
+                done.append(f"{node.name}: now at 127.0.0.1:{port} ({address}), was :{node.ssh_port}")
+            board.update(node.name, "up")
+            return Node.model_validate({**node.model_dump(), "private_address": address, "ssh_port": port})
+
+        nodes = ssh.on_nodes(inv.nodes, bring_back)
+        # Node names keep their order, so the listing and known_hosts read as before.
+        current = inv.model_copy(update={"nodes": [nodes[n.name] for n in inv.nodes]})
+        inventory_mod.save(current)
+        return current, sorted(done)
+
+    def _reattach(self, cluster: str, node: str, loop: str) -> None:
+        """After a host restart the node's disk image is no longer on its loop device: attach it there again."""
+        path = disk_file(cluster, node)
+        if loop in self._loops_of(path):
+            return
+        if not path.is_file():
+            raise TrainrigError(
+                f"{node}: its data disk {path} is gone; remove the cluster with fab down --name {cluster}"
+            )
+        run(["losetup", loop, path], what=f"attaching the data disk of {node} at {loop} again")
 
     def _create_network(self, cluster: str) -> None:
         if not self._exists("network", network_name(cluster)):
@@ -201,10 +280,8 @@ class LocalBackend:
     def _attach_disk(self, cluster: str, node: str, size_gb: int) -> str:
         """A sparse file as a block device; an existing file (kept by `down`) keeps its data."""
         path = disk_file(cluster, node)
-        path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists():
-            with open(path, "wb") as fh:
-                fh.truncate(size_gb * 1024**3)
+            create_disk_image(path, size_gb)
         for loop in self._loops_of(path):
             return loop
         return run(
@@ -237,7 +314,7 @@ class LocalBackend:
             with ssh.open_checked(inv, node) as conn:
                 board.update(node.name, "waiting for systemd")
                 state_ = ssh.run(conn, ["systemctl", "is-system-running", "--wait"], timeout=READY_TIMEOUT, check=False)
-            board.update(node.name, f"[green]ready[/] ({state_.stdout.strip()})")
+            board.update(node.name, f"[green]ready[/] ({ui.plain(state_.stdout.strip())})")
 
         ssh.on_nodes(inv.nodes, ready)
 
@@ -251,6 +328,12 @@ class LocalBackend:
         reaper.stop(cluster)
         self._remove_compute(cluster)
         disks = sorted(state.cluster_dir(cluster).glob("disks/*.img"))
+        # Checked before any image is deleted: a loop device still attached to a deleted image
+        # could no longer be found by its file, and would be leaked for good.
+        left = self.billable(cluster, volumes=False)
+        if left:
+            again = f"fab down --name {cluster}" + (" --purge" if purge else "")
+            raise TrainrigError(f"removing the nodes of {cluster!r} left: {', '.join(left)}; run {again} again")
         if purge:
             run(["docker", "volume", "rm", "-f", volume_name(cluster)], check=False)
             for path in disks:
@@ -330,11 +413,12 @@ class LocalBackend:
         if self._exists("network", network_name(cluster)):
             run(["docker", "network", "rm", network_name(cluster)], check=False, what="removing the cluster network")
 
-    def billable(self, cluster: str) -> list[str]:
-        """Everything Docker still lists for this cluster, plus attached loop devices."""
+    def billable(self, cluster: str, volumes: bool = True) -> list[str]:
+        """Everything Docker still lists for this cluster, plus attached loop devices (volumes: the storage)."""
         found = [f"container {c}" for c in self._listing("container", cluster)]
         found += [f"network {n}" for n in self._listing("network", cluster)]
-        found += [f"volume {v}" for v in self._listing("volume", cluster)]
+        if volumes:
+            found += [f"volume {v}" for v in self._listing("volume", cluster)]
         for path in state.cluster_dir(cluster).glob("disks/*.img"):
             found += [f"loop device {loop}" for loop in self._loops_of(path)]
         return found
