@@ -16,8 +16,11 @@ from infra.errors import TrainrigError
 from infra.inventory import STORAGE_NODE, Inventory, gpu_node_names
 
 
-def up(name: str, gpu_nodes: int, data_disk_gb: int, cloud: str = clouds.DEFAULT) -> Inventory:
-    request = _request(name=name, cloud=cloud, gpu_nodes=gpu_nodes, data_disk_gb=data_disk_gb)
+def up(
+    name: str, gpu_nodes: int, data_disk_gb: int, cloud: str = clouds.DEFAULT, image: str | None = None
+) -> Inventory:
+    """Create a cluster (GPU nodes from `image` when given: a baked node), or bring an existing one back."""
+    request = _request(name=name, cloud=cloud, gpu_nodes=gpu_nodes, data_disk_gb=data_disk_gb, image=image)
     with state.cluster_lock(name, "up"):
         earlier = inventory_mod.load(name) if inventory_mod.path_for(name).is_file() else None
         if earlier is not None and earlier.parked_at:
