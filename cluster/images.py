@@ -155,7 +155,7 @@ def _through_registry(inv, build_node: Node, others: list[Node], tag: str, image
         ssh.stream(
             conn,
             ["docker", "push", remote],
-            lambda line: board.update(build_node.name, f"push: {line}"),
+            lambda line: board.update(build_node.name, f"push: {ui.plain(line)}"),
             timeout=TRANSFER_TIMEOUT,
             what=f"{build_node.name}: docker push to the registry on the storage node",
         )

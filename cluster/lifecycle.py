@@ -3,39 +3,78 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 
 from pydantic import ValidationError
 from rich import box
 from rich.table import Table
 
 from infra import clouds, ssh, state, ui
+from infra import inventory as inventory_mod
 from infra.clouds import ClusterRequest
 from infra.errors import TrainrigError
 from infra.inventory import STORAGE_NODE, Inventory, gpu_node_names
 
 
-def up(name: str, gpu_nodes: int, data_disk_gb: int, cloud: str = clouds.DEFAULT) -> Inventory:
-    request = _request(name=name, cloud=cloud, gpu_nodes=gpu_nodes, data_disk_gb=data_disk_gb)
-    provider = clouds.get(cloud)
-    clouds.require(provider, "create", "be created by fab up: make them with pulumi up --stack NAME")
-    backend = provider.backend()
-    fresh = not state.cluster_dir(name).exists()
-    names = [*gpu_node_names(gpu_nodes), STORAGE_NODE]
-    with ui.NodeBoard(f"creating cluster {name} ({cloud})", names) as board:
-        inv = backend.create(request, board)
-        try:
-            backend.wait_ready(inv, board)
-        except BaseException as exc:
+def up(
+    name: str, gpu_nodes: int, data_disk_gb: int, cloud: str = clouds.DEFAULT, image: str | None = None
+) -> Inventory:
+    """Create a cluster (GPU nodes from `image` when given: a baked node), or bring an existing one back."""
+    request = _request(name=name, cloud=cloud, gpu_nodes=gpu_nodes, data_disk_gb=data_disk_gb, image=image)
+    with state.cluster_lock(name, "up"):
+        earlier = inventory_mod.load(name) if inventory_mod.path_for(name).is_file() else None
+        if earlier is not None and earlier.parked_at:
+            return resume(earlier)
+        provider = clouds.get(cloud)
+        clouds.require(provider, "create", "be created by fab up: make them with pulumi up --stack NAME")
+        backend = provider.backend()
+        if earlier is not None and earlier.running:
+            return _bring_back(backend, earlier, gpu_nodes)
+        fresh = not state.cluster_dir(name).exists()
+        names = [*gpu_node_names(gpu_nodes), STORAGE_NODE]
+        with ui.NodeBoard(f"creating cluster {name} ({cloud})", names) as board:
+            inv = backend.create(request, board)
             try:
-                backend.destroy(inv, purge=fresh)
-            except Exception as cleanup:
-                # The cause first (it is why up failed), then what may still bill and how to remove it.
-                again = f"fab down --name {name}" + (" --purge" if fresh else "")
-                raise TrainrigError(
-                    f"{exc or type(exc).__name__}; removing the half-made cluster failed too ({cleanup}): run {again}"
-                ) from exc
-            raise
+                backend.wait_ready(inv, board)
+            except BaseException as exc:
+                try:
+                    backend.destroy(inv, purge=fresh)
+                    if fresh:
+                        # Its inventory listed nodes as running and its keys were made for them:
+                        # left behind, they make the next `fab up` say the cluster is already up.
+                        shutil.rmtree(state.cluster_dir(name), ignore_errors=True)
+                except Exception as cleanup:
+                    # The cause first (it is why up failed), then what may still bill and how to remove it.
+                    again = f"fab down --name {name}" + (" --purge" if fresh else "")
+                    cause = exc or type(exc).__name__
+                    raise TrainrigError(
+                        f"{cause}; removing the half-made cluster failed too ({cleanup}): run {again}"
+                    ) from exc
+                raise
     return inv
+
+
+def _bring_back(backend, inv: Inventory, gpu_nodes: int) -> Inventory:
+    """`fab up` of a cluster that is up already: its nodes restarted (new ports) or stopped come back as they were."""
+    if len(inv.gpu_nodes) != gpu_nodes:
+        raise TrainrigError(
+            f"cluster {inv.cluster!r} is up with {len(inv.gpu_nodes)} GPU nodes, not {gpu_nodes}; "
+            f"use it as it is, or remove it first: fab down --name {inv.cluster}"
+        )
+    with ui.NodeBoard(f"bringing back cluster {inv.cluster} ({inv.cloud})", [n.name for n in inv.nodes]) as board:
+        inv, done = backend.reconcile(inv, board)
+        backend.wait_ready(inv, board)
+    for line in done or [f"cluster {inv.cluster} was up: nothing to bring back"]:
+        ui.console.print(ui.plain(line))
+    return inv
+
+
+def running_gpu_nodes(name: str) -> int | None:
+    """How many GPU nodes a cluster that is up has (what `fab up` of it keeps by default); None if it is not up."""
+    if not inventory_mod.path_for(name).is_file():
+        return None
+    inv = inventory_mod.load(name)
+    return len(inv.gpu_nodes) if inv.running else None
 
 
 FLAGS = {"name": "--name", "gpu_nodes": "--nodes", "data_disk_gb": "--disk-gb", "cloud": "cloud"}
@@ -50,12 +89,55 @@ def _request(**fields) -> ClusterRequest:
         raise TrainrigError(f"{FLAGS.get(field, field)} {fields.get(field)!r}: {first['msg']}") from exc
 
 
-def down(inv: Inventory, purge: bool, stack: str | None = None) -> Inventory | None:
-    """Remove compute (and storage with purge); verified against the backend's own listing."""
+def park(inv: Inventory, stack: str | None = None) -> Inventory:
+    """Stop the GPU nodes, disks and set-up kept: compute billing ends; `up` brings them back."""
+    provider = clouds.get(inv.cloud)
+    clouds.require(provider, "park", "park their GPU nodes (a stopped one keeps billing): fab down removes them")
+    inventory_mod.require_running(inv)
+    if not inv.gpu_nodes:
+        raise TrainrigError(f"cluster {inv.cluster!r} has no GPU nodes to park")
+    return provider.backend(stack).park(inv)
+
+
+def resume(inv: Inventory, stack: str | None = None) -> Inventory:
+    """A parked cluster back as it was: nodes started, addresses refreshed, ready to train (the backend waits)."""
     backend = clouds.get(inv.cloud).backend(stack)
-    remaining = backend.destroy(inv, purge)
-    if purge:
-        shutil.rmtree(state.cluster_dir(inv.cluster), ignore_errors=True)
+    names = [n.name for n in inv.gpu_nodes]
+    with ui.NodeBoard(f"resuming cluster {inv.cluster} ({inv.cloud})", names) as board:
+        return backend.resume(inv, board)
+
+
+def confirm_purge(inv: Inventory, yes: bool, ask: Callable[[str], str] | None) -> None:
+    """A purge of a cluster someone pays for deletes its data for good: the operator types its name, or said --yes.
+
+    `ask` prompts on a terminal; None means there is none (a script, CI), where only --yes will do.
+    Local clusters hold nothing billed and are purged without asking.
+    """
+    if yes or inv.cloud == clouds.DEFAULT:
+        return
+    what = f"--purge deletes the storage and data of {inv.cloud} cluster {inv.cluster!r} for good"
+    if ask is None:
+        raise TrainrigError(f"{what}; no terminal to confirm on: add --yes if that is what you mean")
+    typed = ask(f"{what}. Type the cluster's name to confirm: ").strip()
+    if typed != inv.cluster:
+        raise TrainrigError(f"{typed!r} is not {inv.cluster!r}: nothing was removed")
+
+
+def down(inv: Inventory, purge: bool, stack: str | None = None) -> Inventory | None:
+    """Remove compute (and storage with purge); verified against the backend's own listing.
+
+    The bill up to now goes to the ledger once the compute is gone (the nodes' uptimes are read first).
+    """
+    from cluster import cost
+
+    backend = clouds.get(inv.cloud).backend(stack)
+    with state.cluster_lock(inv.cluster, "down --purge" if purge else "down"):
+        entry = cost.bill(inv).entry() if inv.nodes else None
+        remaining = backend.destroy(inv, purge)
+        if entry:
+            cost.record_bill({**entry, "purge": purge})
+        if purge:
+            shutil.rmtree(state.cluster_dir(inv.cluster), ignore_errors=True)
     return remaining
 
 
@@ -82,4 +164,7 @@ def status_table(inv: Inventory) -> Table:
         )
     for r in inv.retained:
         table.add_row(f"[dim]{r.name}[/]", f"kept {r.kind}", "", "", "", "", f"{r.hourly_price_usd:.2f}", "")
+    if not all(reachable.values()) and "create" in clouds.get(inv.cloud).capabilities:
+        table.caption = f"a node that stopped or restarted comes back with: fab up --name {inv.cluster}"
+        table.caption_justify = "left"
     return table

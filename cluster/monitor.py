@@ -14,13 +14,15 @@ from rich.markup import escape
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
-from cluster import runs
+from cluster import cost, runs
 from cluster.runs import FINAL_STATES, RunRecord
 from infra import ssh, ui
 from infra.errors import TrainrigError
 from infra.inventory import Inventory
 
 SPARK = "▁▂▃▄▅▆▇█"
+RECORD_FIELDS = {"step", "loss", "throughput", "time"}  # in every metrics record; any other key is the job's own
+ETA_WINDOW = 20  # logged steps the pace is taken over: recent enough to follow a change of speed
 UNIT_CHECK_EVERY = 5.0
 
 
@@ -34,6 +36,16 @@ class RunView:
     partial: bytes = b""
     hosts: dict[str, dict] = field(default_factory=dict)  # each node's latest telemetry sample
     telemetry_offsets: dict[str, int] = field(default_factory=dict)
+    usd_per_hour: float = 0.0  # the run's nodes at the inventory's prices
+
+    @property
+    def usd(self) -> float:
+        return self.usd_per_hour * self.elapsed / 3600
+
+    # Clocks are never mixed: a node's times are compared with the same node's, and the operator's
+    # monotonic clock measures only what happened here (when a sample or a heartbeat came in).
+    sample_seen: dict[str, float] = field(default_factory=dict)  # host -> monotonic arrival of its sample
+    beat_seen: tuple[float, float] | None = None  # (node's heartbeat_at, monotonic when we first saw it)
 
     def feed_telemetry(self, host: str, chunk: bytes) -> None:
         complete = chunk[: chunk.rfind(b"\n") + 1]
@@ -43,11 +55,12 @@ class RunView:
                 self.hosts[host] = json.loads(line)
             except ValueError:
                 continue  # a line being written as we read: the next sample will do
+            self.sample_seen[host] = time.monotonic()
 
     def feed(self, chunk: bytes) -> list[dict]:
         data = self.partial + chunk
         *lines, self.partial = data.split(b"\n")
-        new = [json.loads(line) for line in lines if line.strip()]
+        new = [m for m in map(runs.parse_metric, lines) if m is not None]
         self.metrics += new
         return new
 
@@ -61,9 +74,25 @@ class RunView:
 
     @property
     def elapsed(self) -> float:
+        """The run's age on its node's clock, plus how long ago (on ours) the node last said it was alive.
+
+        The operator's wall clock minus the node's start time would be off by the clocks' skew
+        (a node ahead by years gave a negative age of millions of seconds).
+        """
         if not self.status:
             return 0.0
-        return (self.status.get("ended_at") or time.time()) - self.status["started_at"]
+        started = self.status["started_at"]
+        if self.status.get("ended_at"):
+            return max(0.0, self.status["ended_at"] - started)
+        beat = self.status.get("heartbeat_at") or started
+        if self.beat_seen is None or self.beat_seen[0] != beat:
+            self.beat_seen = (beat, time.monotonic())
+        return max(0.0, beat - started + time.monotonic() - self.beat_seen[1])
+
+    def sample_ages(self) -> dict[str, float]:
+        """Seconds since each host's latest sample came in (our clock only)."""
+        now = time.monotonic()
+        return {host: now - seen for host, seen in self.sample_seen.items()}
 
     @property
     def last(self) -> dict:
@@ -76,6 +105,26 @@ class RunView:
 
     def losses(self) -> list[float]:
         return [m["loss"] for m in self.metrics if "loss" in m]
+
+    def own_metrics(self) -> dict[str, tuple[float, int]]:
+        """The job's own metrics (BLEU, top-1...): each one's latest value and the step it belongs to."""
+        latest: dict[str, tuple[float, int]] = {}
+        for m in self.metrics:
+            for name, value in m.items():
+                if name not in RECORD_FIELDS:
+                    latest[name] = (value, m["step"])
+        return latest
+
+    def eta(self) -> float | None:
+        """Seconds left at the pace of the last ETA_WINDOW logged steps; None before there is a pace or a goal."""
+        total = self.record.max_steps
+        timed = [m for m in self.metrics if "time" in m][-ETA_WINDOW:]
+        if not total or self.finished or len(timed) < 2:
+            return None
+        steps, seconds = timed[-1]["step"] - timed[0]["step"], timed[-1]["time"] - timed[0]["time"]
+        if steps <= 0 or seconds <= 0:
+            return None
+        return max(total - timed[-1]["step"], 0) * seconds / steps
 
 
 def sparkline(values: list[float], width: int = 40) -> str:
@@ -93,7 +142,7 @@ def render(view: RunView) -> Table:
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold")
     table.add_column()
-    color = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(view.state, "cyan")
+    color = {"succeeded": "green", "failed": "red", "stalled": "red", "cancelled": "yellow"}.get(view.state, "cyan")
     table.add_row("run", f"{view.record.id}  [{color}]{view.state}[/]  ({view.record.ranks} ranks)")
     if view.reason and view.state != "succeeded":
         table.add_row("cause", escape(view.reason))
@@ -108,14 +157,26 @@ def render(view: RunView) -> Table:
         table.add_row("loss", f"{losses[-1]:.4f}  (first {losses[0]:.4f}, min {min(losses):.4f})  {sparkline(losses)}")
     if "throughput" in last:
         table.add_row("samples/s", f"{last['throughput']:,.1f}")
+    for name, (value, at) in view.own_metrics().items():
+        table.add_row(escape(name), f"{value:.4g}  (step {at})")
     table.add_row("elapsed", f"{view.elapsed:.1f}s")
+    eta = view.eta()
+    if eta is not None:
+        table.add_row("ETA", duration(eta))
+    table.add_row("cost", f"${view.usd:,.2f} so far (${view.usd_per_hour:,.2f}/h for {len(view.record.nodes)} nodes)")
     warning = stall_warning(view)
     if warning:
         table.add_row("[yellow]stall?[/]", warning)
     if view.hosts:
-        table.add_row("hosts", host_table(view.hosts))
+        table.add_row("hosts", host_table(view.hosts, view.sample_ages()))
         table.add_row("network", network_verdict(view.hosts))
     return table
+
+
+def duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 def stall_warning(view: RunView) -> str | None:
@@ -158,8 +219,8 @@ def network_verdict(hosts: dict[str, dict]) -> str:
     return f"busy, not shown to be the limit: {host} at {share:.0%} of its link"
 
 
-def host_table(hosts: dict[str, dict]) -> Table:
-    """One row per node: GPU use and memory, CPU, memory, NIC MB/s, and how old the sample is."""
+def host_table(hosts: dict[str, dict], ages: dict[str, float]) -> Table:
+    """One row per node: GPU use and memory, CPU, memory, NIC MB/s, and how long ago its sample came in."""
     table = Table(box=None, pad_edge=False, show_edge=False)
     for column in ("host", "GPU %", "GPU mem", "CPU %", "mem %", "NIC in MB/s", "NIC out MB/s", "age"):
         table.add_column(column, justify="left" if column == "host" else "right")
@@ -175,7 +236,7 @@ def host_table(hosts: dict[str, dict]) -> Table:
             f"{s.get('mem') or 0:.0f}",
             f"{s.get('nic_in_mbs', 0):.2f}",
             f"{s.get('nic_out_mbs', 0):.2f}",
-            f"{max(time.time() - s.get('time', time.time()), 0):.0f}s",
+            f"{ages[host]:.0f}s" if host in ages else "-",
         )
     return table
 
@@ -187,12 +248,13 @@ def plain_line(view: RunView, metric: dict) -> str:
         parts.append(f"loss {metric['loss']:.4f}")
     if "throughput" in metric:
         parts.append(f"samples/s {metric['throughput']:,.1f}")
+    parts += [f"{name} {value:.4g}" for name, value in metric.items() if name not in RECORD_FIELDS]
     return f"[{metric.get('time', view.elapsed):6.1f}s] " + "  ".join(parts)
 
 
 def monitor(inv: Inventory, record: RunRecord, *, interval: float = 1.0, timeout: float | None = None) -> RunView:
     """Poll the run until it ends (or timeout passes); live view on a terminal, lines otherwise."""
-    view = RunView(record)
+    view = RunView(record, usd_per_hour=cost.run_usd_per_hour(inv, record))
     node = runs.reader_node(inv, record)
     deadline = time.monotonic() + timeout if timeout else None
     with ssh.open_checked(inv, node) as conn, _answering(node, record):
@@ -205,9 +267,7 @@ def monitor(inv: Inventory, record: RunRecord, *, interval: float = 1.0, timeout
                 offset += len(chunk)
                 new = view.feed(chunk)
                 if live:
-                    for host in record.nodes:
-                        path = f"{record.run_dir}/telemetry/{host}.jsonl"
-                        view.feed_telemetry(host, runs.read_from(sftp, path, view.telemetry_offsets.get(host, 0)))
+                    read_telemetry(view, sftp)
                 view.status = runs.read_status(sftp, record) or view.status
                 if live:
                     live.update(render(view))
@@ -229,6 +289,13 @@ def monitor(inv: Inventory, record: RunRecord, *, interval: float = 1.0, timeout
                     raise TrainrigError(f"run {record.id} still {view.state} after {timeout:.0f}s (it keeps running)")
                 time.sleep(interval)
     return view
+
+
+def read_telemetry(view: RunView, sftp) -> None:
+    """Each node's new telemetry lines since the last read; the latest sample per host is what the rows show."""
+    for host in view.record.nodes:
+        path = f"{view.record.run_dir}/telemetry/{host}.jsonl"
+        view.feed_telemetry(host, runs.read_from(sftp, path, view.telemetry_offsets.get(host, 0)))
 
 
 @contextlib.contextmanager

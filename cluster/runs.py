@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pydantic import Field, TypeAdapter
+from pydantic import Field, TypeAdapter, ValidationError
 
 from cluster import images, jobs, preflight, transfer
 from cluster import launch as launch_mod
@@ -19,12 +19,15 @@ from infra import clouds, ssh, state
 from infra.commands import wait_until
 from infra.errors import TrainrigError
 from infra.inventory import Inventory, Node, how_to_start, require_running
-from infra.models import Strict
+from infra.models import Strict, first_error
 
 SUPERVISOR = Path(__file__).parent / "remote" / "supervisor.py"
 SAMPLER = Path(__file__).parent / "remote" / "sampler.py"
-SAMPLE_EVERY = 2.0  # seconds between telemetry samples on each node
-FINAL_STATES = {"succeeded", "failed", "cancelled"}
+# Seconds between telemetry samples on each node. The newest sample is on average half of this old
+# when fab monitor reads it, and at most all of it: 1 s keeps what it shows under 2 s old.
+SAMPLE_EVERY = 1.0
+# Every state the supervisor ends a run with (remote/sampler.py keeps its own copy: it imports nothing).
+FINAL_STATES = {"succeeded", "failed", "cancelled", "stalled"}
 
 
 class RunRecord(Strict):
@@ -58,16 +61,26 @@ def records_path(cluster: str) -> Path:
 
 def records(cluster: str) -> list[RunRecord]:
     path = records_path(cluster)
-    return _records.validate_json(path.read_text()) if path.is_file() else []
+    if not path.is_file():
+        return []
+    try:
+        return _records.validate_json(path.read_text())
+    except ValidationError as exc:
+        raise TrainrigError(
+            f"{path} is damaged ({first_error(exc)}): restore it from a backup, or move it aside to start "
+            "a new list (the runs it held can then only be reached on the cluster's shared storage)"
+        ) from None
 
 
 def _remember(cluster: str, record: RunRecord) -> None:
-    state.write_atomic(records_path(cluster), _records.dump_json(records(cluster) + [record], indent=2).decode())
+    with state.records_lock(cluster):
+        state.write_atomic(records_path(cluster), _records.dump_json(records(cluster) + [record], indent=2).decode())
 
 
 def _forget(cluster: str, run_id: str) -> None:
-    kept = [r for r in records(cluster) if r.id != run_id]
-    state.write_atomic(records_path(cluster), _records.dump_json(kept, indent=2).decode())
+    with state.records_lock(cluster):
+        kept = [r for r in records(cluster) if r.id != run_id]
+        state.write_atomic(records_path(cluster), _records.dump_json(kept, indent=2).decode())
 
 
 def find(cluster: str, run_id: str | None) -> RunRecord:
@@ -187,11 +200,23 @@ def launch(
             )
     except BaseException:
         # Nothing half-started: no container on any node, and no record of a run that is not running.
+        if remembered:
+            # An interrupt may land after systemd started the unit and before we heard so:
+            # stop it, so no supervisor goes on for a run that is about to be forgotten.
+            _stop_unit(inv, nodes[0], record)
         remove_containers(inv, record)
         if remembered:
             _forget(inv.cluster, record.id)
         raise
     return record
+
+
+def _stop_unit(inv: Inventory, node: Node, record: RunRecord) -> None:
+    try:
+        with ssh.open_checked(inv, node, timeout=10) as conn:
+            ssh.run(conn, ["systemctl", "stop", record.unit], check=False, timeout=60)
+    except TrainrigError:
+        pass  # the node is gone: so is the unit
 
 
 def _prepare_run_dir(inv: Inventory, node: Node, job: jobs.LoadedJob, paths: launch_mod.RunPaths) -> None:
@@ -317,6 +342,27 @@ def remove_containers(inv: Inventory, record: RunRecord) -> list[str]:
             return str(exc)
 
     return [problem for problem in ssh.on_nodes(nodes, remove).values() if problem]
+
+
+METRIC_FIELDS = ("step", "loss", "throughput", "time")
+
+
+def parse_metric(line: str | bytes) -> dict | None:
+    """One metrics.jsonl line with its numbers; None for a line cut short by a copy mid-write, or one without numbers.
+
+    The file is written on the cluster from what the job prints, so a line may be incomplete or
+    hold a value that is not a number: such a line is skipped, never the end of a plot or a monitor.
+    """
+    try:
+        data = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    metric = {
+        k: data[k] for k in METRIC_FIELDS if isinstance(data.get(k), int | float) and not isinstance(data.get(k), bool)
+    }
+    return metric if isinstance(metric.get("step"), int) else None
 
 
 def read_status(sftp, record: RunRecord) -> dict | None:

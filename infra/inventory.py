@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv4Network
@@ -42,6 +44,26 @@ class Node(Strict):
     cpus: int = Field(ge=1)
     data_disks: list[DataDisk] = []
     hourly_price_usd: float = Field(ge=0)
+    parked_hourly_price_usd: float | None = Field(
+        default=None, ge=0, description="what the node bills while stopped (its disks); None: it cannot be parked"
+    )
+
+    @field_validator("host_key")
+    @classmethod
+    def _key_blob(cls, host_key: str) -> str:
+        """The key itself must decode and be of the type it says: SSH pins it, and a bad one fails every connection."""
+        kind, blob = host_key.split(" ", 1)
+        try:
+            data = base64.b64decode(blob, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError(f"the {kind} key is not valid base64; copy the node's public host key again") from None
+        size = int.from_bytes(data[:4], "big") if len(data) >= 4 else -1
+        inner = data[4 : 4 + size].decode("ascii", errors="replace") if 0 < size <= len(data) - 4 else ""
+        if inner != kind:
+            raise ValueError(
+                f"the key says {kind} but holds {inner or 'no key type'}; copy the node's public host key again"
+            )
+        return host_key
 
 
 class SharedStorage(Strict):
@@ -77,6 +99,9 @@ class Inventory(Strict):
     storage: SharedStorage | None = None
     network: Network | None = None
     retained: list[Retained] = []
+    parked_at: datetime | None = Field(
+        default=None, description="when `fab park` stopped the GPU nodes (disks and set-up kept); `fab up` resumes"
+    )
     updated_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
     @field_validator("cloud")
@@ -232,6 +257,8 @@ def known_hosts_path(cluster: str) -> Path:
 def require_running(inv: Inventory) -> Inventory:
     if not inv.running:
         raise TrainrigError(f"cluster {inv.cluster!r} has no nodes running; start it with: {how_to_start(inv)}")
+    if inv.parked_at:
+        raise TrainrigError(f"cluster {inv.cluster!r} is parked; bring it back with: fab up --name {inv.cluster}")
     return inv
 
 

@@ -84,6 +84,8 @@ def cloud_init(host_key: HostKey, cfg: MachineStack, firewall: bool) -> pulumi.O
 def node_record(planned: PlannedNode, public_ip, private_ip, host_key, device) -> pulumi.Output[dict]:
     """One inventory node, once the cloud has given it addresses (and its data disk a device path)."""
 
+    parked = planned.parked_usd_per_hour
+
     def record(values) -> dict:
         public, private, key, device = values
         return {
@@ -98,6 +100,7 @@ def node_record(planned: PlannedNode, public_ip, private_ip, host_key, device) -
             "cpus": planned.cpus,
             "data_disks": [{"device": device, "size_gb": planned.data_disk_gb}],
             "hourly_price_usd": round(planned.usd_per_hour, 4),
+            "parked_hourly_price_usd": None if parked is None else round(parked, 4),
         }
 
     return pulumi.Output.all(public_ip, private_ip, host_key, device).apply(record)

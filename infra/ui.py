@@ -32,12 +32,13 @@ def status(message: str) -> Iterator[Callable[[str], None]]:
         def show(detail: str) -> None:
             if time.monotonic() - last[0] >= PLAIN_EVERY:
                 last[0] = time.monotonic()
-                console.print(f"  {message}: {detail[:100]}")
+                console.print(f"  {message}: {plain(detail[:100])}")
 
         yield show
         return
     with console.status(message) as live:
-        yield lambda detail: live.update(f"{message} [dim]{detail[:100]}[/dim]")
+        # Pulumi's and the nodes' lines are text: "[/var/lib/apt/lists/lock]" must not parse as markup.
+        yield lambda detail: live.update(f"{message} [dim]{plain(detail[:100])}[/dim]")
 
 
 @contextmanager

@@ -8,8 +8,15 @@ A cloud is a package infra/clouds/<name>/ whose __init__ defines CLOUD, with:
                     its part of the Pulumi program: storage (protected) and compute, children of
                     `parent` named f"{name}-...", returning the inventory once the cloud has answered
     backend(stack)  the runtime verbs on its clusters (the Backend protocol below)
+    power(cluster, cfg, on) -> dict[str, str]
+                    stop (on=False) or start its clusters' GPU nodes, disks kept; returns each started
+                    node's public address (clouds without "park" refuse in one line)
     billable(cluster, cfg) -> list[str]
                     what the cloud's own listing still holds for a cluster (teardown is checked with it)
+    audit(known, everything) -> list[Billable]
+                    what bills for the clusters named in `known` (name -> inventory), found by the
+                    cloud's tags or labels; with everything, for any trainrig cluster, even one whose
+                    local state was lost
     stand_in_image(reference) -> str | None
                     for clouds whose nodes reach no public registry: a local image to send in place
                     of a public one a Dockerfile starts from (None: the nodes pull it themselves)
@@ -27,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pydantic import Field
 
 from infra.errors import TrainrigError
-from infra.inventory import Inventory
+from infra.inventory import Inventory, Node
 from infra.models import Strict
 from infra.state import CLUSTER_NAME
 
@@ -50,6 +57,8 @@ CAPABILITIES = frozenset(
         "data_disk",
         "shared_storage",
         "ssh_mesh",
+        "park",  # its GPU nodes can be stopped with their disks kept, and billing for them stops
+        "self_teardown",  # a GPU node that powers itself off stops billing (the dead-man switch relies on it)
     }
 )
 
@@ -69,6 +78,24 @@ class ClusterRequest(Strict):
     cloud: str = DEFAULT
     gpu_nodes: int = Field(ge=1, le=16)
     data_disk_gb: int = Field(default=2, ge=1, le=64)
+    image: str | None = Field(default=None, description="a baked node image for the GPU nodes (fab bake)")
+
+
+class Billable(Strict):
+    """One thing a cloud bills for, and which cluster and node it belongs to as far as its tags say."""
+
+    kind: str  # instance, volume, efs, container, ...
+    id: str
+    cluster: str | None = Field(default=None, description="from its tag or label; None when it carries none")
+    node: str | None = Field(default=None, description="the node it belongs to, when it belongs to one")
+    detail: str = ""
+
+    def accounted_for(self, known: dict[str, Inventory]) -> bool:
+        """An inventory holds it: its cluster is known and, for a node's part, that node is in the inventory."""
+        inv = known.get(self.cluster or "")
+        if inv is None:
+            return False
+        return self.node is None or self.node in {n.name for n in inv.nodes}
 
 
 class Progress(Protocol):
@@ -81,10 +108,22 @@ class Backend(Protocol):
     """The verbs on a running cluster."""
 
     def create(self, request: ClusterRequest, board: Progress) -> Inventory: ...
+    def reconcile(self, inv: Inventory, board: Progress) -> tuple[Inventory, list[str]]:
+        """Bring an existing cluster's nodes back (start what stopped, refresh addresses and ports,
+        keep the pinned host keys); the inventory as it now is, and one line per thing done."""
+        ...
+
     def wait_ready(self, inv: Inventory, board: Progress) -> None: ...
     def describe(self, cluster: str) -> Inventory: ...
     def destroy(self, inv: Inventory, purge: bool) -> Inventory | None: ...
     def billable(self, cluster: str) -> list[str]: ...
+    def park(self, inv: Inventory) -> Inventory: ...
+    def resume(self, inv: Inventory, board: Progress) -> Inventory: ...  # back as parked, ready to train
+    def bake(self, inv: Inventory, node: Node, name: str, generalize: str) -> tuple[str, bool]:
+        """Capture a provisioned node as an image a new cluster can start from; `generalize` is a shell
+        script that removes what belongs to this node alone (its keys, credentials, machine id).
+        Returns the image's id and whether the node itself was generalized (and needs provisioning again)."""
+        ...
 
 
 class Cloud(Protocol):
@@ -95,6 +134,10 @@ class Cloud(Protocol):
     def build(self, parent: pulumi.ComponentResource, name: str, cfg: Any, blueprint: Blueprint) -> pulumi.Output: ...
     def backend(self, stack: str | None = None) -> Backend: ...
     def billable(self, cluster: str, cfg: Any) -> list[str]: ...
+    def power(self, cluster: str, cfg: Any, on: bool) -> dict[str, str]: ...
+    def audit(self, known: dict[str, Inventory], everything: bool) -> list[Billable]: ...
+    # A node's disks as a machine image, for StackBackend.bake (a local backend bakes a container itself).
+    def capture(self, cluster: str, cfg: Any, node: str, name: str) -> str: ...
     def verify(self, cfg: Any, blueprint: Blueprint) -> Findings: ...
     def stand_in_image(self, reference: str) -> str | None: ...
 

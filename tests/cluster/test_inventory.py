@@ -37,6 +37,15 @@ def test_cost_adds_nodes_and_kept_storage():
         (lambda d: d["nodes"][0].update(ssh_port=0), "nodes.0.ssh_port: Input should be greater than or equal to 1"),
         (lambda d: d["nodes"][1].update(name="node0"), "node names must be unique, repeated: node0"),
         (lambda d: d["nodes"][0].update(host_key="not-a-key"), "nodes.0.host_key: String should match pattern"),
+        (
+            lambda d: d["nodes"][0].update(host_key="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA=x"),
+            "nodes.0.host_key: Value error, the ssh-ed25519 key is not valid base64",
+        ),
+        (
+            # An RSA key's blob under the ed25519 name: paramiko would fail on it at every connection.
+            lambda d: d["nodes"][1].update(host_key="ssh-ed25519 AAAAB3NzaC1yc2EAAAADAQABAAAAgQC7"),
+            "nodes.1.host_key: Value error, the key says ssh-ed25519 but holds ssh-rsa",
+        ),
         (lambda d: d["nodes"][0].update(private_address="192.168.1.1"), "nodes outside network 10.9.0.0/24: node0"),
         (lambda d: d["storage"].update(server="node0"), "storage.server 'node0' is not a storage node"),
         (lambda d: d.update(schema_version=2), "schema_version: Input should be 1"),

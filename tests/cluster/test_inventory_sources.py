@@ -8,6 +8,7 @@ import pytest
 
 from infra import inventory
 from infra.errors import TrainrigError
+from tests.helpers import KEY
 
 NODE = {
     "name": "storage",
@@ -15,7 +16,7 @@ NODE = {
     "public_address": "203.0.113.9",
     "private_address": "10.42.0.9",
     "ssh_port": 22,
-    "host_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB6cRZlMx0",
+    "host_key": KEY,
     "gpu_count": 0,
     "gpu_model": None,
     "cpus": 16,

@@ -43,6 +43,11 @@ class FakeBackend:
     def describe(self, cluster: str) -> Inventory:
         raise AssertionError("lifecycle does not describe")
 
+    def reconcile(self, inv: Inventory, board) -> tuple[Inventory, list[str]]:
+        self.calls.append(("reconcile", inv.cluster))
+        moved = [n.model_copy(update={"ssh_port": n.ssh_port + 1000}) for n in inv.nodes]
+        return inv.model_copy(update={"nodes": moved}), ["node0: started"]
+
     def destroy(self, inv: Inventory, purge: bool) -> Inventory | None:
         self.calls.append(("destroy", inv.cluster, purge))
         if self.destroy_error:
@@ -96,6 +101,8 @@ def test_a_new_cluster_that_never_gets_ready_is_removed_entirely(cloud):
     assert exc.value is cause
     # The backend wrote state while creating: newness is judged from before create, so purge=True.
     assert cloud.backend_.calls[-1] == ("destroy", "alpha", True)
+    # No inventory of nodes that are gone, no keys: the next `fab up` starts afresh, not "already up".
+    assert not state.cluster_dir("alpha").exists()
 
 
 def test_an_existing_cluster_that_never_gets_ready_keeps_its_storage(cloud):
@@ -106,6 +113,7 @@ def test_an_existing_cluster_that_never_gets_ready_keeps_its_storage(cloud):
         lifecycle.up("alpha", gpu_nodes=2, data_disk_gb=2)
     assert exc.value is cause
     assert cloud.backend_.calls[-1] == ("destroy", "alpha", False)
+    assert state.cluster_dir("alpha").is_dir()  # its kept storage is still known
 
 
 def test_an_interrupted_wait_rolls_back_too(cloud):
@@ -210,3 +218,19 @@ def test_status_shows_each_node_reachable_or_not(ssh_cluster):
     assert rows["node0"][1:3] == ["gpu", "10.9.0.10"]
     assert f"127.0.0.1:{gone.ssh_port}" in rows["node1"]
     assert rows["alpha-data"][1:] == ["kept", "volume", "0.05"]
+    assert " ".join(rows["a"]) == "a node that stopped or restarted comes back with: fab up --name unit"
+
+
+def test_up_of_a_cluster_that_is_up_brings_its_nodes_back_instead_of_refusing(cloud):
+    inventory.save(make_inventory(gpu_nodes=2, cluster="alpha"))
+    assert lifecycle.running_gpu_nodes("alpha") == 2
+    inv = lifecycle.up("alpha", gpu_nodes=2, data_disk_gb=2)
+    assert cloud.backend_.verbs() == ["reconcile", "wait_ready"]  # nothing created, nothing removed
+    assert [n.ssh_port for n in inv.nodes] == [3200, 3201, 3202]
+
+
+def test_up_of_a_cluster_that_is_up_with_another_size_is_refused(cloud):
+    inventory.save(make_inventory(gpu_nodes=2, cluster="alpha"))
+    with pytest.raises(TrainrigError, match=r"^cluster 'alpha' is up with 2 GPU nodes, not 3; use it as it is, or"):
+        lifecycle.up("alpha", gpu_nodes=3, data_disk_gb=2)
+    assert cloud.backend_.calls == []

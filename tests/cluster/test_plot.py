@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from cluster.plot import plot_run
+from cluster.plot import plot_run, read_metrics
 from infra.errors import TrainrigError
 
 
@@ -26,3 +26,13 @@ def test_metrics_without_values(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1}) + "\n")
     with pytest.raises(TrainrigError, match="holds no loss or throughput yet"):
         plot_run(tmp_path, "t")
+
+
+def test_cut_short_and_non_numeric_lines_are_skipped(tmp_path):
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in range(1, 20)]
+    lines[5] = '{"step": 6, "loss": "nan-ish"}'
+    lines[9] = "not json at all"
+    lines.append('{"step": 20, "lo')  # the copy caught the job mid-write
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
+    assert plot_run(tmp_path, "t").is_file()
+    assert [m["step"] for m in read_metrics(tmp_path / "metrics.jsonl")] == [s for s in range(1, 20) if s != 10]

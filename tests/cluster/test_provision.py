@@ -1,10 +1,17 @@
 """Provisioning settings: the Ansible inventory built from ours, speed settings, pinned keys."""
 
+import json
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from cluster import provision
+from infra import state
+from infra.errors import TrainrigError
 from infra.inventory import SharedStorage
 from tests.helpers import make_inventory
 
@@ -163,3 +170,62 @@ def test_a_broken_playbook_is_an_error_not_a_quiet_success(tmp_path, monkeypatch
     monkeypatch.setattr(provision, "PLAYBOOKS", tmp_path)
     with pytest.raises(provision.TrainrigError, match=r"^ansible-playbook did not run \(failed\): .*ERROR"):
         provision.provision(make_inventory(gpu_nodes=1), playbook="broken.yml")
+
+
+@pytest.mark.parametrize("text", ['["node0"', '{"node0": 1}', "[1, 2]"])
+def test_a_damaged_failed_host_list_says_which_file_and_what_to_do(tmp_path, text):
+    path = provision.failed_hosts_path("unit")
+    path.parent.mkdir(parents=True)
+    path.write_text(text)
+    with pytest.raises(TrainrigError, match=r"provision-failed.json is damaged .*: delete it and provision every host"):
+        provision.provision(make_inventory(), retry_failed=True)
+
+
+LOCAL_PLAY = """- name: On the operator's machine, as each node
+  hosts: all
+  connection: local
+  gather_facts: false
+  tasks:
+{tasks}
+"""
+
+
+def local_playbook(tmp_path, monkeypatch, tasks: str) -> str:
+    """A playbook that runs for every node of the inventory on this machine (no SSH), through real Ansible."""
+    (tmp_path / "roles").mkdir(exist_ok=True)
+    (tmp_path / "local.yml").write_text(LOCAL_PLAY.format(tasks=tasks))
+    monkeypatch.setattr(provision, "PLAYBOOKS", tmp_path)
+    return "local.yml"
+
+
+def test_a_failure_message_with_brackets_is_shown_as_text_and_recorded(tmp_path, monkeypatch):
+    playbook = local_playbook(
+        tmp_path,
+        monkeypatch,
+        '    - ansible.builtin.fail:\n        msg: "Could not get lock [/var/lib/apt/lists/lock]. Held by [bold]"',
+    )
+    with pytest.raises(provision.ProvisionFailed, match=r"Could not get lock \[/var/lib/apt/lists/lock\]"):
+        provision.provision(make_inventory(gpu_nodes=1), playbook=playbook)
+    assert json.loads(provision.failed_hosts_path("unit").read_text()) == ["node0", "storage"]
+
+
+def test_ctrl_c_stops_ansible_and_leaves_every_unfinished_host_for_retry(tmp_path, monkeypatch):
+    playbook = local_playbook(tmp_path, monkeypatch, "    - ansible.builtin.pause:\n        seconds: 120")
+    started = time.monotonic()
+    timer = threading.Timer(3, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(TrainrigError, match=r"^provisioning interrupted: .*--retry-failed$") as err:
+            provision.provision(make_inventory(gpu_nodes=2), playbook=playbook)
+    finally:
+        timer.cancel()
+    assert err.value.exit_code == 130
+    assert time.monotonic() - started < 30, "the playbook was stopped, not waited for"
+    assert json.loads(provision.failed_hosts_path("unit").read_text()) == ["node0", "node1", "storage"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is Ctrl-C again
+
+
+def test_a_second_provision_of_a_busy_cluster_is_refused_at_once():
+    busy = rf"^cluster unit is busy \(pid {os.getpid()}: fab up\); wait for it"
+    with state.cluster_lock("unit", "up"), pytest.raises(TrainrigError, match=busy):
+        provision.provision(make_inventory())

@@ -84,6 +84,33 @@ def test_ambiguous_or_unknown_prefixes_are_one_line(home, prefix):
     assert str(exc.value) == f"no single run matches {prefix!r} on 'unit' (recent: mnist-2, bert-1, bert-2)"
 
 
+@pytest.mark.parametrize("text", ['[{"id": "x"', "{}", '[{"id": 1}]', "\x00\x01"])
+def test_a_damaged_run_list_is_one_line_naming_the_file_and_what_to_do(home, text):
+    path = runs.records_path("unit")
+    path.parent.mkdir(parents=True)
+    path.write_text(text)
+    with pytest.raises(TrainrigError) as err:
+        runs.find("unit", None)
+    message = str(err.value)
+    assert message.startswith(f"{path} is damaged (") and "move it aside" in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "line, metric",
+    [
+        ('{"step": 3, "loss": 0.5, "time": 1.5}', {"step": 3, "loss": 0.5, "time": 1.5}),
+        ('{"step": 3, "loss": "abc", "throughput": 10}', {"step": 3, "throughput": 10}),
+        ('{"step": 4, "lo', None),
+        ('{"step": "four", "loss": 1.0}', None),
+        ('{"step": true, "loss": 1.0}', None),
+        ("[1, 2]", None),
+        ("", None),
+    ],
+)
+def test_metric_lines_keep_their_numbers_and_skip_the_rest(line, metric):
+    assert runs.parse_metric(line) == metric
+
+
 def test_a_cluster_without_runs_says_how_to_start_one(home):
     with pytest.raises(TrainrigError, match=r"^cluster 'unit' has no runs yet; start one with: fab train --job "):
         runs.find("unit", "mnist")
@@ -285,6 +312,30 @@ def test_a_run_that_systemd_refuses_is_not_remembered_and_its_containers_go(ssh_
     assert runs.records("unit") == []
 
 
+def test_ctrl_c_just_after_the_unit_started_leaves_no_unit_no_container_and_no_record(
+    ssh_cluster, tmp_path, monkeypatch
+):
+    cluster = ssh_cluster(1)
+    log = tmp_path / "docker.log"
+    stand_in_node(cluster, log)
+    cluster.add_program("systemctl", f'echo "$*" >> {tmp_path / "systemctl.log"}\n')
+    real_run = ssh.run
+
+    def interrupted_once_started(conn, argv, **kwargs):
+        result = real_run(conn, argv, **kwargs)
+        if argv[0] == "systemd-run" and any("supervisor.py" in str(a) for a in argv):
+            raise KeyboardInterrupt  # the unit runs on the node; we never heard it started
+        return result
+
+    monkeypatch.setattr(ssh, "run", interrupted_once_started)
+    with pytest.raises(KeyboardInterrupt):
+        runs.launch(cluster.inv, write_job(tmp_path, nodes=1, code=False))
+    stops = (tmp_path / "systemctl.log").read_text().splitlines()
+    assert any(line.startswith("stop trainrig-run-tiny-") for line in stops), stops
+    assert any(line.startswith("ps -aq --filter label=trainrig.run=") for line in log.read_text().splitlines())
+    assert runs.records("unit") == []
+
+
 # Reading a run's files
 
 
@@ -339,13 +390,14 @@ def cancelable(cluster, tmp_path) -> RunRecord:
     return record("tiny-1", run_dir=str(run_dir), nodes=["node0", "node1"])
 
 
-def test_cancel_of_an_ended_run_stops_nothing_but_still_clears_its_containers(ssh_cluster, tmp_path):
+@pytest.mark.parametrize("final", ["succeeded", "failed", "cancelled", "stalled"])
+def test_cancel_of_an_ended_run_stops_nothing_but_still_clears_its_containers(ssh_cluster, tmp_path, final):
     cluster = ssh_cluster(2)
     stand_in_node(cluster, tmp_path / "docker.log")
     cluster.add_program("systemctl", "exit 0\n")
     rec = cancelable(cluster, tmp_path)
-    (Path(rec.run_dir) / "status.json").write_text('{"state": "succeeded"}')
-    assert runs.cancel(cluster.inv, rec, timeout=5) == {"state": "succeeded"}
+    (Path(rec.run_dir) / "status.json").write_text(json.dumps({"state": final}))
+    assert runs.cancel(cluster.inv, rec, timeout=5) == {"state": final}
     assert not any(f"systemctl stop {rec.unit}" in c for s in cluster.servers.values() for c in s.commands)
     swept = [line for line in (tmp_path / "docker.log").read_text().splitlines() if line.startswith("ps -aq")]
     assert len(swept) == 4  # each node: find them to remove, then check none is left

@@ -96,6 +96,9 @@ def test_aws_graph(mocks, path):
     for attachment in mocks.of_type("aws:ec2/volumeAttachment:VolumeAttachment"):
         assert attachment.inputs["stopInstanceBeforeDetaching"] is True, "a busy NFS volume never detaches"
     assert all(("instanceMarketOptions" in i.inputs) == cfg.spot for i in gpu)
+    # A GPU node that powers itself off (the dead-man switch) is terminated; the storage node only stops.
+    assert all(i.inputs["instanceInitiatedShutdownBehavior"] == "terminate" for i in gpu)
+    assert all("instanceInitiatedShutdownBehavior" not in i.inputs for i in storage)
     for instance in instances:  # the host key pinned before first boot; the key pair logs in as root
         secret = instance.inputs["userData"]  # it holds the private host key: a secret in state
         assert isinstance(secret, dict) and "value" in secret, "user data must be a Pulumi secret"

@@ -135,3 +135,29 @@ def test_a_wide_admin_cidr_passes_only_when_the_stack_says_it_means_it(tmp_path)
     path = tmp_path / "Pulumi.wide.yaml"
     path.write_text(yaml.safe_dump(doc))
     assert str(config.load_stack_file(path).admin_cidr) == "0.0.0.0/1"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda c: c.__setitem__("trainrig:gpu_node", c.pop("trainrig:gpu_nodes")),
+            "trainrig:gpu_node: unknown key; remove it from the stack",
+        ),
+        (lambda c: c.__setitem__("trainrig:cloud", "gcp"), "trainrig:cloud: unknown cloud 'gcp'"),
+        (lambda c: c.__setitem__("trainrig:gpu_nodes", "many"), "trainrig:gpu_nodes: 'many': "),
+    ],
+)
+def test_the_pulumi_program_fails_a_bad_stack_in_one_line_not_a_traceback(monkeypatch, change, message):
+    """Under `pulumi up` the program's config error must be a RunError, which Pulumi prints as its message alone."""
+    import runpy
+
+    import pulumi
+
+    doc = yaml.safe_load((ROOT / "stacks" / "Pulumi.aws-16-gpu.yaml").read_text())["config"]
+    values = {k: v if isinstance(v, str) else json.dumps(v) for k, v in doc.items()}
+    change(values)
+    monkeypatch.setenv("PULUMI_CONFIG", json.dumps(values))
+    with pytest.raises(pulumi.RunError) as err:
+        runpy.run_path(str(ROOT / "infra" / "__main__.py"))
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import boto3
 import pytest
@@ -15,6 +18,7 @@ from infra import config, inventory
 from infra.clouds.ibm.softlayer import Listing
 from infra.errors import TrainrigError
 from tests.cluster.test_inventory_sources import NODE, OUTPUTS
+from tests.helpers import make_inventory
 from tests.infra.conftest import ROOT
 
 STACK = "aws-16-gpu"  # stacks/Pulumi.aws-16-gpu.yaml: cluster imagenet in us-east-1
@@ -62,6 +66,8 @@ def test_down_removes_compute_keeps_storage(ec2, stack):
     assert verbs.index("config set") < verbs.index("up") and "destroy" not in verbs
     assert ["config", "set", "trainrig:gpu_nodes", "--plaintext", "--stack", STACK, "--", "0"] in stack.calls()
     assert all(STACK in call for call in stack.calls() if call[:1] != ["version"])  # always the named stack
+    # Refreshed first: GPU instances that terminated themselves (the dead-man switch) are read as gone.
+    assert any(call[:1] == ["up"] and "--refresh" in call for call in stack.calls())
     assert [n.name for n in remaining.nodes] == ["storage"]
     assert inventory.load("imagenet").gpu_nodes == []
 
@@ -125,3 +131,42 @@ def test_ibm_listing_by_cluster_tag():
     assert Listing(transport).servers("nmt") == ["virtual server 7 (node0)", "virtual server 8 (storage)"]
     request = transport.calls[-1]
     assert "trainrig-cluster:nmt" in json.dumps(request.filter)
+
+
+def fab_down(*flags: str) -> subprocess.CompletedProcess:
+    """`fab down --name imagenet ...` as a user runs it, with no terminal on stdin (a script or CI)."""
+    fab = Path(sys.executable).parent / "fab"
+    return subprocess.run(
+        [str(fab), "down", "--name", "imagenet", *flags],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_purge_of_a_cloud_cluster_without_a_terminal_needs_yes(stack, tmp_path):
+    result = fab_down("--purge")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        "error: --purge deletes the storage and data of aws cluster 'imagenet' for good; "
+        "no terminal to confirm on: add --yes if that is what you mean"
+    )
+    assert stack.calls() == []
+    assert inventory.load("imagenet").gpu_nodes  # nothing forgotten either
+
+
+def test_purge_asks_for_the_cluster_name_and_a_wrong_answer_removes_nothing(stack):
+    inv = inventory.load("imagenet")
+    asked: list[str] = []
+    with pytest.raises(TrainrigError, match=r"^'imagenet-old' is not 'imagenet': nothing was removed$"):
+        lifecycle.confirm_purge(inv, yes=False, ask=lambda prompt: asked.append(prompt) or "imagenet-old")
+    assert "Type the cluster's name to confirm" in asked[0]
+    lifecycle.confirm_purge(inv, yes=False, ask=lambda prompt: " imagenet\n")
+    lifecycle.confirm_purge(inv, yes=True, ask=None)
+    assert stack.calls() == []
+
+
+def test_a_local_purge_never_asks():
+    lifecycle.confirm_purge(make_inventory(), yes=False, ask=None)

@@ -125,6 +125,8 @@ def build(parent: pulumi.ComponentResource, name: str, cfg: AwsConfig, blueprint
             key_name=key.key_name,
             placement_group=placement.name if placement else None,
             instance_market_options=market,
+            # A GPU node that powers itself off (the dead-man switch) ends its billing: EBS data goes, NFS stays.
+            instance_initiated_shutdown_behavior="terminate",
             root_block_device={"volume_size": ROOT_DISK_GB, "volume_type": "gp3", "encrypted": True},
             ebs_block_devices=[
                 {

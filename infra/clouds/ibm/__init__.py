@@ -11,6 +11,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, SecretStr, model_validator
 
 from infra.config import ConfigError, MachineStack, secret
+from infra.errors import TrainrigError
 
 # The SAN disk sizes IBM Cloud classic sells for a virtual server's second to fifth disk, in GB: the
 # catalog items GUEST_DISK_<size>_GB_SAN of the virtual server package, as terraform-provider-ibm
@@ -126,6 +127,25 @@ class IbmCloud:
         from infra.automation import StackBackend
 
         return StackBackend(self, stack)
+
+    def power(self, cluster: str, cfg: IbmConfig, on: bool) -> dict[str, str]:
+        # Not "park" in its capabilities, so this is reached only by mistake; say why all the same.
+        raise TrainrigError(
+            f"IBM Cloud classic keeps billing a powered-off GPU server: cluster {cluster!r} cannot be parked, "
+            "use fab down (storage kept)"
+        )
+
+    def capture(self, cluster: str, cfg: IbmConfig, node: str, name: str, transport=None) -> str:
+        """An image template of the node's boot disk; `trainrig:image` takes its global id."""
+        from infra.clouds.ibm.softlayer import Listing
+
+        return Listing(transport, cfg.stack_credentials).capture(cluster, node, name)
+
+    def audit(self, known, everything: bool, transport=None):
+        """Virtual servers and their SAN disks by the trainrig-cluster: tag (credentials from the environment)."""
+        from infra.clouds.ibm.softlayer import Listing
+
+        return Listing(transport).audit(set(known), everything)
 
     def verify(self, cfg: IbmConfig, blueprint, transport=None):
         from infra.clouds.ibm import verify

@@ -20,6 +20,7 @@ import SoftLayer
 from pulumi.dynamic import CreateResult, DiffResult, ReadResult, ResourceProvider, UpdateResult
 from SoftLayer import utils as sl_utils
 
+from infra.clouds import Billable
 from infra.commands import wait_until
 from infra.errors import TrainrigError
 
@@ -413,6 +414,9 @@ def _outputs(props: dict[str, Any], guest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+TAG_PREFIX = "trainrig-cluster:"
+
+
 class Listing(_Credentials):
     """The account's own list of a cluster's servers (what still bills), by the tag every server carries."""
 
@@ -430,3 +434,65 @@ class Listing(_Credentials):
             raise _api_error(f"list the servers of cluster {cluster}", exc) from None
         # A cancelled guest stays listed while IBM reclaims it, without its billing item: not billing.
         return [f"virtual server {g['id']} ({g['hostname']})" for g in guests if g.get("billingItem")]
+
+    def capture(self, cluster: str, node: str, name: str, timeout: float = 3600, interval: float = 15) -> str:
+        """An image template of the node's boot disk (where the driver, Docker and the toolkit live); its global id.
+
+        IBM captures by a transaction on the server: the wait lasts until the server has none left.
+        """
+        from infra.commands import wait_until
+
+        client = self.client()
+        try:
+            guests = SoftLayer.VSManager(client).list_instances(
+                tags=[f"{TAG_PREFIX}{cluster}"], hostname=node, mask="id,hostname,billingItem[id]"
+            )
+            guest = next((g for g in guests if g.get("billingItem")), None)
+            if guest is None:
+                raise IbmError(f"IBM lists no server {node} of cluster {cluster} to bake")
+            template = SoftLayer.VSManager(client).capture(guest["id"], f"trainrig-{name}", notes=f"{cluster}/{node}")
+            wait_until(
+                lambda: not client.call("SoftLayer_Virtual_Guest", "getActiveTransactions", id=guest["id"]),
+                timeout=timeout,
+                interval=interval,
+                what=f"IBM to finish capturing {node}",
+            )
+            image = client.call(
+                "SoftLayer_Virtual_Guest_Block_Device_Template_Group",
+                "getObject",
+                id=template["id"],
+                mask="id,globalIdentifier",
+            )
+        except SoftLayer.SoftLayerAPIError as exc:
+            raise _api_error(f"capture {node} of cluster {cluster}", exc) from None
+        return image.get("globalIdentifier") or str(image["id"])
+
+    def audit(self, clusters: set[str], everything: bool) -> list[Billable]:
+        """The account's virtual servers tagged trainrig-cluster:<name>, and the SAN disks each one bills for."""
+        mask = "id,hostname,datacenter[name],tagReferences[tag[name]],blockDevices[device,diskImage[capacity,units]]"
+        try:
+            guests = self.client().call("SoftLayer_Account", "getVirtualGuests", mask=mask, iter=True)
+            guests = list(guests)
+        except SoftLayer.SoftLayerAPIError as exc:
+            raise _api_error("list the account's virtual servers", exc) from None
+        found: list[Billable] = []
+        for guest in guests:
+            tags = [ref.get("tag", {}).get("name", "") for ref in guest.get("tagReferences", [])]
+            cluster = next((t.removeprefix(TAG_PREFIX) for t in tags if t.startswith(TAG_PREFIX)), None)
+            if not cluster or not (everything or cluster in clusters):
+                continue
+            node, where = guest["hostname"], guest.get("datacenter", {}).get("name", "")
+            found.append(Billable(kind="virtual server", id=str(guest["id"]), cluster=cluster, node=node, detail=where))
+            for device in guest.get("blockDevices", []):
+                disk = device.get("diskImage") or {}
+                if disk.get("capacity"):
+                    found.append(
+                        Billable(
+                            kind="san volume",
+                            id=f"{guest['id']}/disk{device.get('device')}",
+                            cluster=cluster,
+                            node=node,
+                            detail=f"{disk['capacity']} {disk.get('units', 'GB')}",
+                        )
+                    )
+        return found

@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from infra.config import ConfigError, StackBase
+from infra.errors import TrainrigError
 
 
 class LocalConfig(StackBase):
@@ -28,7 +29,7 @@ class LocalConfig(StackBase):
 class LocalCloud:
     name = "local"
     Config = LocalConfig
-    capabilities = frozenset({"create", "data_disk", "shared_storage", "ssh_mesh"})
+    capabilities = frozenset({"create", "data_disk", "shared_storage", "ssh_mesh", "self_teardown", "park"})
 
     def build(self, parent, name, cfg, blueprint):
         from infra.clouds.local import program
@@ -50,6 +51,18 @@ class LocalCloud:
 
     def billable(self, cluster: str, cfg=None) -> list[str]:
         return self.backend().billable(cluster)
+
+    def audit(self, known, everything: bool):
+        """Containers, volumes and networks by their trainrig.cluster label; loop devices by their disk file."""
+        return self.backend().audit(set(known), everything)
+
+    def power(self, cluster: str, cfg=None, on: bool = True) -> dict[str, str]:
+        """Stop or start the GPU node containers; their loop devices, volume and images stay."""
+        return self.backend().power(cluster, on)
+
+    def capture(self, cluster: str, cfg, node: str, name: str) -> str:
+        # Local nodes are baked by LocalBackend.bake, which generalizes the image as it builds it.
+        raise TrainrigError(f"local nodes are baked with: fab bake --name {cluster} --node {node}")
 
     def verify(self, cfg, blueprint):
         from infra.clouds import Findings

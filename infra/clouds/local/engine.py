@@ -32,7 +32,7 @@ def ensure(start: bool = True, timeout: float = 90) -> None:
             f"the Docker engine is not running and trainrig cannot start it: start dockerd as root, or {INSTALL_HINT}"
         )
     log_path = state.home() / "dockerd.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    state.private_dir(log_path.parent)
     with open(log_path, "ab") as log_file:
         # A session of its own, so the engine outlives this command (later tasks need it).
         subprocess.Popen([dockerd], stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)

@@ -11,9 +11,9 @@ import tarfile
 from pathlib import Path
 
 from infra import inventory as inventory_mod
-from infra import keys, ssh, state
-from infra.clouds import ClusterRequest
-from infra.clouds.local import engine, image
+from infra import keys, ssh, state, ui
+from infra.clouds import Billable, ClusterRequest
+from infra.clouds.local import engine, image, reaper
 from infra.commands import run, wait_until
 from infra.errors import TrainrigError
 from infra.inventory import STORAGE_NODE, DataDisk, Inventory, Network, Node, Retained, SharedStorage, gpu_node_names
@@ -23,19 +23,45 @@ SHARED_MOUNT = "/data"
 DISK_DEVICE = "/dev/xvdc"
 READY_TIMEOUT = 120
 
-# What lets systemd, loop devices and Docker-in-Docker work in a node without --privileged
-# (which hosts without CAP_SYS_RESOURCE, such as nested containers, refuse).
+# A node runs systemd, loop disks and Docker-in-Docker without --privileged (which hosts without
+# CAP_SYS_RESOURCE, such as nested containers, refuse) and with as little of the host as that allows.
+# Docker's own default capability set: what an ordinary container may do.
+DOCKER_DEFAULT_CAPS = (
+    "AUDIT_WRITE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "MKNOD",
+    "NET_BIND_SERVICE",
+    "NET_RAW",
+    "SETFCAP",
+    "SETGID",
+    "SETPCAP",
+    "SETUID",
+    "SYS_CHROOT",
+)
+# What a node needs beyond that: systemd (mounts, namespaces: SYS_ADMIN), Docker-in-Docker's
+# bridges and iptables (NET_ADMIN), and debuggers and MPI's shared-memory transport (SYS_PTRACE).
+# Not kept, among others: SYS_MODULE (load kernel modules), SYS_RAWIO, SYS_BOOT, SYS_TIME,
+# SYS_RESOURCE, MAC_ADMIN, SYSLOG, BPF, PERFMON: a job on a local node cannot use them on the host.
+NODE_CAPS = (*DOCKER_DEFAULT_CAPS, "SYS_ADMIN", "NET_ADMIN", "SYS_PTRACE")
 VM_OPTIONS = [
-    "--cap-add",
-    "ALL",
     "--cap-drop",
-    "SYS_RESOURCE",
+    "ALL",
+    *[arg for cap in NODE_CAPS for arg in ("--cap-add", cap)],
+    # Docker's default seccomp profile refuses keyctl, which the nodes' own runc needs to start
+    # containers; AppArmor's docker-default profile refuses the mounts systemd makes. Both stay
+    # off, and the README says so.
     "--security-opt",
     "seccomp=unconfined",
     "--security-opt",
     "apparmor=unconfined",
-    "--security-opt",
-    "systempaths=unconfined",
+    # /proc/sys and the other system paths stay masked or read-only (Docker's default); the one
+    # setting the nodes' Docker needs is set here, for the node's network namespace only.
+    "--sysctl",
+    "net.ipv4.ip_forward=1",
     "--cgroupns",
     "host",
     "-v",
@@ -61,6 +87,14 @@ def container_name(cluster: str, node: str) -> str:
     return f"trainrig-{cluster}-{node}"
 
 
+def create_disk_image(path: Path, size_gb: int) -> None:
+    """A sparse file of size_gb that only the operator can read: it holds the node's data."""
+    state.private_dir(path.parent)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.truncate(size_gb * 1024**3)
+
+
 def disk_file(cluster: str, node: str) -> Path:
     return state.cluster_dir(cluster) / "disks" / f"{node}.img"
 
@@ -75,10 +109,19 @@ class LocalBackend:
         cluster = request.name
         existing = inventory_mod.path_for(cluster)
         if existing.is_file() and inventory_mod.load(cluster).running:
-            raise TrainrigError(
-                f"cluster {cluster!r} is already up; use it, or remove it first with: fab down --name {cluster}"
-            )
+            if self._listing("container", cluster, role="gpu"):
+                raise TrainrigError(
+                    f"cluster {cluster!r} is already up; use it, or remove it first with: fab down --name {cluster}"
+                )
+            # Its GPU nodes tore themselves down (the dead-man switch): what is left goes, storage stays.
+            reaper.stop(cluster)
+            self._remove_compute(cluster)
         node_image = image.ensure_image()
+        if request.image and not image.exists(request.image):
+            raise TrainrigError(
+                f"no local node image {request.image!r}; bake one from a provisioned node with fab bake --name CLUSTER"
+            )
+        gpu_image = request.image or node_image  # the storage node always starts from the plain node image
         cdir = state.cluster_dir(cluster)
         fresh = not cdir.exists()
         login_pub = keys.ensure_login_key(cdir / "id_ed25519", f"trainrig-{cluster}")
@@ -94,7 +137,9 @@ class LocalBackend:
             cidr = self._network_cidr(cluster)
             nodes = ssh.on_nodes_by_name(
                 names,
-                lambda n: self._create_node(cluster, n, node_image, login_pub, request.data_disk_gb, board),
+                lambda n: self._create_node(
+                    cluster, n, node_image if n == STORAGE_NODE else gpu_image, login_pub, request.data_disk_gb, board
+                ),
             )
         except BaseException:
             # Roll back whatever this call made; the original error is the one the user sees.
@@ -115,7 +160,53 @@ class LocalBackend:
             network=Network(name=network_name(cluster), cidr=cidr),
         )
         inventory_mod.save(inv)
+        reaper.start(cluster)
         return inv
+
+    # -- reconcile ----------------------------------------------------------------------
+    def reconcile(self, inv: Inventory, board) -> tuple[Inventory, list[str]]:
+        """Start the nodes that stopped (a restarted engine or host), with their disks; read back the ports
+        Docker gave them. Host keys stay as pinned: a node that comes back with another key is refused."""
+        engine.ensure()
+        done: list[str] = []
+
+        def bring_back(node: Node) -> Node:
+            name = container_name(inv.cluster, node.name)
+            found = run(["docker", "inspect", name], check=False)
+            if found.returncode != 0:
+                raise TrainrigError(
+                    f"{node.name} of {inv.cluster!r} is gone (no container {name}); remove the cluster with "
+                    f"fab down --name {inv.cluster} and create it again"
+                )
+            info = json.loads(found.stdout)[0]
+            if not info["State"]["Running"]:
+                board.update(node.name, "starting")
+                for device in info["HostConfig"].get("Devices") or []:
+                    self._reattach(inv.cluster, node.name, device["PathOnHost"])
+                run(["docker", "start", name], what=f"starting node {node.name}")
+                done.append(f"{node.name}: started")
+            address, port = self._addresses(inv.cluster, node.name)
+            if port != node.ssh_port or address != str(node.private_address):
+                done.append(f"{node.name}: now at 127.0.0.1:{port} ({address}), was :{node.ssh_port}")
+            board.update(node.name, "up")
+            return Node.model_validate({**node.model_dump(), "private_address": address, "ssh_port": port})
+
+        nodes = ssh.on_nodes(inv.nodes, bring_back)
+        # Node names keep their order, so the listing and known_hosts read as before.
+        current = inv.model_copy(update={"nodes": [nodes[n.name] for n in inv.nodes]})
+        inventory_mod.save(current)
+        return current, sorted(done)
+
+    def _reattach(self, cluster: str, node: str, loop: str) -> None:
+        """After a host restart the node's disk image is no longer on its loop device: attach it there again."""
+        path = disk_file(cluster, node)
+        if loop in self._loops_of(path):
+            return
+        if not path.is_file():
+            raise TrainrigError(
+                f"{node}: its data disk {path} is gone; remove the cluster with fab down --name {cluster}"
+            )
+        run(["losetup", loop, path], what=f"attaching the data disk of {node} at {loop} again")
 
     def _create_network(self, cluster: str) -> None:
         if not self._exists("network", network_name(cluster)):
@@ -190,15 +281,14 @@ class LocalBackend:
             # A kept disk keeps its size, whatever this `up` asked for.
             data_disks=[DataDisk(device=DISK_DEVICE, size_gb=disk_file(cluster, node).stat().st_size // 1024**3)],
             hourly_price_usd=0.0,
+            parked_hourly_price_usd=0.0,
         )
 
     def _attach_disk(self, cluster: str, node: str, size_gb: int) -> str:
         """A sparse file as a block device; an existing file (kept by `down`) keeps its data."""
         path = disk_file(cluster, node)
-        path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists():
-            with open(path, "wb") as fh:
-                fh.truncate(size_gb * 1024**3)
+            create_disk_image(path, size_gb)
         for loop in self._loops_of(path):
             return loop
         return run(
@@ -231,7 +321,7 @@ class LocalBackend:
             with ssh.open_checked(inv, node) as conn:
                 board.update(node.name, "waiting for systemd")
                 state_ = ssh.run(conn, ["systemctl", "is-system-running", "--wait"], timeout=READY_TIMEOUT, check=False)
-            board.update(node.name, f"[green]ready[/] ({state_.stdout.strip()})")
+            board.update(node.name, f"[green]ready[/] ({ui.plain(state_.stdout.strip())})")
 
         ssh.on_nodes(inv.nodes, ready)
 
@@ -242,8 +332,15 @@ class LocalBackend:
     def destroy(self, inv: Inventory, purge: bool) -> Inventory | None:
         engine.ensure()
         cluster = inv.cluster
+        reaper.stop(cluster)
         self._remove_compute(cluster)
         disks = sorted(state.cluster_dir(cluster).glob("disks/*.img"))
+        # Checked before any image is deleted: a loop device still attached to a deleted image
+        # could no longer be found by its file, and would be leaked for good.
+        left = self.billable(cluster, volumes=False)
+        if left:
+            again = f"fab down --name {cluster}" + (" --purge" if purge else "")
+            raise TrainrigError(f"removing the nodes of {cluster!r} left: {', '.join(left)}; run {again} again")
         if purge:
             run(["docker", "volume", "rm", "-f", volume_name(cluster)], check=False)
             for path in disks:
@@ -259,6 +356,78 @@ class LocalBackend:
         inventory_mod.save(remaining)
         return remaining
 
+    # -- park, resume ----------------------------------------------------------------------
+    def power(self, cluster: str, on: bool) -> dict[str, str]:
+        gpu = self._listing("container", cluster, role="gpu")
+        if not gpu:
+            raise TrainrigError(f"cluster {cluster!r} has no GPU nodes to {'start' if on else 'stop'}")
+        if on:
+            run(["docker", "start", *gpu], timeout=120, what="starting the GPU nodes")
+        else:
+            # systemd in each node shuts down cleanly (SIGRTMIN+3); the data disk stays attached to its loop device.
+            run(["docker", "stop", "--time", "60", *gpu], timeout=180, what="stopping the GPU nodes")
+        return {name.removeprefix(f"trainrig-{cluster}-"): "127.0.0.1" for name in gpu}
+
+    def park(self, inv: Inventory) -> Inventory:
+        from datetime import UTC, datetime
+
+        reaper.stop(inv.cluster)  # stopping a node on purpose must not remove it
+        self.power(inv.cluster, on=False)
+        parked = inv.model_copy(update={"parked_at": datetime.now(UTC)})
+        inventory_mod.save(parked)
+        return parked
+
+    def resume(self, inv: Inventory, board) -> Inventory:
+        self.power(inv.cluster, on=True)
+        # Docker publishes sshd on a new loopback port at every start: the inventory follows.
+        nodes = []
+        for node in inv.nodes:
+            if node.role == "gpu":
+                board.update(node.name, "started")
+                address, port = self._addresses(inv.cluster, node.name)
+                node = node.model_copy(update={"ssh_port": port, "private_address": address})
+            nodes.append(node)
+        resumed = inv.model_copy(update={"nodes": nodes, "parked_at": None})
+        inventory_mod.save(resumed)
+        self.wait_ready(resumed, board)
+        ssh.on_nodes(resumed.gpu_nodes, lambda node: self._remount(resumed, node, board))
+        reaper.start(inv.cluster)
+        return resumed
+
+    # -- bake -----------------------------------------------------------------------------
+    def bake(self, inv: Inventory, node: Node, name: str, generalize: str) -> tuple[str, bool]:
+        """The node's container as a node image, generalized in a build step: the node itself is untouched."""
+        tag = f"trainrig-baked/{name}"
+        snapshot = f"trainrig-baking/{name}"
+        run(["docker", "commit", container_name(inv.cluster, node.name), snapshot], timeout=600, what="docker commit")
+        try:
+            steps = [
+                f"FROM {snapshot}",
+                f"RUN {json.dumps(['/bin/sh', '-c', generalize])}",
+                "LABEL trainrig.image=baked",
+            ]
+            dockerfile = "\n".join(steps) + "\n"
+            run(["docker", "build", "-t", tag, "-"], input=dockerfile.encode(), timeout=600, what="generalizing")
+        finally:
+            run(["docker", "image", "rm", snapshot], check=False)
+        return tag, False
+
+    def _remount(self, inv: Inventory, node: Node, board) -> None:
+        """The data disk back on /data1, and Docker restarted onto it (its data root and images live there).
+
+        A node container has no udev, so systemd never sees the disk's by-UUID link that fstab names
+        and skips the mount (nofail); Docker then starts on an empty /data1 of the container's own.
+        """
+        board.update(node.name, "remounting the data disk, restarting Docker")
+        script = (
+            'if grep -qs "[[:space:]]/data1[[:space:]]" /etc/fstab && ! mountpoint -q /data1; then '
+            'mount -o noatime "$1" /data1; fi; '
+            "if systemctl is-enabled --quiet docker 2>/dev/null; then systemctl restart docker; fi"
+        )
+        with ssh.open_checked(inv, node) as conn:
+            ssh.run(conn, ["sh", "-c", script, "remount", DISK_DEVICE], timeout=180, what=f"{node.name}: remount")
+        board.update(node.name, "[green]ready[/] (disk and Docker back)")
+
     def _remove_compute(self, cluster: str) -> None:
         containers = self._listing("container", cluster)
         if containers:
@@ -269,19 +438,49 @@ class LocalBackend:
         if self._exists("network", network_name(cluster)):
             run(["docker", "network", "rm", network_name(cluster)], check=False, what="removing the cluster network")
 
-    def billable(self, cluster: str) -> list[str]:
-        """Everything Docker still lists for this cluster, plus attached loop devices."""
+    def billable(self, cluster: str, volumes: bool = True) -> list[str]:
+        """Everything Docker still lists for this cluster, plus attached loop devices (volumes: the storage)."""
         found = [f"container {c}" for c in self._listing("container", cluster)]
         found += [f"network {n}" for n in self._listing("network", cluster)]
-        found += [f"volume {v}" for v in self._listing("volume", cluster)]
+        if volumes:
+            found += [f"volume {v}" for v in self._listing("volume", cluster)]
         for path in state.cluster_dir(cluster).glob("disks/*.img"):
             found += [f"loop device {loop}" for loop in self._loops_of(path)]
         return found
 
-    def _listing(self, kind: str, cluster: str) -> list[str]:
+    def audit(self, clusters: set[str], everything: bool) -> list[Billable]:
+        engine.ensure(start=False)
+        found: list[Billable] = []
+        for kind in ("container", "volume", "network"):
+            name_field = "{{.Names}}" if kind == "container" else "{{.Name}}"
+            every = ["--all"] if kind == "container" else []
+            fmt = name_field + ' {{.Label "' + LABEL + '"}}'
+            argv = ["docker", kind, "ls", *every, "--filter", f"label={LABEL}", "--format", fmt]
+            for line in run(argv, what=f"listing {kind}s").stdout.splitlines():
+                name, _, cluster = line.partition(" ")
+                if everything or cluster in clusters:
+                    node = name.removeprefix(container_name(cluster, "")) if kind == "container" else None
+                    found.append(Billable(kind=kind, id=name, cluster=cluster, node=node))
+        if shutil.which("losetup"):
+            out = run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"], check=False).stdout
+            for line in out.splitlines():
+                loop, _, back = line.strip().partition(" ")
+                path = Path(back.strip().removesuffix(" (deleted)"))
+                # <TRAINRIG_HOME>/clusters/<cluster>/disks/<node>.img: a node's data disk
+                if path.suffix == ".img" and path.parent.name == "disks" and path.parents[2].name == "clusters":
+                    cluster = path.parents[1].name
+                    ours = path.parents[2] == state.home() / "clusters"
+                    if everything or (ours and cluster in clusters):
+                        found.append(
+                            Billable(kind="loop device", id=loop, cluster=cluster, node=path.stem, detail=back)
+                        )
+        return found
+
+    def _listing(self, kind: str, cluster: str, role: str | None = None) -> list[str]:
         name_field = "{{.Names}}" if kind == "container" else "{{.Name}}"
         every = ["--all"] if kind == "container" else []
-        argv = ["docker", kind, "ls", *every, "--filter", f"label={LABEL}={cluster}", "--format", name_field]
+        roles = ["--filter", f"label=trainrig.role={role}"] if role else []
+        argv = ["docker", kind, "ls", *every, "--filter", f"label={LABEL}={cluster}", *roles, "--format", name_field]
         return run(argv, what=f"listing {kind}s").stdout.split()
 
     def _exists(self, kind: str, name: str) -> bool:
