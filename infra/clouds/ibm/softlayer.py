@@ -265,7 +265,7 @@ class VirtualServerProvider(_Credentials, ResourceProvider):
             if category in taken:
                 raise IbmError(
                     f"server {name} (id {guest_id}) already has a disk in {category}; adding one there would "
-                    "resize it, so nothing was ordered: check the disks with ibmcloud sl vs detail "
+                    "resize it, so no disk was ordered: check the disks with ibmcloud sl vs detail "
                     f"{guest_id}"
                 )
 
