@@ -39,10 +39,11 @@ def test_sparkline_shape():
 
 def test_every_state_the_supervisor_ends_with_is_final_everywhere():
     from cluster import runs
-    from cluster.remote import sampler, supervisor
+    from cluster.remote import deadman, sampler, supervisor
 
     assert {"succeeded", "failed", "cancelled", "stalled"} == runs.FINAL_STATES
     assert sampler.FINAL == runs.FINAL_STATES  # the sampler stops on each of them
+    assert set(deadman.FINAL_STATES) == runs.FINAL_STATES  # and the dead-man switch counts each as ended
     # Every state the supervisor can write is one of them.
     source = Path(supervisor.__file__).read_text()
     written = set(re.findall(r'return "(\w+)", code', source)) | set(re.findall(r'decide\("(\w+)"', source))

@@ -316,8 +316,9 @@ def test_a_killed_node_fails_the_run_naming_it_and_no_rank_is_left(cluster, prov
     # No rank is left: none on node0, and node1 is off.
     assert containers_of(survivors, record, "node0") == ""
     assert on(survivors, "node0", "pgrep", "-f", "train.py", check=False).exited == 1
+    # Stopped, or already removed by the local cloud's watcher of stopped nodes: either way nothing runs there.
     running = subprocess.run(["docker", "inspect", "-f", "{{.State.Running}}", node1], capture_output=True, text=True)
-    assert running.stdout.strip() == "false"
+    assert running.stdout.strip() in ("false", ""), running.stdout
     # The operator's commands say the node is gone in one line, and cancel clears what answers.
     result = fab("cancel", "--run", record.id, "--name", cluster.cluster)
     assert "Traceback" not in result.stderr and "node1" in result.stdout + result.stderr
@@ -332,7 +333,7 @@ def test_a_stalled_run_is_final_everywhere_and_leaves_no_rank(cluster, provision
     record = runs.records(cluster.cluster)[-1]
     # fab monitor ends on it, with the cause in its last line, and fails.
     assert watched.returncode == 1, watched.stderr
-    assert re.search(r"stalled after [0-9.]+s, .*\(no new step for 10s \(last: step 1 at ", watched.stderr)
+    assert re.search(r"stalled after [0-9.]+s\b.*\(no new step for 10s \(last: step 1 at ", watched.stderr)
     assert time.monotonic() - started < 240
     # logs --follow ends too, and cancel stops nothing more.
     logs = fab("logs", "--run", record.id, "--name", cluster.cluster, "--follow", timeout=60)
