@@ -67,7 +67,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("TRAINRIG_HOME", tempfile.mkdtemp(prefix="trainrig-bench-"))
     loaded = jobs.load(JOB)
-    job = loaded.model_copy(update={"spec": loaded.spec.model_copy(update={"max_steps": args.steps})})
+    job = loaded.model_copy(update={"spec": loaded.spec.model_copy(update={"max_steps": args.steps, "nodes": 1})})
     results = []
     try:
         down_after = one(args.name, job, lambda inv, r: deadman.with_run(inv, r.id, r.run_dir, args.grace))

@@ -25,6 +25,7 @@ class NodeCost:
     usd_per_hour: float
     parked_usd_per_hour: float | None
     hours: float | None  # since the node booted (None: it does not answer)
+    spot: bool = False  # priced at on-demand: at most this
 
     @property
     def usd(self) -> float:
@@ -80,7 +81,7 @@ def bill(inv: Inventory, with_runs: bool = True) -> Bill:
     for n in inv.nodes:
         hours = uptimes.get(n.name)
         node_state = "parked" if n.name in parked_nodes else ("up" if hours is not None else "unreachable")
-        nodes.append(NodeCost(n.name, n.role, node_state, n.hourly_price_usd, n.parked_hourly_price_usd, hours))
+        nodes.append(NodeCost(n.name, n.role, node_state, n.hourly_price_usd, n.parked_hourly_price_usd, hours, n.spot))
     result = Bill(inv.cluster, inv.cloud, nodes, sum(r.hourly_price_usd for r in inv.retained))
     if with_runs:
         result.runs = run_costs(inv)
@@ -154,7 +155,9 @@ def bill_table(b: Bill) -> Table:
         t.add_column(column, justify="right" if column.startswith(("$", "hours")) else "left")
     for n in b.nodes:
         hours = "-" if n.hours is None else f"{n.hours:.2f}"
-        t.add_row(n.name, n.role, n.state, _usd(n.usd_per_hour), _usd(n.parked_usd_per_hour), hours, _usd(n.usd))
+        at_most = "≤ " if n.spot else ""  # spot: the on-demand price is the most it can cost
+        price, so_far = at_most + _usd(n.usd_per_hour), at_most + _usd(n.usd)
+        t.add_row(n.name, n.role, n.state, price, _usd(n.parked_usd_per_hour), hours, so_far)
     t.add_section()
     t.add_row("compute", "", "", "", "", "", _usd(b.compute_usd))
     t.add_row("storage", "", "", "", "", "", _usd(b.storage_usd))

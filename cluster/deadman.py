@@ -15,9 +15,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pydantic import TypeAdapter
-
 from cluster import transfer
+from cluster.runs import FINAL_STATES
 from infra import clouds, ssh, state
 from infra.errors import TrainrigError
 from infra.inventory import Inventory, Node
@@ -61,9 +60,6 @@ class Settings(Strict):
             if value is not None:
                 parts.append(f"{label} {span(value)}")
         return ", ".join(parts) or "disarmed"
-
-
-_settings = TypeAdapter(Settings)
 
 
 def span(seconds: float) -> str:
@@ -192,6 +188,21 @@ def arm(inv: Inventory, settings: Settings, every: float = CHECK_EVERY) -> Setti
 def with_run(inv: Inventory, run_id: str, run_dir: str, grace: float) -> Settings:
     """The saved settings plus tearing down after this run."""
     return saved(inv.cluster).model_copy(update={"after_run": {"id": run_id, "run_dir": run_dir, "grace": grace}})
+
+
+def with_limits(inv: Inventory, idle: float | None, stall: float | None, hard_limit: float | None) -> Settings:
+    """New limits (they replace the saved ones); a saved --down-after run is kept only while it still runs,
+    so re-arming after a teardown cannot fire at once on a run of the compute that is gone."""
+    after = saved(inv.cluster).after_run
+    if after:
+        try:
+            with ssh.open_checked(inv, host_of(inv)) as conn, conn.sftp().open(f"{after['run_dir']}/status.json") as fh:
+                over = json.loads(fh.read()).get("state") in FINAL_STATES
+        except (FileNotFoundError, ValueError):
+            over = True
+        if over:
+            after = None
+    return Settings(idle=idle, stall=stall, hard_limit=hard_limit, after_run=after)
 
 
 def teardown_record(inv: Inventory) -> dict | None:

@@ -401,7 +401,7 @@ def deadman(c, name=None, idle=None, stall=None, hard_limit=None, off=False, inv
     if not off and all(v is None for v in limits.values()):
         raise TrainrigError("give at least one of --idle, --stall, --hard-limit (or --off)")
     inv = inventory_mod.require_running(_inventory(c, name, inventory))
-    settings = deadman_mod.Settings() if off else deadman_mod.saved(inv.cluster).model_copy(update=limits)
+    settings = deadman_mod.Settings() if off else deadman_mod.with_limits(inv, **limits)
     armed = deadman_mod.arm(inv, settings)
     ui.console.print(f"dead-man switch on {deadman_mod.host_of(inv).name}: {armed.describe()}")
 

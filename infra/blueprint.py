@@ -23,6 +23,7 @@ class PlannedNode:
     machine_usd_per_hour: float
     disk_usd_per_hour: float  # the data disk and the root volume
     can_park: bool = False
+    spot: bool = False  # its price is the on-demand one, the most a spot instance can cost
 
     @property
     def usd_per_hour(self) -> float:
@@ -104,7 +105,8 @@ def _node(
         data_disk_gb=disk_gb,
         machine_usd_per_hour=cfg.prices.machine_usd_per_hour(flavor, cfg.where) if machine and flavor else 0.0,
         disk_usd_per_hour=cfg.prices.disk_usd_per_hour(disk_gb + cfg.prices.root_disk_gb),
-        can_park=cfg.prices.can_park,
+        can_park=cfg.prices.can_park and not (role == "gpu" and getattr(cfg, "spot", False)),
+        spot=role == "gpu" and getattr(cfg, "spot", False),
     )
 
 

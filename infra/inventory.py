@@ -47,6 +47,7 @@ class Node(Strict):
     parked_hourly_price_usd: float | None = Field(
         default=None, ge=0, description="what the node bills while stopped (its disks); None: it cannot be parked"
     )
+    spot: bool = Field(default=False, description="a spot instance: hourly_price_usd is the most it can cost")
 
     @field_validator("host_key")
     @classmethod

@@ -101,6 +101,7 @@ def node_record(planned: PlannedNode, public_ip, private_ip, host_key, device) -
             "data_disks": [{"device": device, "size_gb": planned.data_disk_gb}],
             "hourly_price_usd": round(planned.usd_per_hour, 4),
             "parked_hourly_price_usd": None if parked is None else round(parked, 4),
+            "spot": planned.spot,
         }
 
     return pulumi.Output.all(public_ip, private_ip, host_key, device).apply(record)

@@ -96,9 +96,26 @@ def test_regional_prices_and_root_volumes():
     assert aws.machine_usd_per_hour("p3.2xlarge", "eu-west-1") > aws.machine_usd_per_hour("p3.2xlarge", "us-east-1")
     assert aws.machine_usd_per_hour("p3.2xlarge", "us-west-2") == aws.machines["p3.2xlarge"].usd_per_hour
     assert aws.root_disk_gb > 0 and aws.can_park and not catalog.load("ibm").can_park
-    path = next(p for p in STACKS if "aws-4-gpu" in p.name)
-    cfg = config.load_stack_file(path)
-    node = blueprint(cfg).nodes[0]
+    on_demand = blueprint(config.load_stack_file(next(p for p in STACKS if "aws-16-gpu" in p.name))).nodes[0]
     # The data disk and the root volume bill apart from the machine, and go on billing when parked.
-    assert node.disk_usd_per_hour == pytest.approx(aws.disk_usd_per_hour(node.data_disk_gb + aws.root_disk_gb))
-    assert node.parked_usd_per_hour == pytest.approx(node.disk_usd_per_hour)
+    assert on_demand.disk_usd_per_hour == pytest.approx(
+        aws.disk_usd_per_hour(on_demand.data_disk_gb + aws.root_disk_gb)
+    )
+    assert on_demand.parked_usd_per_hour == pytest.approx(on_demand.disk_usd_per_hour)
+    assert not on_demand.spot
+    spot = blueprint(config.load_stack_file(next(p for p in STACKS if "aws-4-gpu-efs" in p.name))).nodes[0]
+    assert spot.spot and spot.parked_usd_per_hour is None, "a spot instance cannot be stopped"
+    assert spot.machine_usd_per_hour == aws.machines["g5.12xlarge"].usd_per_hour  # on-demand: the most it costs
+
+
+def test_spot_prices_are_shown_as_at_most(ssh_cluster):
+    from rich.console import Console
+
+    cluster = ssh_cluster(1)
+    cluster.add_program("ps", "echo 3600")
+    inv = priced(cluster)
+    inv = inv.model_copy(update={"nodes": [n.model_copy(update={"spot": n.role == "gpu"}) for n in inv.nodes]})
+    console = Console(width=200, record=True)
+    console.print(cost.bill_table(cost.bill(inv, with_runs=False)))
+    rows = {line.split()[0]: line for line in console.export_text().splitlines() if line.strip()}
+    assert "≤ 2.00" in rows["node0"] and "≤" not in rows["storage"]

@@ -142,3 +142,19 @@ def test_a_gpu_node_the_switch_cannot_reach_is_refused_before_any_run(ssh_cluste
     )
     cluster.add_program("ssh", "exit 0")
     deadman.preflight(cluster.inv)
+
+
+def test_re_arming_keeps_a_down_after_run_only_while_it_runs(ssh_cluster):
+    cluster = ssh_cluster(1)
+    run = cluster.share / "trainrig" / "runs" / "r1"
+    run.mkdir(parents=True)
+    (run / "status.json").write_text(json.dumps({"state": "running"}))
+    after = {"id": "r1", "run_dir": str(run), "grace": 0}
+    deadman.state.write_atomic(
+        deadman.settings_path(cluster.inv.cluster), deadman.Settings(stall=60, after_run=after).model_dump_json()
+    )
+    kept = deadman.with_limits(cluster.inv, idle=600, stall=None, hard_limit=None)
+    assert (kept.idle, kept.stall, kept.after_run) == (600, None, after)  # new limits replace the old ones
+    (run / "status.json").write_text(json.dumps({"state": "succeeded", "ended_at": time.time()}))
+    # That run is over (its compute may be gone already): re-arming must not fire on it at once.
+    assert deadman.with_limits(cluster.inv, idle=600, stall=None, hard_limit=None).after_run is None
