@@ -1,69 +1,177 @@
-"""Provisioning wall time on 1, 4 and 8 local nodes with trainrig's settings, and on 8 with
-Ansible's defaults, side by side; plus the second (no-change) run. A script, not a test.
+"""Provisioning time at several cluster sizes, trainrig's settings against Ansible's defaults (and
+Mitogen when it is installed), measured side by side in one run. A script, not a test.
 
-    .venv/bin/python -m benchmarks.provision_bench [--sizes 1,4,8] [--prefix bench]
+    .venv/bin/python -m benchmarks.provision_bench [--sizes 1,4,8,16] [--compare-at 8] [--prefix bench]
 
-Each case stands up its own local cluster (N GPU-role nodes + the storage node), runs
-site.yml twice and removes the cluster. Host keys stay pinned in every case.
+Each case stands up its own local cluster (N GPU-role nodes + the storage node) and provisions
+it three times:
+  first     site.yml on fresh nodes;
+  no-change a second `fab provision`: trainrig reads each node's phase records and runs nothing
+            that has not changed (Ansible's defaults and Mitogen have no records: every task runs);
+  forced    every task again (`--force`): what a no-change run costs without the records.
+For each run it prints the wall time, the controller's CPU seconds (this process and
+ansible-playbook's) and the nodes' CPU seconds (each node container's cgroup), then removes the
+cluster. Host keys stay pinned in every case.
+
+Local nodes share this machine's cores, so wall time across N local nodes measures the total
+work, not what N separate machines would see. The projection to N separate machines is
+    controller CPU / controller cores  +  the busiest node's CPU
+(nodes work in parallel on their own machines; the controller's work is shared by its forks
+over --controller-cores cores). It ignores network latency, so it is a lower bound that grows
+the way the real time grows with N.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
+import resource
+import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 from cluster import lifecycle, provision
 from infra import inventory
+from infra.clouds.local.instance import container_name
 
 
 # Ansible's own defaults where ours differ: 5 forks, no pipelining, facts gathered by every play,
-# ssh_args "-C -o ControlMaster=auto -o ControlPersist=60s" (plus our pinned known_hosts file).
+# ssh_args "-C -o ControlMaster=auto -o ControlPersist=60s" (plus our pinned known_hosts file),
+# no fact cache.
 def ansible_defaults(inv) -> dict[str, str]:
     pinned = provision.ansible_env(inv)["ANSIBLE_SSH_ARGS"].split("-o ControlPersist=120s")[1]
     return {
         "ANSIBLE_FORKS": "5",
         "ANSIBLE_PIPELINING": "False",
         "ANSIBLE_GATHERING": "implicit",
+        "ANSIBLE_CACHE_PLUGIN": "memory",
         "ANSIBLE_SSH_ARGS": "-C -o ControlMaster=auto -o ControlPersist=60s" + pinned,
     }
 
 
-def timed(inv, settings):
-    start = time.monotonic()
-    recap = provision.provision(inv, settings=settings)
-    return time.monotonic() - start, recap
+def mitogen() -> dict[str, str] | None:
+    """trainrig's settings with Mitogen's linear strategy, when the mitogen package is installed."""
+    spec = importlib.util.find_spec("ansible_mitogen")
+    if spec is None or spec.origin is None:
+        return None
+    return {
+        "ANSIBLE_STRATEGY_PLUGINS": str(Path(spec.origin).parent / "plugins" / "strategy"),
+        "ANSIBLE_STRATEGY": "mitogen_linear",
+    }
 
 
-def case(name: str, nodes: int, defaults: bool) -> tuple[float, float, int]:
+@dataclass
+class Measure:
+    wall: float
+    controller_cpu: float
+    node_cpu: dict[str, float]
+    changed: int
+
+    def projected(self, controller_cores: int) -> float:
+        return self.controller_cpu / controller_cores + max(self.node_cpu.values())
+
+
+def cpu_of_nodes(inv) -> dict[str, float]:
+    """CPU seconds each node container has used so far, from its cgroup (v1 cpuacct or v2 cpu.stat)."""
+    used = {}
+    for node in inv.nodes:
+        full = subprocess.run(
+            ["docker", "inspect", "-f", "{{.Id}}", container_name(inv.cluster, node.name)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        v1 = Path(f"/sys/fs/cgroup/cpuacct/docker/{full}/cpuacct.usage")
+        if v1.exists():
+            used[node.name] = int(v1.read_text()) / 1e9
+            continue
+        (v2,) = Path("/sys/fs/cgroup").glob(f"**/*{full}*/cpu.stat")
+        usage = dict(line.split() for line in v2.read_text().splitlines())
+        used[node.name] = int(usage["usage_usec"]) / 1e6
+    return used
+
+
+def controller_cpu() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def measured(inv, settings, force) -> Measure:
+    nodes_before, controller_before, start = cpu_of_nodes(inv), controller_cpu(), time.monotonic()
+    recap = provision.provision(inv, settings=settings, force=force)
+    wall, controller = time.monotonic() - start, controller_cpu() - controller_before
+    nodes = {name: used - nodes_before[name] for name, used in cpu_of_nodes(inv).items()}
+    return Measure(wall, controller, nodes, sum(r.changed for r in recap.hosts.values()))
+
+
+def case(name: str, nodes: int, kind: str | None) -> dict[str, Measure]:
     inv = lifecycle.up(name, gpu_nodes=nodes, data_disk_gb=1)
     try:
-        settings = ansible_defaults(inv) if defaults else None
-        first, _ = timed(inv, settings)
-        second, recap = timed(inv, settings)
-        return first, second, sum(r.changed for r in recap.hosts.values())
+        settings = ansible_defaults(inv) if kind == "defaults" else mitogen() if kind == "mitogen" else None
+        runs = {"first": measured(inv, settings, force=True)}
+        # Only trainrig keeps phase records; the others run every task every time.
+        runs["no-change"] = measured(inv, settings, force=kind is not None)
+        runs["forced"] = measured(inv, settings, force=True)
+        return runs
     finally:
         lifecycle.down(inventory.load(name), purge=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="1,4,8", help="GPU-role node counts with our settings")
+    parser.add_argument("--sizes", default="1,4,8,16", help="GPU-role node counts with trainrig's settings")
+    parser.add_argument("--compare-at", type=int, default=8, help="the size at which defaults and Mitogen run")
+    parser.add_argument("--controller-cores", type=int, default=4, help="cores of the operator's machine")
     parser.add_argument("--prefix", default="bench", help="cluster name prefix (lowercase)")
     args = parser.parse_args()
     os.environ.setdefault("TRAINRIG_HOME", tempfile.mkdtemp(prefix="trainrig-bench-"))
-    sizes = [int(s) for s in args.sizes.split(",")]
-    cases = [(n, False) for n in sizes] + [(max(sizes), True)]
-    rows = []
-    for n, defaults in cases:
-        label = "ansible defaults" if defaults else "trainrig settings"
-        first, second, changed = case(f"{args.prefix}{n}{'d' if defaults else ''}", n, defaults)
-        rows.append((n, label, first, second, changed))
-        print(f"{n} gpu nodes, {label}: first {first:.1f}s, second {second:.1f}s, changed {changed}", flush=True)
-    print(f"\n{'gpu nodes':>9}  {'hosts':>5}  {'settings':<18} {'first run':>10} {'second run':>11} {'changed':>8}")
-    for n, label, first, second, changed in rows:
-        print(f"{n:>9}  {n + 1:>5}  {label:<18} {first:>9.1f}s {second:>10.1f}s {changed:>8}")
+    cases = [(n, "trainrig", None) for n in (int(s) for s in args.sizes.split(","))]
+    cases.append((args.compare_at, "ansible defaults", "defaults"))
+    cases.append((args.compare_at, "mitogen", "mitogen"))
+    results: dict[tuple[int, str], dict[str, Measure]] = {}
+    for n, label, kind in cases:
+        if kind == "mitogen" and mitogen() is None:
+            print("mitogen: not installed (pip install mitogen); left out", flush=True)
+            continue
+        results[(n, label)] = runs = case(f"{args.prefix}{n}{kind[0] if kind else ''}", n, kind)
+        for run, m in runs.items():
+            print(
+                f"{n:>2} nodes, {label}, {run}: {m.wall:.1f}s wall, controller {m.controller_cpu:.1f} CPU-s, "
+                f"nodes {sum(m.node_cpu.values()):.1f} CPU-s, changed {m.changed}",
+                flush=True,
+            )
+    report(results, args.controller_cores, args.compare_at)
+
+
+def report(results: dict[tuple[int, str], dict[str, Measure]], cores: int, compare_at: int) -> None:
+    print(
+        f"\n{'nodes':>5} {'settings':<17} {'run':<10} {'wall s':>7} {'ctl CPU s':>9} "
+        f"{'node CPU s':>10} {'max node':>8} {'projected s':>11} {'changed':>7}"
+    )
+    for (n, label), runs in results.items():
+        for run, m in runs.items():
+            print(
+                f"{n:>5} {label:<17} {run:<10} {m.wall:>7.1f} {m.controller_cpu:>9.1f} "
+                f"{sum(m.node_cpu.values()):>10.1f} {max(m.node_cpu.values()):>8.1f} "
+                f"{m.projected(cores):>11.1f} {m.changed:>7}"
+            )
+    ours = {n: runs for (n, label), runs in results.items() if label == "trainrig"}
+    print()
+    for n, runs in ours.items():
+        print(f"{n} nodes: no-change / first = {runs['no-change'].wall / runs['first'].wall:.1%} (goal <= 10%)")
+    if len(ours) > 1:
+        small, large = min(ours), max(ours)
+        ratio = ours[large]["first"].projected(cores) / ours[small]["first"].projected(cores)
+        print(f"projected t({large})/t({small}), first run = {ratio:.2f} (goal <= 1.3)")
+    for label in ("ansible defaults", "mitogen"):
+        other = results.get((compare_at, label))
+        if other and compare_at in ours:
+            for run in ("first", "no-change"):
+                speedup = other[run].wall / ours[compare_at][run].wall
+                print(f"{compare_at} nodes, {run}: {label} / trainrig = {speedup:.2f}x (goal >= 3x on the first run)")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,18 @@ from infra.errors import TrainrigError
 from infra.inventory import Inventory
 from infra.models import Strict, first_error
 
-PLACEHOLDERS = {"run_dir", "code_dir", "checkpoint_dir", "max_steps", "data_dir", "scratch_dir", "resume_from"}
+PLACEHOLDERS = {
+    "run_dir",
+    "code_dir",
+    "checkpoint_dir",
+    "max_steps",
+    "data_dir",
+    "scratch_dir",
+    "resume_from",
+    "tensorboard_dir",
+}
+# What tensorboard.command may name: the event files, and where the server listens on the first node.
+TENSORBOARD_PLACEHOLDERS = {"tensorboard_dir", "host", "port"}
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Names trainrig sets itself, or that Open MPI and PMIx read to wire ranks together.
 RESERVED_ENV = re.compile(r"^(TRAINRIG_|OMPI_|PMIX_|PRTE_|OPAL_)")
@@ -32,16 +43,35 @@ MAX_CODE_BYTES = 200 * 1024**2
 SIZE = r"^[0-9]+[kmgKMG]?$"
 
 
+EXTRA_METRIC = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
+
+
 class MetricPatterns(Strict):
-    """Regexes with one named group each, matched against every log line of the run."""
+    """Regexes with one named group each, matched against every log line of the run.
+
+    Beyond step, loss and throughput a job may name metrics of its own (`bleu: 'BLEU (?P<bleu>[0-9.]+)'`):
+    each is a number in metrics.jsonl and a row of `fab monitor`.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
 
     step: str = r"\bstep (?P<step>\d+)"
     loss: str = r"\bloss (?P<loss>[-+0-9.eE]+|nan|inf)"
     throughput: str = r"\bsamples/s (?P<throughput>[-+0-9.eE]+)"
 
+    @property
+    def extra(self) -> list[str]:
+        """The names of the job's own metrics, in the order the spec gives them."""
+        return list(self.model_extra or {})
+
     @model_validator(mode="after")
     def _compiles_with_group(self) -> MetricPatterns:
-        for name in ("step", "loss", "throughput"):
+        for name in self.extra:
+            if not EXTRA_METRIC.match(name) or name == "time":
+                raise ValueError(f"metrics.{name}: a metric's name is lowercase letters, digits and '_' (not 'time')")
+            if not isinstance((self.model_extra or {})[name], str):
+                raise ValueError(f"metrics.{name}: give a regex with a named group (?P<{name}>...)")
+        for name in ("step", "loss", "throughput", *self.extra):
             pattern = getattr(self, name)
             try:
                 compiled = re.compile(pattern)
@@ -128,6 +158,43 @@ class Health(Strict):
     node_check_every: int = Field(default=10, ge=2, le=300, description="seconds between checks of every node")
 
 
+def _inside_run_dir(value: str) -> str:
+    if PurePosixPath(value).is_absolute() or ".." in PurePosixPath(value).parts:
+        raise ValueError("must be a path inside the run directory (relative, no '..')")
+    return value
+
+
+class TensorBoard(Strict):
+    """Where the job writes TensorBoard event files, and the command in its image that serves them (fab tensorboard).
+
+    The server runs in the job's image on the first node of the run and must listen on {host}
+    (127.0.0.1) at {port}: fab tensorboard reaches it through an SSH tunnel and refuses one
+    that listens on any other address.
+    """
+
+    logdir: str = Field(default="tensorboard", description="inside the run directory; {tensorboard_dir} in command")
+    command: list[str] = Field(
+        default=["tensorboard", "--logdir", "{tensorboard_dir}", "--host", "{host}", "--port", "{port}"],
+        min_length=1,
+    )
+
+    @field_validator("logdir")
+    @classmethod
+    def _relative(cls, value: str) -> str:
+        return _inside_run_dir(value)
+
+    @field_validator("command")
+    @classmethod
+    def _serves_on_the_port(cls, command: list[str]) -> list[str]:
+        named = {f for arg in command for _, f, _, _ in string.Formatter().parse(arg) if f is not None}
+        unknown = named - TENSORBOARD_PLACEHOLDERS
+        if unknown:
+            raise ValueError(f"unknown placeholder {{{sorted(unknown)[0]}}}; use {sorted(TENSORBOARD_PLACEHOLDERS)}")
+        if not {"host", "port"} <= named:
+            raise ValueError("must listen on {host} and {port}, which fab tensorboard picks")
+        return command
+
+
 class JobSpec(Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,39}$")
     description: str = ""
@@ -145,6 +212,7 @@ class JobSpec(Strict):
     max_steps: int | None = Field(default=None, ge=1)
     checkpoint_dir: str = "checkpoints"
     metrics: MetricPatterns = MetricPatterns()
+    tensorboard: TensorBoard | None = Field(default=None, description="event files and their server (fab tensorboard)")
 
     @field_validator("env")
     @classmethod
@@ -164,9 +232,7 @@ class JobSpec(Strict):
     @field_validator("checkpoint_dir")
     @classmethod
     def _relative(cls, value: str) -> str:
-        if PurePosixPath(value).is_absolute() or ".." in PurePosixPath(value).parts:
-            raise ValueError("must be a path inside the run directory (relative, no '..')")
-        return value
+        return _inside_run_dir(value)
 
     @field_validator("command")
     @classmethod

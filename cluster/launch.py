@@ -53,7 +53,11 @@ class RunPaths:
             "data_dir": self.shared,
             "scratch_dir": DATA_DISK,
             "resume_from": self.resume_from,
+            "tensorboard_dir": self.tensorboard_dir(spec),
         }
+
+    def tensorboard_dir(self, spec: JobSpec) -> str:
+        return f"{self.run_dir}/{spec.tensorboard.logdir if spec.tensorboard else 'tensorboard'}"
 
     def environment(self, spec: JobSpec) -> dict[str, str]:
         """What every rank sees from trainrig (names the spec may not use)."""

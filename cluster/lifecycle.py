@@ -9,7 +9,8 @@ from pydantic import ValidationError
 from rich import box
 from rich.table import Table
 
-from infra import clouds, inventory, ssh, state, ui
+from infra import clouds, ssh, state, ui
+from infra import inventory as inventory_mod
 from infra.clouds import ClusterRequest
 from infra.errors import TrainrigError
 from infra.inventory import STORAGE_NODE, Inventory, gpu_node_names
@@ -17,12 +18,18 @@ from infra.inventory import STORAGE_NODE, Inventory, gpu_node_names
 
 def up(name: str, gpu_nodes: int, data_disk_gb: int, cloud: str = clouds.DEFAULT) -> Inventory:
     request = _request(name=name, cloud=cloud, gpu_nodes=gpu_nodes, data_disk_gb=data_disk_gb)
+    saved = inventory_mod.path_for(name)
+    if saved.is_file():
+        parked = inventory_mod.load(name)
+        if parked.parked_at:
+            with state.cluster_lock(name, "up"):
+                return resume(parked)
     provider = clouds.get(cloud)
     clouds.require(provider, "create", "be created by fab up: make them with pulumi up --stack NAME")
     with state.cluster_lock(name, "up"):
         backend = provider.backend()
-        if inventory.path_for(name).is_file():
-            earlier = inventory.load(name)
+        if saved.is_file():
+            earlier = inventory_mod.load(name)
             if earlier.running:
                 return _bring_back(backend, earlier, gpu_nodes)
         fresh = not state.cluster_dir(name).exists()
@@ -58,7 +65,6 @@ def _bring_back(backend, inv: Inventory, gpu_nodes: int) -> Inventory:
         )
     with ui.NodeBoard(f"bringing back cluster {inv.cluster} ({inv.cloud})", [n.name for n in inv.nodes]) as board:
         inv, done = backend.reconcile(inv, board)
-        backend.wait_ready(inv, board)
     for line in done or [f"cluster {inv.cluster} was up: nothing to bring back"]:
         ui.console.print(ui.plain(line))
     return inv
@@ -66,9 +72,9 @@ def _bring_back(backend, inv: Inventory, gpu_nodes: int) -> Inventory:
 
 def running_gpu_nodes(name: str) -> int | None:
     """How many GPU nodes a cluster that is up has (what `fab up` of it keeps by default); None if it is not up."""
-    if not inventory.path_for(name).is_file():
+    if not inventory_mod.path_for(name).is_file():
         return None
-    inv = inventory.load(name)
+    inv = inventory_mod.load(name)
     return len(inv.gpu_nodes) if inv.running else None
 
 
@@ -100,11 +106,38 @@ def confirm_purge(inv: Inventory, yes: bool, ask: Callable[[str], str] | None) -
         raise TrainrigError(f"{typed!r} is not {inv.cluster!r}: nothing was removed")
 
 
+def park(inv: Inventory, stack: str | None = None) -> Inventory:
+    """Stop the GPU nodes, disks and set-up kept: compute billing ends; `up` brings them back."""
+    provider = clouds.get(inv.cloud)
+    clouds.require(provider, "park", "park their GPU nodes (a stopped one keeps billing): fab down removes them")
+    inventory_mod.require_running(inv)
+    if not inv.gpu_nodes:
+        raise TrainrigError(f"cluster {inv.cluster!r} has no GPU nodes to park")
+    with state.cluster_lock(inv.cluster, "park"):
+        return provider.backend(stack).park(inv)
+
+
+def resume(inv: Inventory, stack: str | None = None) -> Inventory:
+    """A parked cluster back as it was: nodes started, addresses refreshed, ready to train (the backend waits)."""
+    backend = clouds.get(inv.cloud).backend(stack)
+    names = [n.name for n in inv.gpu_nodes]
+    with ui.NodeBoard(f"resuming cluster {inv.cluster} ({inv.cloud})", names) as board:
+        return backend.resume(inv, board)
+
+
 def down(inv: Inventory, purge: bool, stack: str | None = None) -> Inventory | None:
-    """Remove compute (and storage with purge); verified against the backend's own listing."""
+    """Remove compute (and storage with purge); verified against the backend's own listing.
+
+    The bill up to now goes to the ledger once the compute is gone (the nodes' uptimes are read first).
+    """
+    from cluster import cost
+
     backend = clouds.get(inv.cloud).backend(stack)
     with state.cluster_lock(inv.cluster, "down --purge" if purge else "down"):
+        entry = cost.bill(inv).entry() if inv.nodes else None
         remaining = backend.destroy(inv, purge)
+        if entry:
+            cost.record_bill({**entry, "purge": purge})
         if purge:
             shutil.rmtree(state.cluster_dir(inv.cluster), ignore_errors=True)
     return remaining

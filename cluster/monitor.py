@@ -14,13 +14,15 @@ from rich.markup import escape
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
-from cluster import runs
+from cluster import cost, runs
 from cluster.runs import FINAL_STATES, RunRecord
 from infra import ssh, ui
 from infra.errors import TrainrigError
 from infra.inventory import Inventory
 
 SPARK = "▁▂▃▄▅▆▇█"
+RECORD_FIELDS = {"step", "loss", "throughput", "time"}  # in every metrics record; any other key is the job's own
+ETA_WINDOW = 20  # logged steps the pace is taken over: recent enough to follow a change of speed
 UNIT_CHECK_EVERY = 5.0
 
 
@@ -38,6 +40,11 @@ class RunView:
     # monotonic clock measures only what happened here (when a sample or a heartbeat came in).
     sample_seen: dict[str, float] = field(default_factory=dict)  # host -> monotonic arrival of its sample
     beat_seen: tuple[float, float] | None = None  # (node's heartbeat_at, monotonic when we first saw it)
+    usd_per_hour: float = 0.0  # the run's nodes at the inventory's prices
+
+    @property
+    def usd(self) -> float:
+        return self.usd_per_hour * self.elapsed / 3600
 
     def feed_telemetry(self, host: str, chunk: bytes) -> None:
         complete = chunk[: chunk.rfind(b"\n") + 1]
@@ -98,6 +105,26 @@ class RunView:
     def losses(self) -> list[float]:
         return [m["loss"] for m in self.metrics if "loss" in m]
 
+    def own_metrics(self) -> dict[str, tuple[float, int]]:
+        """The job's own metrics (BLEU, top-1...): each one's latest value and the step it belongs to."""
+        latest: dict[str, tuple[float, int]] = {}
+        for m in self.metrics:
+            for name, value in m.items():
+                if name not in RECORD_FIELDS:
+                    latest[name] = (value, m["step"])
+        return latest
+
+    def eta(self) -> float | None:
+        """Seconds left at the pace of the last ETA_WINDOW logged steps; None before there is a pace or a goal."""
+        total = self.record.max_steps
+        timed = [m for m in self.metrics if "time" in m][-ETA_WINDOW:]
+        if not total or self.finished or len(timed) < 2:
+            return None
+        steps, seconds = timed[-1]["step"] - timed[0]["step"], timed[-1]["time"] - timed[0]["time"]
+        if steps <= 0 or seconds <= 0:
+            return None
+        return max(total - timed[-1]["step"], 0) * seconds / steps
+
 
 def sparkline(values: list[float], width: int = 40) -> str:
     if not values:
@@ -114,7 +141,7 @@ def render(view: RunView) -> Table:
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold")
     table.add_column()
-    color = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(view.state, "cyan")
+    color = {"succeeded": "green", "failed": "red", "stalled": "red", "cancelled": "yellow"}.get(view.state, "cyan")
     table.add_row("run", f"{view.record.id}  [{color}]{view.state}[/]  ({view.record.ranks} ranks)")
     if view.reason and view.state != "succeeded":
         table.add_row("cause", escape(view.reason))
@@ -129,7 +156,13 @@ def render(view: RunView) -> Table:
         table.add_row("loss", f"{losses[-1]:.4f}  (first {losses[0]:.4f}, min {min(losses):.4f})  {sparkline(losses)}")
     if "throughput" in last:
         table.add_row("samples/s", f"{last['throughput']:,.1f}")
+    for name, (value, at) in view.own_metrics().items():
+        table.add_row(escape(name), f"{value:.4g}  (step {at})")
     table.add_row("elapsed", f"{view.elapsed:.1f}s")
+    eta = view.eta()
+    if eta is not None:
+        table.add_row("ETA", duration(eta))
+    table.add_row("cost", f"${view.usd:,.2f} so far (${view.usd_per_hour:,.2f}/h for {len(view.record.nodes)} nodes)")
     warning = stall_warning(view)
     if warning:
         table.add_row("[yellow]stall?[/]", warning)
@@ -137,6 +170,12 @@ def render(view: RunView) -> Table:
         table.add_row("hosts", host_table(view.hosts, view.sample_ages()))
         table.add_row("network", network_verdict(view.hosts))
     return table
+
+
+def duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 def stall_warning(view: RunView) -> str | None:
@@ -208,12 +247,13 @@ def plain_line(view: RunView, metric: dict) -> str:
         parts.append(f"loss {metric['loss']:.4f}")
     if "throughput" in metric:
         parts.append(f"samples/s {metric['throughput']:,.1f}")
+    parts += [f"{name} {value:.4g}" for name, value in metric.items() if name not in RECORD_FIELDS]
     return f"[{metric.get('time', view.elapsed):6.1f}s] " + "  ".join(parts)
 
 
 def monitor(inv: Inventory, record: RunRecord, *, interval: float = 1.0, timeout: float | None = None) -> RunView:
     """Poll the run until it ends (or timeout passes); live view on a terminal, lines otherwise."""
-    view = RunView(record)
+    view = RunView(record, usd_per_hour=cost.run_usd_per_hour(inv, record))
     node = runs.reader_node(inv, record)
     deadline = time.monotonic() + timeout if timeout else None
     with ssh.open_checked(inv, node) as conn, _answering(node, record):
@@ -226,9 +266,7 @@ def monitor(inv: Inventory, record: RunRecord, *, interval: float = 1.0, timeout
                 offset += len(chunk)
                 new = view.feed(chunk)
                 if live:
-                    for host in record.nodes:
-                        path = f"{record.run_dir}/telemetry/{host}.jsonl"
-                        view.feed_telemetry(host, runs.read_from(sftp, path, view.telemetry_offsets.get(host, 0)))
+                    read_telemetry(view, sftp)
                 view.status = runs.read_status(sftp, record) or view.status
                 if live:
                     live.update(render(view))
@@ -250,6 +288,13 @@ def monitor(inv: Inventory, record: RunRecord, *, interval: float = 1.0, timeout
                     raise TrainrigError(f"run {record.id} still {view.state} after {timeout:.0f}s (it keeps running)")
                 time.sleep(interval)
     return view
+
+
+def read_telemetry(view: RunView, sftp) -> None:
+    """Each node's new telemetry lines since the last read; the latest sample per host is what the rows show."""
+    for host in view.record.nodes:
+        path = f"{view.record.run_dir}/telemetry/{host}.jsonl"
+        view.feed_telemetry(host, runs.read_from(sftp, path, view.telemetry_offsets.get(host, 0)))
 
 
 @contextlib.contextmanager

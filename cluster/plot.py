@@ -28,6 +28,17 @@ def plot_telemetry(run_dir: Path, title: str) -> Path | None:
     hosts = read_telemetry(run_dir / "telemetry")
     if not hosts:
         return None
+    import matplotlib.pyplot as plt
+
+    fig = telemetry_figure(hosts, title)
+    out = run_dir / "telemetry.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def telemetry_figure(hosts: dict[str, list[dict]], title: str):
+    """Three panels sharing time: mean GPU use, CPU and NIC MB/s, one line per host in each."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,10 +62,7 @@ def plot_telemetry(run_dir: Path, title: str) -> Path | None:
         ax.grid(True, alpha=0.3)
     gpu_ax.legend(loc="upper right", fontsize="small")
     fig.tight_layout()
-    out = run_dir / "telemetry.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return fig
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -10,23 +10,27 @@ import stat
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import ansible_runner
 import yaml
 from rich.table import Table
 from rich.text import Text
 
+from cluster import phases as phases_mod
 from cluster.images import REGISTRY_PORT
+from infra import clouds, state, ui
 from infra import inventory as inventory_mod
-from infra import state, ui
 from infra.commands import run
 from infra.errors import TrainrigError
 from infra.inventory import Inventory
 
 PLAYBOOKS = Path(__file__).resolve().parent.parent / "playbooks"
+APT_CACHE_PORT = 3142  # apt_cache role's apt_cache_port
+PHASES = phases_mod.phases(PLAYBOOKS / "site.yml")
 # What AWS recommends for EFS (NFS 4.1, 1 MiB transfers, long timeouts, a fresh port on
 # reconnect), plus ours: mounted on first access, never blocking boot.
 EFS_MOUNT_OPTIONS = (
@@ -34,8 +38,14 @@ EFS_MOUNT_OPTIONS = (
 )
 
 
-def ansible_inventory(inv: Inventory, host_vars: dict[str, dict] | None = None) -> dict:
-    """The trainrig inventory as Ansible's: one host per node, grouped by role; host_vars per node."""
+def ansible_inventory(
+    inv: Inventory, host_vars: dict[str, dict] | None = None, due: dict[str, list[str]] | None = None
+) -> dict:
+    """The trainrig inventory as Ansible's: one host per node, grouped by role; host_vars per node.
+
+    Each phase of site.yml also has a group, phase_<name>, of the nodes that run it; `due` says
+    which phases each node needs (cluster/phases.py), and without it every node runs every phase.
+    """
     nodes = [{"name": n.name, "private_address": str(n.private_address), "host_key": n.host_key} for n in inv.nodes]
     hosts = {
         n.name: {
@@ -49,13 +59,20 @@ def ansible_inventory(inv: Inventory, host_vars: dict[str, dict] | None = None) 
         }
         for n in inv.nodes
     }
-    groups = {role: {"hosts": {n.name: {} for n in inv.nodes if n.role == role}} for role in ("gpu", "storage")}
-    variables = {
+    groups: dict[str, dict[str, dict]] = {
+        role: {"hosts": {n.name: {} for n in inv.nodes if n.role == role}} for role in ("gpu", "storage")
+    }
+    for phase in PHASES:
+        members = [n.name for n in inv.nodes if due is None or phase.name in due.get(n.name, [])]
+        groups[phase.group] = {"hosts": {name: {} for name in members}}
+    variables: dict[str, Any] = {
         "ansible_user": inv.ssh_user,
         "ansible_ssh_private_key_file": str(inv.ssh_private_key),
         "ansible_python_interpreter": "/usr/bin/python3",
         "trainrig_cluster": inv.cluster,
         "trainrig_cloud": inv.cloud,
+        # Whether containers may lift the locked-memory limit (NCCL, RDMA): the docker role's default.
+        "trainrig_memlock": "memlock" in clouds.get(inv.cloud).capabilities,
         "trainrig_nodes": nodes,
     }
     if inv.ssh_user != "root":
@@ -73,9 +90,11 @@ def ansible_inventory(inv: Inventory, host_vars: dict[str, dict] | None = None) 
             "mount_point": inv.storage.mount_point,
             "mount_options": EFS_MOUNT_OPTIONS,
         }
-    elif server:
+    elif server and inv.storage:
         # The private registry that job images travel through (the image_registry role runs it).
         variables["trainrig_registry"] = f"{server.private_address}:{REGISTRY_PORT}"
+        # The package cache every GPU node fetches through (apt_cache and apt_proxy roles).
+        variables["trainrig_apt_cache"] = f"{server.private_address}:{APT_CACHE_PORT}"
         variables["trainrig_storage"] = {
             "server": server.name,
             "server_address": str(server.private_address),
@@ -105,9 +124,12 @@ def ansible_env(inv: Inventory) -> dict[str, str]:
         "ANSIBLE_SSH_CONTROL_PATH": "%(directory)s/%%C",
         "ANSIBLE_PIPELINING": "True",
         "ANSIBLE_FORKS": str(max(5, len(inv.nodes))),
-        # Facts once per host per run although every phase playbook asks for them; each play
-        # asks for the minimal subset only (distribution, kernel, architecture).
+        # Facts once per host, cached per cluster across runs (dropped when the node changes:
+        # _forget_stale_facts); each play asks for the minimal subset only.
         "ANSIBLE_GATHERING": "smart",
+        "ANSIBLE_CACHE_PLUGIN": "jsonfile",
+        "ANSIBLE_CACHE_PLUGIN_CONNECTION": str(facts_dir(inv.cluster)),
+        "ANSIBLE_CACHE_PLUGIN_TIMEOUT": "86400",
         "ANSIBLE_ROLES_PATH": str(PLAYBOOKS / "roles"),
         "ANSIBLE_RETRY_FILES_ENABLED": "False",
         "ANSIBLE_NOCOLOR": "True",
@@ -179,6 +201,8 @@ class HostRecap:
     message: str = ""
     # What file-writing tasks wrote, or in check mode would write: path -> new content.
     files: dict[str, str] = field(default_factory=dict)
+    # The tasks that changed something, or in check mode would: what a drift check reports.
+    changes: list[str] = field(default_factory=list)
 
     @property
     def succeeded(self) -> bool:
@@ -217,6 +241,8 @@ class _Progress:
             self.board.update(host, f"{ui.plain(task)} …")
         elif kind == "runner_on_ok":
             _record_files(rec, data.get("res", {}))
+            if data.get("res", {}).get("changed"):
+                rec.changes.append(task)
         elif kind == "runner_on_failed" and not data.get("ignore_errors"):
             rec.failed += 1
             rec.message = _first_line(data.get("res", {}).get("msg", "failed"), task)
@@ -277,6 +303,7 @@ def provision(
     check: bool = False,
     keep_artifacts: Path | None = None,
     settings: dict[str, str] | None = None,
+    force: bool = False,
 ) -> Recap:
     """Run a playbook on every node in parallel; raise naming the hosts that failed.
 
@@ -284,70 +311,157 @@ def provision(
     set variables for single nodes. `check` runs in check mode with diffs (nothing changes).
     `keep_artifacts` keeps ansible-runner's files (events, stdout) in that directory.
     `settings` overrides Ansible environment settings (the benchmark compares with defaults).
+
+    A whole site.yml run gives each node only the phases whose inputs changed since their last
+    success there (cluster/phases.py); `force` runs every phase, and records them again.
     """
     inventory_mod.require_running(inv)
     if not (PLAYBOOKS / playbook).is_file():
         raise TrainrigError(f"playbook {playbook} not found in {PLAYBOOKS}")
-    variables = {**cluster_vars(inv.cluster), **(extravars or {})}  # a bad vars file stops us before any node
+    extra = {**cluster_vars(inv.cluster), **(extravars or {})}  # a bad vars file stops us before any node
     with state.cluster_lock(inv.cluster, "provision"), _interrupts() as interrupted:
-        targets = [n.name for n in inv.nodes]
-        if retry_failed:
-            # Only hosts that still exist: a node removed since then has nothing left to retry.
-            targets = [h for h in _previously_failed(inv.cluster) if h in targets]
-        recap = Recap(hosts={h: HostRecap() for h in targets})
-        with contextlib.ExitStack() as stack:
-            private_dir = (
-                str(keep_artifacts)
-                if keep_artifacts
-                else stack.enter_context(tempfile.TemporaryDirectory(prefix="trainrig-ansible-"))
-            )
-            with ui.NodeBoard(f"provisioning {inv.cluster} ({playbook})", targets) as board:
-                runner = ansible_runner.run(
-                    private_data_dir=private_dir,
-                    project_dir=str(PLAYBOOKS),
-                    playbook=str(PLAYBOOKS / playbook),
-                    inventory=ansible_inventory(inv, host_vars),
-                    envvars={**ansible_env(inv), **(settings or {})},
-                    extravars=variables,
-                    cmdline="--check --diff" if check else None,
-                    limit=",".join(targets),
-                    tags=tags,
-                    quiet=True,
-                    # Ctrl-C never reaches ansible-playbook (it runs in its own terminal): the
-                    # runner stops it when asked, so no task goes on after the user said stop.
-                    cancel_callback=interrupted.is_set,
-                    event_handler=_Progress(board, recap),
-                    status_handler=_forget_environment,
-                )
-                for host, rec in recap.hosts.items():
-                    if rec.succeeded:
-                        board.update(host, f"[green]done[/] ok={rec.ok} changed={rec.changed}")
-            # Read while ansible-runner's files still exist.
-            # Not successful with no host to blame: the playbook itself is broken, or Ansible is.
-            did_not_run = runner.status != "successful" and not recap.failed_hosts and not interrupted.is_set()
-            error = _runner_error(runner) if did_not_run else ""
-        _print_recap(recap)
-        # Without Ansible's final counts (interrupted, or Ansible died) no host is known to be
-        # done: all of them are left for --retry-failed, never an empty list that resumes nothing.
-        failed = recap.failed_hosts if recap.complete else sorted(recap.hosts)
-        if not check:
-            # What --retry-failed picks up; a rehearsal in check mode leaves it alone.
-            state.write_atomic(failed_hosts_path(inv.cluster), json.dumps(failed))
-        if interrupted.is_set():
-            raise TrainrigError(
-                f"provisioning interrupted: ansible-playbook stopped; finish it with: "
-                f"fab provision --name {inv.cluster} --retry-failed",
-                exit_code=130,
-            )
-        if did_not_run:
-            raise TrainrigError(f"ansible-playbook did not run ({runner.status}): {error}")
-        if failed:
-            raise ProvisionFailed(
-                recap,
-                f"provisioning failed on {', '.join(failed)}: {recap.hosts[failed[0]].message}; "
-                f"fix it, then run: fab provision --name {inv.cluster} --retry-failed",
-            )
+        return _provision(
+            inv, playbook, tags, retry_failed, host_vars, extra, check, keep_artifacts, settings, force, interrupted
+        )
+
+
+def _provision(
+    inv, playbook, tags, retry_failed, host_vars, extra, check, keep_artifacts, settings, force, interrupted
+) -> Recap:
+    targets = [n.name for n in inv.nodes]
+    if retry_failed:
+        # Only hosts that still exist: a node removed since then has nothing left to retry.
+        targets = [h for h in _previously_failed(inv.cluster) if h in targets]
+    _forget_stale_facts(inv)
+    plan = _phase_plan(inv, host_vars, extra) if playbook == "site.yml" and not tags and not check else None
+    due = None if plan is None or force else plan[0]
+    up_to_date = [h for h in targets if due is not None and not due.get(h)]
+    targets = [h for h in targets if h not in up_to_date]
+    recap = Recap(hosts={h: HostRecap() for h in targets})
+    if targets:
+        runner_status, error = _run(
+            inv, playbook, targets, recap, host_vars, extra, tags, check, due, keep_artifacts, settings, interrupted
+        )
+    else:
+        runner_status, error = "successful", ""
+        recap.complete = True
+    for host in up_to_date:
+        recap.hosts[host] = HostRecap(message=f"up to date: its {len(PHASES)} phases' inputs are unchanged")
+    _print_recap(recap)
+    # Without Ansible's final counts (interrupted, or Ansible died) no host is known to be done:
+    # all of them are left for --retry-failed, never an empty list that resumes nothing.
+    failed = recap.failed_hosts if recap.complete else sorted(recap.hosts)
+    if not check:
+        # What --retry-failed picks up; a rehearsal in check mode leaves it alone.
+        state.write_atomic(failed_hosts_path(inv.cluster), json.dumps(failed))
+    if plan is not None and recap.complete:
+        done = {h: plan[1][h] for h in targets if recap.hosts[h].succeeded and h in plan[1]}
+        phases_mod.record(inv, done)
+    if interrupted.is_set():
+        raise TrainrigError(
+            f"provisioning interrupted: ansible-playbook stopped; finish it with: "
+            f"fab provision --name {inv.cluster} --retry-failed",
+            exit_code=130,
+        )
+    if runner_status != "successful" and not recap.failed_hosts:
+        # Not successful with no host to blame: the playbook itself is broken, or Ansible is.
+        raise TrainrigError(f"ansible-playbook did not run ({runner_status}): {error}")
+    if failed:
+        raise ProvisionFailed(
+            recap,
+            f"provisioning failed on {', '.join(failed)}: {recap.hosts[failed[0]].message}; "
+            f"fix it, then run: fab provision --name {inv.cluster} --retry-failed",
+        )
     return recap
+
+
+def check_drift(inv: Inventory) -> dict[str, list[str]]:
+    """Every phase on every node in check mode, records ignored: the tasks that would change, per node, shown.
+
+    Phase records only know what trainrig changed; this finds what someone changed by hand.
+    """
+    recap = provision(inv, check=True)
+    drift = {host: r.changes for host, r in recap.hosts.items() if r.changes}
+    if not drift:
+        ui.console.print(f"no drift: every task on every node of {inv.cluster} is as provisioned")
+        return drift
+    table = Table(title="drift: what provisioning would change", title_justify="left")
+    table.add_column("host")
+    table.add_column("task")
+    for host, tasks in drift.items():
+        for task in tasks:
+            table.add_row(host, ui.plain(task))
+    ui.console.print(table)
+    return drift
+
+
+def _run(
+    inv, playbook, targets, recap, host_vars, extra, tags, check, due, keep_artifacts, settings, interrupted
+) -> tuple[str, str]:
+    """One ansible-playbook run over `targets` with a live line per host; (runner status, Ansible's error)."""
+    with contextlib.ExitStack() as stack:
+        private_dir = (
+            str(keep_artifacts)
+            if keep_artifacts
+            else stack.enter_context(tempfile.TemporaryDirectory(prefix="trainrig-ansible-"))
+        )
+        with ui.NodeBoard(f"provisioning {inv.cluster} ({playbook})", targets) as board:
+            runner = ansible_runner.run(
+                private_data_dir=private_dir,
+                project_dir=str(PLAYBOOKS),
+                playbook=str(PLAYBOOKS / playbook),
+                inventory=ansible_inventory(inv, host_vars, due),
+                envvars={**ansible_env(inv), **(settings or {})},
+                extravars=extra,
+                cmdline="--check --diff" if check else None,
+                limit=",".join(targets),
+                tags=tags,
+                quiet=True,
+                # Ctrl-C never reaches ansible-playbook (it runs in its own terminal): the
+                # runner stops it when asked, so no task goes on after the user said stop.
+                cancel_callback=interrupted.is_set,
+                event_handler=_Progress(board, recap),
+                status_handler=_forget_environment,
+            )
+            for host, rec in recap.hosts.items():
+                if rec.succeeded:
+                    board.update(host, f"[green]done[/] ok={rec.ok} changed={rec.changed}")
+        # Read while ansible-runner's files still exist.
+        error = _runner_error(runner) if runner.status != "successful" and not recap.failed_hosts else ""
+        return runner.status, error
+
+
+def _phase_plan(
+    inv: Inventory, host_vars: dict[str, dict] | None, extra: dict
+) -> tuple[dict[str, list[str]], dict[str, dict[str, str]]]:
+    """(phases due per node, digests to record per node): what each node's records say against today's inputs."""
+    ansible = ansible_inventory(inv, host_vars)["all"]
+    roles = {role: sorted(ansible["children"][role]["hosts"]) for role in ("gpu", "storage")}
+    variables = {
+        name: {**ansible["vars"], **hostvars, **extra, "groups": roles} for name, hostvars in ansible["hosts"].items()
+    }
+    states = phases_mod.read_state(inv, inv.nodes)
+    _forget_stale_facts(inv, {name: found.host_facts for name, found in states.items() if found is not None})
+    return phases_mod.due(inv, PHASES, variables, states)
+
+
+def facts_dir(cluster: str) -> Path:
+    """Ansible's fact cache for a cluster: facts are gathered once per node, not once per run."""
+    return state.cluster_dir(cluster) / "facts"
+
+
+def _forget_stale_facts(inv: Inventory, host_facts: Mapping[str, str] | None = None) -> None:
+    """Drop a node's cached facts once it is another machine (new host key) or runs another kernel or OS."""
+    cache = facts_dir(inv.cluster)
+    cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for node in inv.nodes:
+        marker = cache / f".{node.name}.identity"
+        before = marker.read_text() if marker.is_file() else ""
+        facts = (host_facts or {}).get(node.name, before.partition("\n")[2])
+        now = f"{node.host_key}\n{facts}"
+        if now != before:
+            (cache / node.name).unlink(missing_ok=True)
+            marker.write_text(now)
 
 
 @contextlib.contextmanager

@@ -11,11 +11,16 @@ from invoke import Collection, task
 from invoke.exceptions import Exit
 from rich.markup import escape
 
+from cluster import audit as audit_mod
+from cluster import cost as cost_mod
+from cluster import deadman as deadman_mod
 from cluster import demo as demo_mod
 from cluster import jobs, lifecycle, results, runs
 from cluster import monitor as monitor_mod
 from cluster import plot as plot_mod
 from cluster import provision as provision_mod
+from cluster import scaling as scaling_mod
+from cluster import tensorboard as tensorboard_mod
 from infra import inventory as inventory_mod
 from infra import state, ui
 from infra.errors import TrainrigError
@@ -43,6 +48,18 @@ def friendly(body):
     return wrapper
 
 
+def _whole(flag: str, value, low: int, high: int | None = None) -> int:
+    """A flag's whole number within bounds, or a one-line error naming the flag."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number < low or (high is not None and number > high):
+        bounds = f"from {low} to {high}" if high is not None else f"of at least {low}"
+        raise TrainrigError(f"--{flag} {value!r}: give a whole number {bounds}")
+    return number
+
+
 def _name(c, name: str | None) -> str:
     """--name, else trainrig.cluster; an empty name is refused, never read as the default cluster."""
     chosen = c.config.trainrig.cluster if name is None else name
@@ -54,7 +71,7 @@ def _name(c, name: str | None) -> str:
     return chosen
 
 
-def _whole(value, flag: str, default: int) -> int:
+def _count(value, flag: str, default: int) -> int:
     """A count flag as an int, or one line naming the flag (the range is the library's to check)."""
     if value is None:
         return default
@@ -95,14 +112,14 @@ def _inventory(c, name: str | None, inventory: str | None = None):
 )
 @friendly
 def up(c, name=None, nodes=None, disk_gb=None):
-    """Create a local cluster: N GPU-role nodes and one storage node as Docker 'VMs'; on one that is up, bring back
-    stopped or restarted nodes."""
+    """Create a local cluster (N GPU-role nodes and a storage node as Docker "VMs"), or bring a parked, stopped or
+    restarted one back."""
     cfg = c.config.trainrig
     cluster = _name(c, name)
-    count = _whole(nodes, "--nodes", cfg.nodes)
+    count = _count(nodes, "--nodes", cfg.nodes)
     if nodes is None:  # a cluster that is up keeps its size; --nodes that differs is refused
         count = lifecycle.running_gpu_nodes(cluster) or count
-    inv = lifecycle.up(cluster, count, _whole(disk_gb, "--disk-gb", cfg.data_disk_gb))
+    inv = lifecycle.up(cluster, count, _count(disk_gb, "--disk-gb", cfg.data_disk_gb))
     ui.console.print(lifecycle.status_table(inv))
     ui.console.print(f"inventory: {inventory_mod.path_for(inv.cluster)}")
 
@@ -115,6 +132,19 @@ def status(c, name=None, inventory=None):
     ui.console.print(lifecycle.status_table(inv))
     if not inv.running:
         ui.console.print(f"no nodes running; start them with: fab up --name {inv.cluster}")
+        return
+    if inv.parked_at:
+        ui.console.print(
+            f"parked since {inv.parked_at:%Y-%m-%d %H:%M:%S} UTC: GPU nodes stopped, disks kept; "
+            f"bring it back with: fab up --name {inv.cluster}"
+        )
+        return
+    record = deadman_mod.teardown_record(inv)
+    if record:
+        ui.console.print(deadman_mod.describe_record(record))
+    armed = deadman_mod.saved(inv.cluster)
+    if armed.armed and not record:
+        ui.console.print(f"dead-man switch on {deadman_mod.host_of(inv).name}: {armed.describe()}")
 
 
 @task(
@@ -124,12 +154,25 @@ def status(c, name=None, inventory=None):
         "retry_failed": "re-run only the hosts that failed or were unreachable last time",
         "playbook": "playbook under playbooks/ (default site.yml)",
         "inventory": INVENTORY_HELP,
+        "force": "run every phase on every node, even those whose inputs have not changed since they last succeeded",
+        "check_drift": "change nothing: run every task in check mode, list what differs on the nodes (exit 1 if any)",
     }
 )
 @friendly
-def provision(c, name=None, tags=None, retry_failed=False, playbook="site.yml", inventory=None):
-    """Run the Ansible playbooks on every node in parallel, with a per-host recap."""
-    provision_mod.provision(_inventory(c, name, inventory), playbook=playbook, tags=tags, retry_failed=retry_failed)
+def provision(
+    c, name=None, tags=None, retry_failed=False, playbook="site.yml", inventory=None, force=False, check_drift=False
+):
+    """Run the Ansible playbooks on every node in parallel, only the phases each node needs, with a per-host recap."""
+    inv = _inventory(c, name, inventory)
+    if check_drift:
+        drift = provision_mod.check_drift(inv)
+        if drift:
+            hosts = ", ".join(f"{host} ({len(tasks)} tasks)" for host, tasks in drift.items())
+            raise TrainrigError(
+                f"drift on {hosts}; put it back with: fab provision --name {inv.cluster} --force", exit_code=1
+            )
+        return
+    provision_mod.provision(inv, playbook=playbook, tags=tags, retry_failed=retry_failed, force=force)
 
 
 @task(
@@ -139,15 +182,25 @@ def provision(c, name=None, tags=None, retry_failed=False, playbook="site.yml", 
         "follow": "monitor the run until it ends (exit status = the run's)",
         "inventory": INVENTORY_HELP,
         "resume": "continue from the last checkpoint of this run (id or prefix), as a new run that records it",
+        "down_after": "when the run ends, however it ends, the cluster powers its GPU nodes off; storage stays",
+        "grace": "with --down-after: wait this long after the run ends first (90s, 5m, 2h; default 0s)",
     }
 )
 @friendly
-def train(c, job, name=None, follow=False, inventory=None, resume=None):
+def train(c, job, name=None, follow=False, inventory=None, resume=None, down_after=False, grace=None):
     """Launch a training job across the cluster, detached; prints the run id."""
     spec = jobs.load(job)
+    if grace is not None and not down_after:
+        raise TrainrigError("--grace goes with --down-after")
+    grace_s = deadman_mod.parse_duration(grace or "0s", "--grace")
     inv = inventory_mod.require_running(_inventory(c, name, inventory))
+    if down_after:
+        deadman_mod.preflight(inv)
     record = runs.launch(inv, spec, resume=runs.find(inv.cluster, resume) if resume else None)
     ui.console.print(f"started run [bold]{record.id}[/] ({record.ranks} ranks) in {record.run_dir}")
+    if down_after:
+        armed = deadman_mod.arm(inv, deadman_mod.with_run(inv, record.id, record.run_dir, grace_s))
+        ui.console.print(f"dead-man switch on {deadman_mod.host_of(inv).name}: {armed.describe()}")
     if follow:
         _follow(inv, record)
     else:
@@ -173,7 +226,7 @@ def monitor(c, run=None, name=None, timeout=None, inventory=None):
 def _follow(inv, record, timeout=None):
     view = monitor_mod.monitor(inv, record, timeout=timeout)
     losses = view.losses()
-    summary = f"run {record.id} {view.state} after {view.elapsed:.1f}s"
+    summary = f"run {record.id} {view.state} after {view.elapsed:.1f}s (${view.usd:,.2f})"
     if losses:
         summary += f", loss {losses[0]:.4f} -> {losses[-1]:.4f}"
     if view.state != "succeeded":
@@ -248,6 +301,51 @@ def plot(c, run=None, name=None, dest="runs", inventory=None):
 
 @task(
     help={
+        "run": "run id or prefix (default: the latest)",
+        "name": NAME_HELP,
+        "port": "port on 127.0.0.1 of this machine to open TensorBoard at (default 6006)",
+        "inventory": INVENTORY_HELP,
+    }
+)
+@friendly
+def tensorboard(c, run=None, name=None, port=None, inventory=None):
+    """TensorBoard of a run, served on its first node and tunnelled over SSH to 127.0.0.1 here; Ctrl-C closes it."""
+    # No int default: invoke would convert the flag itself and a typo would end in its traceback.
+    local_port = _whole("port", port, 0, 65535) if port is not None else tensorboard_mod.DEFAULT_PORT
+    inv = inventory_mod.require_running(_inventory(c, name, inventory))
+    record = runs.find(inv.cluster, run)
+    try:
+        with tensorboard_mod.serving(inv, record, local_port) as served:
+            ui.console.print(f"TensorBoard of {record.id} at {served.url} (served on {served.node}; Ctrl-C closes it)")
+            served.wait()
+    except KeyboardInterrupt:
+        ui.console.print("TensorBoard closed")
+
+
+@task(
+    help={
+        "job": "job spec, e.g. training_jobs/dp-mlp.yaml",
+        "nodes": "cluster sizes to run it at, in nodes, e.g. 1,2,4 (default)",
+        "steps": "max_steps of each run (default: the job's)",
+        "name": NAME_HELP,
+        "dest": "local folder (default ./runs)",
+        "inventory": INVENTORY_HELP,
+    }
+)
+@friendly
+def scaling(c, job, nodes="1,2,4", steps=None, name=None, dest="runs", inventory=None):
+    """Run a job at each cluster size in turn; throughput, speed-up and efficiency vs ideal, as a table and a PNG."""
+    sizes = scaling_mod.parse_sizes(str(nodes))
+    max_steps = _whole("steps", steps, 1) if steps is not None else None
+    spec = jobs.load(job)
+    inv = inventory_mod.require_running(_inventory(c, name, inventory))
+    measured, png = scaling_mod.measure(inv, spec, sizes, steps=max_steps, dest=Path(dest), said=ui.console.print)
+    ui.console.print(scaling_mod.table(spec.spec.name, measured))
+    ui.console.print(f"throughput and efficiency against ideal in {png}")
+
+
+@task(
+    help={
         "name": NAME_HELP,
         "purge": "also delete storage: the shared volume or NFS server, data disks, keys and inventory",
         "stack": "Pulumi stack of a cluster that a stack made (default: the one its inventory names)",
@@ -274,13 +372,110 @@ def down(c, name=None, purge=False, stack=None, yes=False):
     ui.console.print(f"remove storage too with: fab down --name {cluster} --purge")
 
 
-@task(help={"stack": "stack name (stacks/Pulumi.<stack>.yaml) or a stack file (default: trainrig.stack)"})
+@task(
+    help={
+        "name": NAME_HELP,
+        "idle": "power the GPU nodes off when no run has gone on for this long (90s, 5m, 2h)",
+        "stall": "power them off when a run has logged no new step for this long",
+        "hard_limit": "power them off once the compute has been up this long, whatever it does",
+        "off": "disarm the switch",
+        "inventory": INVENTORY_HELP,
+    }
+)
 @friendly
-def plan(c, stack=None):
-    """Print the nodes, flavors, disks and $/hour a stack will create (no Pulumi CLI needed)."""
-    from infra import blueprint, config
+def deadman(c, name=None, idle=None, stall=None, hard_limit=None, off=False, inventory=None):
+    """Arm the cluster's dead-man switch: it powers the GPU nodes off on its own, storage stays."""
+    limits = {
+        "idle": deadman_mod.parse_duration(idle, "--idle") if idle is not None else None,
+        "stall": deadman_mod.parse_duration(stall, "--stall") if stall is not None else None,
+        "hard_limit": deadman_mod.parse_duration(hard_limit, "--hard-limit") if hard_limit is not None else None,
+    }
+    if off and any(v is not None for v in limits.values()):
+        raise TrainrigError("--off disarms the switch: give it alone")
+    if not off and all(v is None for v in limits.values()):
+        raise TrainrigError("give at least one of --idle, --stall, --hard-limit (or --off)")
+    inv = inventory_mod.require_running(_inventory(c, name, inventory))
+    settings = deadman_mod.Settings() if off else deadman_mod.saved(inv.cluster).model_copy(update=limits)
+    armed = deadman_mod.arm(inv, settings)
+    ui.console.print(f"dead-man switch on {deadman_mod.host_of(inv).name}: {armed.describe()}")
 
-    ui.console.print(blueprint.table(blueprint.blueprint(config.load_named(stack or c.config.trainrig.stack))))
+
+@task(help={"all": "every cloud, and clusters whose local state was lost (found by their tags)"})
+@friendly
+def audit(c, all=False):
+    """List what still bills for trainrig clusters; exit 1 when something is in no inventory."""
+    report = audit_mod.audit(everything=all)
+    for line in report.unchecked:
+        ui.console.print(f"[yellow]not checked[/] {line}")
+    if report.found:
+        ui.console.print(audit_mod.table(report))
+    left = report.unaccounted
+    if left:
+        first = left[0][1]
+        raise Exit(
+            f"error: {len(left)} billable item(s) that no inventory accounts for, first {first.kind} {first.id} "
+            f"of {first.cluster or 'no cluster'}: remove them with fab down --name CLUSTER --purge, or in the cloud",
+            code=1,
+        )
+    ui.console.print("nothing billable outside the inventories")
+
+
+@task(help={"name": NAME_HELP, "all": "every known cluster, then the ledger of clusters torn down"})
+@friendly
+def cost(c, name=None, all=False):
+    """Hours up and dollars so far per cluster (storage apart) and per run, from the inventory's prices."""
+    names = state.known_clusters() if all else [_name(c, name)]
+    for cluster in names:
+        inv = inventory_mod.load(cluster)
+        if not inv.running:
+            continue
+        bill = cost_mod.bill(inv)
+        ui.console.print(cost_mod.bill_table(bill))
+        if bill.runs:
+            ui.console.print(cost_mod.runs_table(bill))
+    entries = [e for e in cost_mod.ledger() if all or e["cluster"] in names]
+    if entries:
+        ui.console.print(cost_mod.ledger_table(entries))
+    elif not any(inventory_mod.load(n).running for n in names):
+        ui.console.print("nothing running and no bills in the ledger")
+
+
+@task(help={"name": NAME_HELP, "stack": "Pulumi stack of a cluster that a stack made (default: its inventory's)"})
+@friendly
+def park(c, name=None, stack=None):
+    """Stop the GPU nodes, keeping their disks and set-up: compute billing ends; fab up resumes."""
+    inv = lifecycle.park(inventory_mod.load(_name(c, name)), stack=stack or c.config.trainrig.stack)
+    ui.console.print(f"cluster {inv.cluster!r} parked ({len(inv.gpu_nodes)} GPU nodes stopped, disks kept)")
+    ui.console.print(f"bring it back with: fab up --name {inv.cluster}")
+
+
+@task(
+    help={
+        "stack": "stack name (stacks/Pulumi.<stack>.yaml) or a stack file (default: trainrig.stack)",
+        "verify": "also ask the cloud's API whether it would accept every order (creates nothing)",
+    }
+)
+@friendly
+def plan(c, stack=None, verify=False):
+    """Print the nodes, flavors, disks and $/hour a stack will create (no Pulumi CLI needed)."""
+    from rich.markup import escape
+
+    from infra import blueprint, clouds, config
+
+    cfg = config.load_named(stack or c.config.trainrig.stack)
+    bp = blueprint.blueprint(cfg)
+    ui.console.print(blueprint.table(bp))
+    if not verify:
+        return
+    with ui.status(f"asking {cfg.cloud} whether it would accept this stack"):
+        found = clouds.get(cfg.cloud).verify(cfg, bp)
+    for note in found.notes:
+        ui.console.print(f"note: {escape(note)}", soft_wrap=True)
+    if found.problems:
+        for problem in found.problems:
+            ui.console.print(f"problem: {escape(problem)}", soft_wrap=True)
+        raise Exit(f"error: the clouds would refuse this stack: {len(found.problems)} problem(s) above", code=1)
+    ui.console.print("the clouds accept this stack")
 
 
 @task(
@@ -294,8 +489,27 @@ def plan(c, stack=None):
 @friendly
 def demo(c, name="demo", nodes=None, job=None, keep=False):
     """Up, provision, train, monitor, fetch and down in one command, with a summary."""
-    demo_mod.demo(_name(c, name), _whole(nodes, "--nodes", 2), Path(job) if job else demo_mod.DEFAULT_JOB, keep=keep)
+    demo_mod.demo(_name(c, name), _count(nodes, "--nodes", 2), Path(job) if job else demo_mod.DEFAULT_JOB, keep=keep)
 
 
-namespace = Collection(up, status, provision, train, monitor, logs, cancel, fetch, plot, down, demo, plan)
+namespace = Collection(
+    up,
+    status,
+    provision,
+    train,
+    monitor,
+    logs,
+    cancel,
+    fetch,
+    plot,
+    tensorboard,
+    scaling,
+    down,
+    demo,
+    plan,
+    deadman,
+    park,
+    cost,
+    audit,
+)
 namespace.configure({"trainrig": {"cluster": "dev", "nodes": 2, "data_disk_gb": 2, "stack": None, "inventory": None}})

@@ -9,6 +9,7 @@ refused before anything changes.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from collections.abc import Callable
@@ -110,7 +111,8 @@ class StackBackend:
         from pulumi import automation as auto
 
         stack.set_config(f"{config.NAMESPACE}:gpu_nodes", auto.ConfigValue(value="0"))
-        _step(f"pulumi up of {inv.cluster} without GPU nodes", lambda out: stack.up(on_output=out))
+        # --refresh: GPU instances that ended themselves (the dead-man switch) are read as gone, not deleted again.
+        _step(f"pulumi up of {inv.cluster} without GPU nodes", lambda out: stack.up(on_output=out, refresh=True))
         # Listings end each server's line with its role or hostname: "(..., storage)" / "(storage)".
         compute = [
             item
@@ -122,6 +124,38 @@ class StackBackend:
         remaining = inventory_of(stack)
         inventory.save(remaining)
         return remaining
+
+    def park(self, inv: Inventory) -> Inventory:
+        from datetime import UTC, datetime
+
+        from infra import clouds
+
+        clouds.require(self.cloud, "park", "park their GPU nodes: fab down removes them, storage kept")
+        self.cloud.power(inv.cluster, stack_config(self._stack_for(inv)), False)
+        parked = inv.model_copy(update={"parked_at": datetime.now(UTC)})
+        inventory.save(parked)
+        return parked
+
+    def resume(self, inv: Inventory, board: Progress) -> Inventory:
+        started = self.cloud.power(inv.cluster, stack_config(self._stack_for(inv)), True)
+        # A stopped instance comes back with a new public address (unless it has an elastic IP).
+        nodes = [n.model_copy(update={"public_address": started.get(n.name, n.public_address)}) for n in inv.nodes]
+        for name in started:
+            board.update(name, "[green]running[/]")
+        resumed = inv.model_copy(update={"nodes": nodes, "parked_at": None})
+        inventory.save(resumed)
+        from infra import ssh
+        from infra.commands import wait_until
+
+        # The instances boot as they were: fstab mounts the data disk and systemd starts Docker.
+        for node in resumed.gpu_nodes:
+            wait_until(
+                functools.partial(ssh.reachable, resumed, node),
+                timeout=600,
+                interval=5,
+                what=f"{node.name} to answer SSH with its pinned host key",
+            )
+        return resumed
 
     def billable(self, cluster: str) -> list[str]:
         inv = inventory.load(cluster)

@@ -21,11 +21,17 @@ class PlannedNode:
     cpus: int
     data_disk_gb: int | None
     machine_usd_per_hour: float
-    disk_usd_per_hour: float
+    disk_usd_per_hour: float  # the data disk and the root volume
+    can_park: bool = False
 
     @property
     def usd_per_hour(self) -> float:
         return self.machine_usd_per_hour + self.disk_usd_per_hour
+
+    @property
+    def parked_usd_per_hour(self) -> float | None:
+        """Stopped: the disks bill, the machine does not (None where a stopped node bills in full)."""
+        return self.disk_usd_per_hour if self.can_park else None
 
 
 @dataclass(frozen=True)
@@ -96,8 +102,9 @@ def _node(
         gpu_model=machine.gpu_model if machine else None,
         cpus=machine.cpus if machine else 1,
         data_disk_gb=disk_gb,
-        machine_usd_per_hour=machine.usd_per_hour if machine else 0.0,
-        disk_usd_per_hour=cfg.prices.disk_usd_per_hour(disk_gb),
+        machine_usd_per_hour=cfg.prices.machine_usd_per_hour(flavor, cfg.where) if machine and flavor else 0.0,
+        disk_usd_per_hour=cfg.prices.disk_usd_per_hour(disk_gb + cfg.prices.root_disk_gb),
+        can_park=cfg.prices.can_park,
     )
 
 

@@ -33,7 +33,16 @@ class Prices(Strict):
     region: str | None = Field(default=None, description="where the prices were read, when they vary by region")
     disk_usd_per_gb_month: float = Field(default=0.0, ge=0)
     shared_fs_usd_per_gb_month: float = Field(default=0.0, ge=0, description="a managed file system such as EFS")
+    root_disk_gb: int = Field(default=0, ge=0, description="each node's root volume, billed apart from the machine")
     machines: dict[str, Machine] = {}
+    regions: dict[str, dict[str, float]] = Field(
+        default={}, description="$/hour of a machine in a region where it differs from `region`'s"
+    )
+    can_park: bool = Field(default=False, description="a stopped node's machine stops billing (its disks do not)")
+
+    def machine_usd_per_hour(self, flavor: str, where: str | None = None) -> float:
+        """A machine's $/hour in a region (the table's own region unless `regions` says otherwise)."""
+        return self.regions.get(where or "", {}).get(flavor, self.machines[flavor].usd_per_hour)
 
     def disk_usd_per_hour(self, size_gb: int) -> float:
         return size_gb * self.disk_usd_per_gb_month / self.hours_per_month

@@ -29,6 +29,8 @@ NAMESPACE = "trainrig"
 ROOT = Path(__file__).resolve().parents[1]
 SSH_PUBLIC_KEY = r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp256) [A-Za-z0-9+/=]+( .*)?$"
 SECRET_MARK = "(secret)"
+# An admin_cidr wider than this prefix needs trainrig:admin_cidr_wide: true.
+WIDEST_ADMIN_PREFIX = 8
 
 
 class ConfigError(TrainrigError):
@@ -120,12 +122,19 @@ class MachineStack(StackBase):
     ssh_private_key_file: str = "~/.ssh/id_ed25519"
     ssh_user: str | None = None
     admin_cidr: IPv4Network
+    admin_cidr_wide: bool = Field(default=False, description="accept an admin_cidr wider than /8")
 
     @model_validator(mode="after")
     def _machines_exist(self) -> MachineStack:
         if self.admin_cidr.prefixlen == 0:
             raise ConfigError(
                 "admin_cidr", f"{self.admin_cidr} opens SSH to the whole internet", self.hints["admin_cidr"]
+            )
+        if self.admin_cidr.prefixlen < WIDEST_ADMIN_PREFIX and not self.admin_cidr_wide:
+            raise ConfigError(
+                "admin_cidr",
+                f"{self.admin_cidr} opens SSH to {self.admin_cidr.num_addresses:,} addresses",
+                "narrow it to where you connect from, or set trainrig:admin_cidr_wide: true if you mean it",
             )
         if self.storage_disk_gb < 1:
             raise ConfigError(

@@ -44,6 +44,9 @@ class Node(Strict):
     cpus: int = Field(ge=1)
     data_disks: list[DataDisk] = []
     hourly_price_usd: float = Field(ge=0)
+    parked_hourly_price_usd: float | None = Field(
+        default=None, ge=0, description="what the node bills while stopped (its disks); None: it cannot be parked"
+    )
 
     @field_validator("host_key")
     @classmethod
@@ -96,6 +99,9 @@ class Inventory(Strict):
     storage: SharedStorage | None = None
     network: Network | None = None
     retained: list[Retained] = []
+    parked_at: datetime | None = Field(
+        default=None, description="when `fab park` stopped the GPU nodes (disks and set-up kept); `fab up` resumes"
+    )
     updated_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
     @field_validator("cloud")
@@ -251,6 +257,8 @@ def known_hosts_path(cluster: str) -> Path:
 def require_running(inv: Inventory) -> Inventory:
     if not inv.running:
         raise TrainrigError(f"cluster {inv.cluster!r} has no nodes running; start it with: {how_to_start(inv)}")
+    if inv.parked_at:
+        raise TrainrigError(f"cluster {inv.cluster!r} is parked; bring it back with: fab up --name {inv.cluster}")
     return inv
 
 

@@ -48,8 +48,13 @@ class HostKey(Resource, module="trainrig", name="HostKey"):
         )
 
 
-def cloud_init(host_key: HostKey, cfg: MachineStack, private_cidr: str, firewall: bool) -> pulumi.Output[str]:
-    """User data: the pinned host key; with firewall, SSH only from admin_cidr and all from the private network."""
+def cloud_init(host_key: HostKey, cfg: MachineStack, firewall: bool) -> pulumi.Output[str]:
+    """User data: the pinned host key, no password logins; with firewall, nothing in but SSH from admin_cidr.
+
+    The cluster's own nodes are let in by provisioning (role common), which knows their private
+    addresses; at first boot they are not known yet, and a whole private range would let in every
+    server of the account.
+    """
 
     def render(private_key: str, public_key: str) -> str:
         # disable_root off: the key pair logs in as root (key only, from admin_cidr), as on IBM and
@@ -60,12 +65,13 @@ def cloud_init(host_key: HostKey, cfg: MachineStack, private_cidr: str, firewall
             "ssh_deletekeys": True,
             "ssh_genkeytypes": [],
             "disable_root": False,
+            # Keys only, as on local nodes: sshd's PasswordAuthentication off.
+            "ssh_pwauth": False,
         }
         if firewall:
             doc["runcmd"] = [
                 ["ufw", "default", "deny", "incoming"],
                 ["ufw", "allow", "from", str(cfg.admin_cidr), "to", "any", "port", "22", "proto", "tcp"],
-                ["ufw", "allow", "from", private_cidr],
                 ["ufw", "--force", "enable"],
             ]
         return "#cloud-config\n" + yaml.safe_dump(doc, sort_keys=True)
@@ -77,6 +83,8 @@ def cloud_init(host_key: HostKey, cfg: MachineStack, private_cidr: str, firewall
 
 def node_record(planned: PlannedNode, public_ip, private_ip, host_key, device) -> pulumi.Output[dict]:
     """One inventory node, once the cloud has given it addresses (and its data disk a device path)."""
+
+    parked = planned.parked_usd_per_hour
 
     def record(values) -> dict:
         public, private, key, device = values
@@ -92,6 +100,7 @@ def node_record(planned: PlannedNode, public_ip, private_ip, host_key, device) -
             "cpus": planned.cpus,
             "data_disks": [{"device": device, "size_gb": planned.data_disk_gb}],
             "hourly_price_usd": round(planned.usd_per_hour, 4),
+            "parked_hourly_price_usd": None if parked is None else round(parked, 4),
         }
 
     return pulumi.Output.all(public_ip, private_ip, host_key, device).apply(record)

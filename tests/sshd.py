@@ -46,6 +46,17 @@ class _Server(paramiko.ServerInterface):
             return paramiko.OPEN_SUCCEEDED
         return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
 
+    def check_channel_direct_tcpip_request(self, chanid, origin, destination):
+        # A local port forward (ssh -L), as sshd's AllowTcpForwarding permits; here to loopback only.
+        if destination[0] != "127.0.0.1":
+            return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+        try:
+            upstream = socket.create_connection(destination, timeout=5)
+        except OSError:
+            return paramiko.OPEN_FAILED_CONNECT_FAILED
+        self.sshd.forwards[chanid] = upstream
+        return paramiko.OPEN_SUCCEEDED
+
     def check_channel_exec_request(self, channel, command):
         self.sshd.commands.append(command.decode())
         threading.Thread(target=self.sshd.execute, args=(channel, command.decode()), daemon=True).start()
@@ -142,6 +153,7 @@ class Sshd:
     bin_dir: Path
     port: int = 0
     commands: list[str] = field(default_factory=list)
+    forwards: dict[int, socket.socket] = field(default_factory=dict)  # channel id -> its connection on loopback
 
     def __post_init__(self):
         self.authorized = pkey(self.login)
@@ -176,6 +188,18 @@ class Sshd:
                 transport.start_server(server=_Server(self))
             except (paramiko.SSHException, EOFError, OSError):
                 transport.close()
+                continue
+            threading.Thread(target=self._forward, args=(transport,), daemon=True).start()
+
+    def _forward(self, transport: paramiko.Transport) -> None:
+        """Channels opened for a port forward carry bytes to and from their loopback connection."""
+        while transport.is_active() and not self._stopping.is_set():
+            channel = transport.accept(timeout=0.5)
+            upstream = self.forwards.pop(channel.get_id(), None) if channel else None
+            if channel is None or upstream is None:
+                continue  # a session channel: its exec request runs it
+            for source, sink in ((channel, upstream), (upstream, channel)):
+                threading.Thread(target=_carry, args=(source, sink), daemon=True).start()
 
     def execute(self, channel: paramiko.Channel, command: str) -> None:
         """What sshd does with an exec request: the login shell runs the command line."""
@@ -222,6 +246,19 @@ def _pump(stream, send) -> None:
         try:
             send(chunk)
         except OSError:  # the channel is gone; keep draining so the command is not blocked
+            pass
+
+
+def _carry(source, sink) -> None:
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+    except OSError:
+        pass
+    for end in (source, sink):
+        try:
+            end.close()
+        except OSError:
             pass
 
 

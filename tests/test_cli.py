@@ -10,7 +10,26 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FAB = Path(sys.executable).parent / "fab"
-TASKS = ["cancel", "demo", "down", "fetch", "logs", "monitor", "plan", "plot", "provision", "status", "train", "up"]
+TASKS = [
+    "audit",
+    "cancel",
+    "cost",
+    "deadman",
+    "demo",
+    "down",
+    "fetch",
+    "logs",
+    "monitor",
+    "park",
+    "plan",
+    "plot",
+    "provision",
+    "scaling",
+    "status",
+    "tensorboard",
+    "train",
+    "up",
+]
 
 
 def fab(*args, home: Path, path: str | None = None):
@@ -62,6 +81,22 @@ def test_every_flag_has_help(tmp_path):
         (["demo", "--name", ""], "--name '': give a cluster name"),
         (["up", "--nodes", "0"], "--nodes 0: Input should be greater than or equal to 1"),
         (["provision", "--name", "ghost"], "create it with: fab up --name ghost"),
+        (["scaling", "--job", "training_jobs/dp-mlp.yaml", "--nodes", "2,1"], "--nodes '2,1': give increasing"),
+        (["scaling", "--job", "training_jobs/dp-mlp.yaml", "--nodes", "one"], "--nodes 'one': give node counts"),
+        (["scaling", "--job", "training_jobs/dp-mlp.yaml", "--steps", "0"], "--steps '0': give a whole number of at"),
+        (["tensorboard", "--port", "http"], "--port 'http': give a whole number from 0 to 65535"),
+        # Durations are refused before the run starts, before any cluster is even looked at.
+        (
+            ["train", "--job", "training_jobs/dp-mlp.yaml", "--down-after", "--grace", "-5m"],
+            "--grace '-5m': not a duration; write it like 90s, 5m or 2h",
+        ),
+        (["train", "--job", "training_jobs/dp-mlp.yaml", "--grace", "5m"], "--grace goes with --down-after"),
+        (["deadman", "--idle", "ten"], "--idle 'ten': not a duration"),
+        (["deadman", "--stall", "5m", "--hard-limit", "1d"], "--hard-limit '1d': not a duration"),
+        (["deadman"], "give at least one of --idle, --stall, --hard-limit (or --off)"),
+        (["deadman", "--off", "--idle", "5m"], "--off disarms the switch: give it alone"),
+        (["park", "--name", "ghost"], "no cluster named 'ghost'"),
+        (["cost", "--name", "ghost"], "no cluster named 'ghost'"),
     ],
 )
 def test_bad_input(tmp_path, args, text):

@@ -1,9 +1,9 @@
 """Samples one node's load while a run lasts: GPU use and memory, CPU, memory, NIC MB/s, free disk.
 
-Started under systemd on every node of a run; appends one JSON line every few seconds to
+Started under systemd on every node of a run; appends one JSON line every interval (1 s) to
 <run>/telemetry/<host>.jsonl on the shared storage, and stops by itself once the run's
-status.json says it ended. Stdlib only, reading /proc and statvfs, plus `nvidia-smi` on GPU
-hosts: its own cost is a few milliseconds of CPU per sample.
+status.json says it ended. Stdlib only, reading /proc and statvfs, plus one `nvidia-smi` that
+loops by itself on GPU hosts (benchmarks/health_bench.py measures the cost).
 """
 
 import json
@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 FINAL = {"succeeded", "failed", "cancelled", "stalled"}
@@ -63,17 +64,56 @@ def free_gb(path):
     return round(st.f_bavail * st.f_frsize / 1e9, 1)
 
 
-def gpus():
-    """[{util, mem_used_mb, mem_total_mb}] per GPU, or None on a host without NVIDIA GPUs."""
-    if shutil.which("nvidia-smi") is None:
-        return None
-    query = ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used,memory.total", "--format=csv,noheader,nounits"]
-    try:
-        out = subprocess.run(query, capture_output=True, text=True, timeout=5).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    rows = [line.split(",") for line in out.strip().splitlines() if line.strip()]
-    return [{"util": float(u), "mem_used_mb": float(m), "mem_total_mb": float(t)} for u, m, t in rows] or None
+class Gpus:
+    """GPU use and memory from one nvidia-smi that loops by itself for the whole run, read by a thread.
+
+    Starting nvidia-smi costs tens of milliseconds of CPU (it initialises the driver each time):
+    once a second that alone would be several % of a core. Its own loop (-lms) pays that once.
+    """
+
+    QUERY = "--query-gpu=index,utilization.gpu,memory.used,memory.total"
+
+    def __init__(self, interval):
+        self.interval_ms = str(max(int(interval * 1000), 100))
+        self.latest = {}  # GPU index -> its newest reading
+        self.proc = None
+        self.present = shutil.which("nvidia-smi") is not None
+        self._start()
+
+    def _start(self):
+        if not self.present:
+            return
+        argv = ["nvidia-smi", self.QUERY, "--format=csv,noheader,nounits", "-lms", self.interval_ms]
+        try:
+            self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except OSError:
+            self.proc = None
+            return
+        threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
+
+    def _read(self, proc):
+        for line in proc.stdout:
+            try:
+                index, util, used, total = (part.strip() for part in line.split(","))
+                reading = {"util": float(util), "mem_used_mb": float(used), "mem_total_mb": float(total)}
+                self.latest[int(index)] = reading
+            except ValueError:
+                continue  # "[N/A]" from a GPU that cannot say, or a line cut short
+
+    def read(self):
+        """[{util, mem_used_mb, mem_total_mb}] per GPU, or None on a host without NVIDIA GPUs."""
+        if self.proc is not None and self.proc.poll() is not None:
+            self._start()  # it died (a driver reset): start it again rather than report stale figures
+            return None
+        return [self.latest[i] for i in sorted(self.latest)] or None
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
 
 
 def ended(run_dir):
@@ -88,6 +128,14 @@ def sample_forever(run_dir, host, interface, shared, interval):
     out_dir = os.path.join(run_dir, "telemetry")
     os.makedirs(out_dir, exist_ok=True)
     previous = (time.time(), cpu_times(), nic_bytes(interface))
+    gpus = Gpus(interval)
+    try:
+        return _sample(run_dir, out_dir, host, interface, shared, interval, previous, gpus)
+    finally:
+        gpus.stop()
+
+
+def _sample(run_dir, out_dir, host, interface, shared, interval, previous, gpus):
     with open(os.path.join(out_dir, f"{host}.jsonl"), "a") as out:
         while True:
             time.sleep(interval)
@@ -99,7 +147,7 @@ def sample_forever(run_dir, host, interface, shared, interval):
                 "host": host,
                 "cpu": round(100.0 * (cpu[0] - cpu_before[0]) / max(cpu[1] - cpu_before[1], 1), 1),
                 "mem": memory_percent(),
-                "gpus": gpus(),
+                "gpus": gpus.read(),
                 "shared_free_gb": free_gb(shared),
                 "scratch_free_gb": free_gb("/data1"),
                 "link_mbps": link_mbps(interface),

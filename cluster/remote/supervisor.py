@@ -11,6 +11,7 @@ python3.
 
 import collections
 import json
+import math
 import os
 import re
 import signal
@@ -27,6 +28,7 @@ FIRST_FAILED = re.compile(r"Process name:\s*\[\[?\d+,\d+\]?,?(\d+)\]")
 EXIT_CODE = re.compile(r"Exit code:\s*(-?\d+)")
 # What mpirun says when a node's daemon dies with it (a killed or rebooted host).
 LOST_DAEMON = re.compile(r"Remote daemon:.*? on node (\S+)")
+CORE_METRICS = ("step", "loss", "throughput")  # every job has these patterns; any others are the job's own
 HEARTBEAT_EVERY = 5
 NODE_TIMEOUT = 8  # seconds for one check of a node: a frozen host accepts TCP but never answers
 
@@ -77,22 +79,29 @@ def write_json(path, data):
 
 
 def parse_metrics(line, patterns):
-    """{'step': 40, 'loss': 0.81, 'throughput': 123.4} from one log line, or None; garbage is never fatal."""
+    """{'step': 40, 'loss': 0.81, 'throughput': 123.4, ...the job's own} from one log line, or None.
+
+    A value that is not a number is left out of the record; garbage is never fatal.
+    """
     found = {}
     for name, pattern in patterns.items():
         match = pattern.search(line)
         if match:
             found[name] = match.group(name)
-    try:
-        record = {"step": int(found["step"])}
-    except (KeyError, ValueError):
-        return None
-    for name in ("loss", "throughput"):
+    record = {}
+    for name, text in found.items():
         try:
-            record[name] = float(found[name])
-        except (KeyError, ValueError):
-            pass
-    return record
+            value = int(text) if name == "step" else float(text)
+        except ValueError:
+            continue
+        # A loss may diverge to nan or inf and says so; an infinite rate or score is only a number misread.
+        if name in ("step", "loss") or math.isfinite(value):
+            record[name] = value
+    if "step" in record:
+        return record
+    # Without a step only the job's own metrics count (an evaluation's BLEU, say): they belong to the last step.
+    own = {k: v for k, v in record.items() if k not in CORE_METRICS}
+    return own or None
 
 
 def remove_containers(run):
@@ -220,9 +229,11 @@ def supervise(run, run_dir, status, status_path):
             log.write(line)
             log.flush()
             record = parse_metrics(line, patterns)
+            if record and "step" not in record:
+                record = {"step": watch.last_step, **record} if watch.last_step is not None else None
+            elif record and record["step"] != watch.last_step:
+                watch.last_step, watch.last_step_at = record["step"], time.time()
             if record:
-                if watch.last_step is None or record["step"] != watch.last_step:
-                    watch.last_step, watch.last_step_at = record["step"], time.time()
                 record["time"] = round(time.time() - started, 3)
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()

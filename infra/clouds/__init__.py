@@ -8,8 +8,15 @@ A cloud is a package infra/clouds/<name>/ whose __init__ defines CLOUD, with:
                     its part of the Pulumi program: storage (protected) and compute, children of
                     `parent` named f"{name}-...", returning the inventory once the cloud has answered
     backend(stack)  the runtime verbs on its clusters (the Backend protocol below)
+    power(cluster, cfg, on) -> dict[str, str]
+                    stop (on=False) or start its clusters' GPU nodes, disks kept; returns each started
+                    node's public address (clouds without "park" refuse in one line)
     billable(cluster, cfg) -> list[str]
                     what the cloud's own listing still holds for a cluster (teardown is checked with it)
+    audit(known, everything) -> list[Billable]
+                    what bills for the clusters named in `known` (name -> inventory), found by the
+                    cloud's tags or labels; with everything, for any trainrig cluster, even one whose
+                    local state was lost
     stand_in_image(reference) -> str | None
                     for clouds whose nodes reach no public registry: a local image to send in place
                     of a public one a Dockerfile starts from (None: the nodes pull it themselves)
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import Field
@@ -49,8 +57,18 @@ CAPABILITIES = frozenset(
         "data_disk",
         "shared_storage",
         "ssh_mesh",
+        "park",  # its GPU nodes can be stopped with their disks kept, and billing for them stops
+        "self_teardown",  # a GPU node that powers itself off stops billing (the dead-man switch relies on it)
     }
 )
+
+
+@dataclass
+class Findings:
+    """What `fab plan --verify` learnt: problems (the cloud would refuse) and notes (worth knowing)."""
+
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 class ClusterRequest(Strict):
@@ -60,6 +78,23 @@ class ClusterRequest(Strict):
     cloud: str = DEFAULT
     gpu_nodes: int = Field(ge=1, le=16)
     data_disk_gb: int = Field(default=2, ge=1, le=64)
+
+
+class Billable(Strict):
+    """One thing a cloud bills for, and which cluster and node it belongs to as far as its tags say."""
+
+    kind: str  # instance, volume, efs, container, ...
+    id: str
+    cluster: str | None = Field(default=None, description="from its tag or label; None when it carries none")
+    node: str | None = Field(default=None, description="the node it belongs to, when it belongs to one")
+    detail: str = ""
+
+    def accounted_for(self, known: dict[str, Inventory]) -> bool:
+        """An inventory holds it: its cluster is known and, for a node's part, that node is in the inventory."""
+        inv = known.get(self.cluster or "")
+        if inv is None:
+            return False
+        return self.node is None or self.node in {n.name for n in inv.nodes}
 
 
 class Progress(Protocol):
@@ -74,13 +109,16 @@ class Backend(Protocol):
     def create(self, request: ClusterRequest, board: Progress) -> Inventory: ...
     def reconcile(self, inv: Inventory, board: Progress) -> tuple[Inventory, list[str]]:
         """Bring an existing cluster's nodes back (start what stopped, refresh addresses and ports,
-        keep the pinned host keys); the inventory as it now is, and one line per thing done."""
+        keep the pinned host keys) and wait until they are ready; the inventory as it now is, and one
+        line per thing done."""
         ...
 
     def wait_ready(self, inv: Inventory, board: Progress) -> None: ...
     def describe(self, cluster: str) -> Inventory: ...
     def destroy(self, inv: Inventory, purge: bool) -> Inventory | None: ...
     def billable(self, cluster: str) -> list[str]: ...
+    def park(self, inv: Inventory) -> Inventory: ...
+    def resume(self, inv: Inventory, board: Progress) -> Inventory: ...  # back as parked, ready to train
 
 
 class Cloud(Protocol):
@@ -91,6 +129,9 @@ class Cloud(Protocol):
     def build(self, parent: pulumi.ComponentResource, name: str, cfg: Any, blueprint: Blueprint) -> pulumi.Output: ...
     def backend(self, stack: str | None = None) -> Backend: ...
     def billable(self, cluster: str, cfg: Any) -> list[str]: ...
+    def power(self, cluster: str, cfg: Any, on: bool) -> dict[str, str]: ...
+    def audit(self, known: dict[str, Inventory], everything: bool) -> list[Billable]: ...
+    def verify(self, cfg: Any, blueprint: Blueprint) -> Findings: ...
     def stand_in_image(self, reference: str) -> str | None: ...
 
 

@@ -100,6 +100,7 @@ def test_a_damaged_run_list_is_one_line_naming_the_file_and_what_to_do(home, tex
     [
         ('{"step": 3, "loss": 0.5, "time": 1.5}', {"step": 3, "loss": 0.5, "time": 1.5}),
         ('{"step": 3, "loss": "abc", "throughput": 10}', {"step": 3, "throughput": 10}),
+        ('{"step": 5, "bleu": 21.5, "note": "x"}', {"step": 5, "bleu": 21.5}),  # the job's own metrics stay
         ('{"step": 4, "lo', None),
         ('{"step": "four", "loss": 1.0}', None),
         ('{"step": true, "loss": 1.0}', None),
@@ -390,13 +391,14 @@ def cancelable(cluster, tmp_path) -> RunRecord:
     return record("tiny-1", run_dir=str(run_dir), nodes=["node0", "node1"])
 
 
-def test_cancel_of_an_ended_run_stops_nothing_but_still_clears_its_containers(ssh_cluster, tmp_path):
+@pytest.mark.parametrize("final", ["succeeded", "failed", "cancelled", "stalled"])
+def test_cancel_of_an_ended_run_stops_nothing_but_still_clears_its_containers(ssh_cluster, tmp_path, final):
     cluster = ssh_cluster(2)
     stand_in_node(cluster, tmp_path / "docker.log")
     cluster.add_program("systemctl", "exit 0\n")
     rec = cancelable(cluster, tmp_path)
-    (Path(rec.run_dir) / "status.json").write_text('{"state": "succeeded"}')
-    assert runs.cancel(cluster.inv, rec, timeout=5) == {"state": "succeeded"}
+    (Path(rec.run_dir) / "status.json").write_text(json.dumps({"state": final}))
+    assert runs.cancel(cluster.inv, rec, timeout=5) == {"state": final}
     assert not any(f"systemctl stop {rec.unit}" in c for s in cluster.servers.values() for c in s.commands)
     swept = [line for line in (tmp_path / "docker.log").read_text().splitlines() if line.startswith("ps -aq")]
     assert len(swept) == 4  # each node: find them to remove, then check none is left

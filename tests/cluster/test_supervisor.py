@@ -24,6 +24,8 @@ def test_parse_metrics_with_default_patterns():
         "throughput": 1234.5,
     }
     assert supervisor.parse_metrics("final loss 0.1\n", patterns) is None
+    assert supervisor.parse_metrics("step 2 loss nope samples/s 1e999x\n", patterns) == {"step": 2}
+    assert supervisor.parse_metrics("step 3 loss nan samples/s 12\n", patterns)["loss"] != 0  # nan: diverged
 
 
 def run_supervised(tmp_path, script: str, env=None, **run):
@@ -137,3 +139,24 @@ def test_a_node_that_died_is_named_from_open_mpis_report(tmp_path):
     code, status = run_supervised(tmp_path, script, hosts=["node0", "node1"], slots=2)
     assert status["state"] == "failed"
     assert status["reason"] == "node1 lost: its MPI daemon stopped answering (the node died or its network went)"
+
+
+def test_the_jobs_own_metrics_are_recorded_at_their_step(tmp_path):
+    patterns = {**MetricPatterns().model_dump(), "bleu": r"BLEU = (?P<bleu>\S+)", "top1": r"top-1 (?P<top1>\S+)"}
+    script = (
+        "print('BLEU = 1.0')\n"  # before any step: nothing to pin it to
+        "print('step 10 loss 2.0 top-1 0.25')\n"
+        "print('eval: BLEU = 27.5')\n"
+        "print('eval: BLEU = n/a')\n"  # garbage: no record, the run goes on
+        "print('step 20 loss 1.0')\n"
+    )
+    (tmp_path / "run.json").write_text(
+        json.dumps({"argv": [sys.executable, "-c", script], "workdir": str(tmp_path), "metrics": patterns})
+    )
+    assert subprocess.run([sys.executable, str(SUPERVISOR), str(tmp_path)], timeout=90).returncode == 0
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in m.items() if k != "time"} for m in metrics] == [
+        {"step": 10, "loss": 2.0, "top1": 0.25},
+        {"step": 10, "bleu": 27.5},
+        {"step": 20, "loss": 1.0},
+    ]

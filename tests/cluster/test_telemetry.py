@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import matplotlib.image
 
 from cluster import plot
 from cluster.monitor import host_table
@@ -54,7 +57,16 @@ def test_telemetry_panels_are_a_real_png(tmp_path):
         (folder / f"{host}.jsonl").write_text("\n".join(lines) + '\n{"time": 10')  # a line cut mid-copy
     out = plot.plot_telemetry(tmp_path, "job: run")
     assert out == tmp_path / "telemetry.png" and out.read_bytes()[:4] == b"\x89PNG"
+    height, width, _ = matplotlib.image.imread(out).shape
+    assert (width, height) == (880, 770)  # the three panels at 8 x 7 inches, 110 dpi
     assert plot.plot_telemetry(tmp_path / "nothing", "x") is None
+    # The panels: GPU use, CPU and NIC per host over time, a line per host in each.
+    gpu_ax, cpu_ax, nic_ax = plot.telemetry_figure(plot.read_telemetry(folder), "job: run").axes
+    assert [ax.get_ylabel() for ax in (gpu_ax, cpu_ax, nic_ax)] == ["GPU use % (mean)", "CPU %", "NIC MB/s (in + out)"]
+    for ax, node0, node1 in ((gpu_ax, 80.0, 40.0), (cpu_ax, 80.0, 40.0), (nic_ax, 9.0, 9.0)):
+        assert [line.get_label() for line in ax.get_lines()] == ["node0", "node1"]
+        assert [list(line.get_ydata()) for line in ax.get_lines()] == [[node0] * 5, [node1] * 5]
+    assert list(gpu_ax.get_lines()[0].get_xdata()) == [0, 1, 2, 3, 4]  # seconds since the first sample
 
 
 def test_monitor_rows_per_host():
@@ -104,3 +116,40 @@ def test_stall_warning_before_the_stall_timeout():
     assert stall_warning(view) == "no new step for 30s; the run is stopped as stalled at 60s"
     view.status["heartbeat_at"] = 1030.0
     assert stall_warning(view) is None
+
+
+def test_gpus_come_from_one_nvidia_smi_that_loops_for_the_whole_run(tmp_path):
+    # A stand-in nvidia-smi: logs each start, then prints two GPUs every -lms milliseconds (one reading is N/A).
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text(
+        f"#!{sys.executable}\n"
+        "import sys, time\n"
+        f"open({str(tmp_path / 'starts')!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n"
+        "pause = int(sys.argv[sys.argv.index('-lms') + 1]) / 1000\n"
+        "for i in range(10_000):\n"
+        "    print(f'0, {50 + i % 2}, 1000, 16000', flush=True)\n"
+        "    print('1, [N/A], 2000, 16000' if i == 0 else '1, 97, 2000, 16000', flush=True)\n"
+        "    time.sleep(pause)\n"
+    )
+    smi.chmod(0o755)
+    interface = next(line.split(":")[0].strip() for line in Path("/proc/net/dev").read_text().splitlines()[2:])
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    proc = subprocess.Popen(
+        [sys.executable, str(SAMPLER), str(tmp_path), "node0", interface, str(tmp_path), "0.2"], env=env
+    )
+    out = tmp_path / "telemetry" / "node0.jsonl"
+    deadline = time.monotonic() + 20
+    while (not out.exists() or len(out.read_text().splitlines()) < 4) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (tmp_path / "status.json").write_text(json.dumps({"state": "stalled"}))
+    assert proc.wait(timeout=20) == 0
+    samples = [json.loads(line) for line in out.read_text().splitlines()]
+    last = samples[-1]["gpus"]
+    assert [g["util"] for g in last][1] == 97.0 and last[0]["util"] in (50.0, 51.0)
+    assert [(g["mem_used_mb"], g["mem_total_mb"]) for g in last] == [(1000.0, 16000.0), (2000.0, 16000.0)]
+    starts = (tmp_path / "starts").read_text().splitlines()
+    assert len(starts) == 1 and starts[0].endswith("-lms 200")  # one process, looping at the sample interval
+    # It went with the sampler.
+    assert subprocess.run(["pgrep", "-f", str(smi)], capture_output=True).returncode == 1

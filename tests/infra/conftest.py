@@ -16,6 +16,12 @@ ROOT = Path(__file__).resolve().parents[2]
 STACKS = sorted((ROOT / "stacks").glob("Pulumi.*.yaml"))
 
 
+# Which zones of us-east-1 offer which instance types, as the mocked provider answers
+# DescribeInstanceTypeOfferings: us-east-1a lacks p3.16xlarge, so a fixed first zone would not do.
+ZONES = ("us-east-1a", "us-east-1b", "us-east-1c", "us-east-1d")
+OFFERINGS = {"p3.16xlarge": ("us-east-1b", "us-east-1c"), "g5.12xlarge": ("us-east-1c", "us-east-1d")}
+
+
 @dataclass
 class Registered:
     type: str
@@ -23,6 +29,7 @@ class Registered:
     inputs: dict
     protect: bool
     parent: str
+    ignore_changes: list = field(default_factory=list)
 
 
 @dataclass
@@ -31,6 +38,7 @@ class CloudMocks(pulumi.runtime.Mocks):
 
     private_prefix: str = "10.42.0."
     resources: list[Registered] = field(default_factory=list)
+    invokes: list = field(default_factory=list)
     counter: itertools.count = field(default_factory=lambda: itertools.count(10))
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs):
@@ -66,8 +74,15 @@ class CloudMocks(pulumi.runtime.Mocks):
         return f"{args.name}-id", state
 
     def call(self, args: pulumi.runtime.MockCallArgs):
+        self.invokes.append((args.token, args.args))
+        if args.token == "aws:ec2/getInstanceTypeOfferings:getInstanceTypeOfferings":
+            types = args.args["filters"][0]["values"]
+            pairs = [(t, z) for t in types for z in OFFERINGS.get(t, ZONES)]
+            return {"instanceTypes": [t for t, _ in pairs], "locations": [z for _, z in pairs]}
+        if args.token == "aws:ec2/getAmi:getAmi":
+            owner = args.args["owners"][0]
+            return {"id": "ami-0dlami" if owner == "amazon" else "ami-0ubuntu"}
         answers = {
-            "aws:ec2/getAmi:getAmi": {"id": "ami-0dlami"},
             "aws:ec2/getVpc:getVpc": {"id": "vpc-default", "cidrBlock": "10.42.0.0/16"},
             "aws:ec2/getSubnets:getSubnets": {"ids": ["subnet-b", "subnet-a"]},
         }
@@ -88,6 +103,7 @@ class RecordingMonitor(MockMonitor):
                     self.resources[response.urn].state,
                     bool(request.protect),
                     request.parent,
+                    list(request.ignoreChanges),
                 )
             )
         return response

@@ -5,8 +5,10 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import boto3
+import pytest
 
 from infra.clouds.aws import CLOUD as AWS
+from infra.errors import TrainrigError
 
 REGION = SimpleNamespace(region="us-east-1")  # the one field of the stack config that billable reads
 
@@ -44,3 +46,112 @@ def test_billable_lists_what_is_left_and_nothing_once_gone(aws):
     ec2.delete_volume(VolumeId=volume["VolumeId"])
     efs.delete_file_system(FileSystemId=shared["FileSystemId"])
     assert AWS.billable("imagenet", REGION, endpoint_url=endpoint) == []
+
+
+def test_park_stops_the_gpu_instances_and_up_starts_them_with_their_disks(aws):
+    ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=aws)
+    ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+
+    def instance(node, role, cluster="imagenet"):
+        tags = [
+            {"Key": "trainrig:cluster", "Value": cluster},
+            {"Key": "trainrig:role", "Value": role},
+            {"Key": "Name", "Value": f"{cluster}-{node}"},
+        ]
+        return ec2.run_instances(
+            ImageId=ami,
+            InstanceType="g5.12xlarge",
+            MinCount=1,
+            MaxCount=1,
+            BlockDeviceMappings=[{"DeviceName": "/dev/sdf", "Ebs": {"VolumeSize": 100, "DeleteOnTermination": True}}],
+            TagSpecifications=[{"ResourceType": "instance", "Tags": tags}],
+        )["Instances"][0]["InstanceId"]
+
+    gpu = [instance("node0", "gpu"), instance("node1", "gpu")]
+    storage = instance("storage", "storage")
+    other = instance("node0", "gpu", cluster="other")
+
+    def states():
+        found = ec2.describe_instances(InstanceIds=[*gpu, storage, other])["Reservations"]
+        return {i["InstanceId"]: i["State"]["Name"] for r in found for i in r["Instances"]}
+
+    volumes_before = {v["VolumeId"] for v in ec2.describe_volumes()["Volumes"]}
+    cfg = SimpleNamespace(region="us-east-1", spot=False)
+    assert AWS.power("imagenet", cfg, False, endpoint_url=aws, timeout=60) == {}
+    assert states() == {gpu[0]: "stopped", gpu[1]: "stopped", storage: "running", other: "running"}
+    assert {v["VolumeId"] for v in ec2.describe_volumes()["Volumes"]} == volumes_before  # EBS kept
+
+    started = AWS.power("imagenet", cfg, True, endpoint_url=aws, timeout=60)
+    assert set(started) == {"node0", "node1"} and all(started.values())
+    assert set(states().values()) == {"running"}
+
+
+def test_spot_instances_cannot_be_parked(aws):
+    with pytest.raises(TrainrigError, match="spot instances, which AWS cannot stop"):
+        AWS.power("imagenet", SimpleNamespace(region="us-east-1", spot=True), False, endpoint_url=aws)
+
+
+def test_audit_finds_what_no_inventory_accounts_for_and_nothing_after_a_clean_teardown(aws):
+    from infra.clouds import Billable
+    from tests.helpers import make_inventory
+
+    ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=aws)
+    efs = boto3.client("efs", region_name="us-east-1", endpoint_url=aws)
+    ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    subnet = ec2.describe_subnets()["Subnets"][0]["SubnetId"]
+
+    def tags(cluster, name=None):
+        found = [{"Key": "trainrig:cluster", "Value": cluster}]
+        return found + ([{"Key": "Name", "Value": f"{cluster}-{name}"}] if name else [])
+
+    def instance(cluster, node):
+        return ec2.run_instances(
+            ImageId=ami,
+            InstanceType="p3.2xlarge",
+            MinCount=1,
+            MaxCount=1,
+            TagSpecifications=[{"ResourceType": "instance", "Tags": tags(cluster, node)}],
+        )["Instances"][0]["InstanceId"]
+
+    kept = instance("nmt", "storage")  # the inventory of nmt still has its storage node
+    leftover = instance("nmt", "node0")  # torn down as far as the inventory knows, yet running
+    lost = instance("lost", "node0")  # a cluster whose local state is gone
+    volume = ec2.create_volume(
+        AvailabilityZone="us-east-1a", Size=500, TagSpecifications=[{"ResourceType": "volume", "Tags": tags("lost")}]
+    )["VolumeId"]
+    shared = efs.create_file_system(CreationToken="lost", Tags=tags("lost"))["FileSystemId"]
+    target = efs.create_mount_target(FileSystemId=shared, SubnetId=subnet)["MountTargetId"]
+    address = ec2.allocate_address(Domain="vpc")
+    ec2.associate_address(AllocationId=address["AllocationId"], InstanceId=leftover)
+    storage_only = make_inventory(gpu_nodes=0, cluster="nmt")
+    known = {"nmt": storage_only}
+
+    found = AWS.audit(known, everything=False, endpoint_url=aws)
+    by_id = {b.id: b for b in found}
+    assert by_id[kept].accounted_for(known) and by_id[kept].node == "storage"
+    assert by_id[leftover] == Billable(
+        kind="instance", id=leftover, cluster="nmt", node="node0", detail="p3.2xlarge, running, us-east-1"
+    )
+    assert not by_id[leftover].accounted_for(known)
+    assert by_id[address["AllocationId"]].kind == "elastic ip"
+    roots = [b for b in found if b.kind == "volume"]  # untagged root volumes, found through their instance
+    assert {b.node for b in roots} == {"storage", "node0"}
+    assert lost not in by_id, "without --all only known clusters are looked at"
+
+    everything = {b.id: b for b in AWS.audit(known, everything=True, endpoint_url=aws)}
+    assert {everything[i].kind for i in (lost, volume, shared, target)} == {
+        "instance",
+        "volume",
+        "efs",
+        "efs mount target",
+    }
+    assert not any(everything[i].accounted_for(known) for i in (lost, volume, shared, target))
+
+    # A clean teardown: nothing of either cluster is left, and the audit says so.
+    ec2.disassociate_address(AssociationId=ec2.describe_addresses()["Addresses"][0]["AssociationId"])
+    ec2.release_address(AllocationId=address["AllocationId"])
+    ec2.terminate_instances(InstanceIds=[kept, leftover, lost])
+    ec2.delete_volume(VolumeId=volume)
+    efs.delete_mount_target(MountTargetId=target)
+    efs.delete_file_system(FileSystemId=shared)
+    assert AWS.audit(known, everything=True, endpoint_url=aws) == []

@@ -81,14 +81,30 @@ def test_aws_graph(mocks, path):
     storage = [i for i in instances if i.inputs["tags"]["trainrig:role"] == "storage"]
     assert len(gpu) == cfg.gpu_nodes and {i.inputs["instanceType"] for i in gpu} == {cfg.flavor}
     assert all(i.inputs["ebsBlockDevices"][0]["volumeSize"] == cfg.data_disk_gb for i in gpu)
-    assert all(i.inputs["ami"] == "ami-0dlami" for i in gpu), "Deep Learning AMI by lookup"
+    # The image by instance family: the OSS-driver Deep Learning AMI cannot drive P3's V100s.
+    want_ami = "ami-0ubuntu" if cfg.flavor.startswith("p3") else "ami-0dlami"
+    assert all(i.inputs["ami"] == want_ami for i in gpu)
     assert all(i.inputs["placementGroup"] for i in gpu)
+    for instance in instances:
+        # A newer image never replaces an instance; IMDSv2 only, one hop (no container reaches it).
+        assert "ami" in instance.ignore_changes, instance.name
+        assert instance.inputs["metadataOptions"] == {
+            "httpEndpoint": "enabled",
+            "httpTokens": "required",
+            "httpPutResponseHopLimit": 1,
+        }
+    for attachment in mocks.of_type("aws:ec2/volumeAttachment:VolumeAttachment"):
+        assert attachment.inputs["stopInstanceBeforeDetaching"] is True, "a busy NFS volume never detaches"
     assert all(("instanceMarketOptions" in i.inputs) == cfg.spot for i in gpu)
+    # A GPU node that powers itself off (the dead-man switch) is terminated; the storage node only stops.
+    assert all(i.inputs["instanceInitiatedShutdownBehavior"] == "terminate" for i in gpu)
+    assert all("instanceInitiatedShutdownBehavior" not in i.inputs for i in storage)
     for instance in instances:  # the host key pinned before first boot; the key pair logs in as root
         secret = instance.inputs["userData"]  # it holds the private host key: a secret in state
         assert isinstance(secret, dict) and "value" in secret, "user data must be a Pulumi secret"
         user_data = yaml.safe_load(secret["value"])
         assert user_data["disable_root"] is False and user_data["ssh_keys"]["ed25519_public"].startswith("ssh-ed25519 ")
+        assert user_data["ssh_pwauth"] is False, "keys only: sshd without password logins"
     file_systems = mocks.of_type("aws:efs/fileSystem:FileSystem")
     if cfg.shared_fs:
         assert not storage and not mocks.of_type("aws:ebs/volume:Volume")
@@ -104,6 +120,31 @@ def test_aws_graph(mocks, path):
     assert len(mocks.of_type("aws:ec2/keyPair:KeyPair")) == 1
     if cfg.vpc == "new":
         assert len(mocks.of_type("aws:ec2/vpc:Vpc")) == 1 and len(mocks.of_type("aws:ec2/subnet:Subnet")) == 1
+    # The zone: the first that offers every instance type the stack runs (us-east-1a has no p3).
+    wanted = {"p3.16xlarge": "us-east-1b", "g5.12xlarge": "us-east-1c"}[cfg.flavor]
+    if cfg.vpc == "new":
+        assert mocks.of_type("aws:ec2/subnet:Subnet")[0].inputs["availabilityZone"] == wanted
+    else:
+        filters = next(a for t, a in mocks.invokes if t == "aws:ec2/getSubnets:getSubnets")["filters"]
+        assert {"name": "availability-zone", "values": [wanted]} in filters
+
+
+@pytest.mark.parametrize("path", [p for p in CLOUD_STACKS if "aws" in p.name], ids=lambda p: p.stem)
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_aws_placement_group_does_not_depend_on_the_node_count(mocks, path, nodes):
+    """1 -> 2 nodes must not add a group to node0 (a new node0 and a lost data disk)."""
+    cfg, cluster = build(path, gpu_nodes=nodes)
+    pulumi.runtime.test(lambda: outputs(cluster))()
+    assert len(mocks.of_type("aws:ec2/placementGroup:PlacementGroup")) == 1
+    node0 = next(i for i in mocks.of_type("aws:ec2/instance:Instance") if i.name.endswith("-node0"))
+    assert node0.inputs["placementGroup"]
+
+
+def test_aws_a_zone_that_does_not_offer_the_type_is_refused(mocks):
+    path = next(p for p in CLOUD_STACKS if "aws-16" in p.name)
+    cfg, cluster = build(path, zone="us-east-1a")
+    with pytest.raises(Exception, match=r"zone us-east-1a does not offer p3.16xlarge"):
+        pulumi.runtime.test(lambda: outputs(cluster))()
 
 
 @pytest.mark.parametrize("path", [p for p in CLOUD_STACKS if "aws" in p.name], ids=lambda p: p.stem)
@@ -135,13 +176,23 @@ def test_ibm_graph(mocks, path):
     storage = [s for s in servers if s.inputs["hostname"] == "storage"]
     assert len(gpu) == cfg.gpu_nodes and {s.inputs["flavor"] for s in gpu} == {cfg.flavor}
     assert storage[0].inputs["flavor"] == cfg.storage_flavor
-    assert all(s.inputs["disks"] == [100, cfg.data_disk_gb] for s in gpu)
-    assert storage[0].inputs["disks"] == [100, cfg.storage_disk_gb]
+    # Data disks only: the flavor brings the boot disk (a device 0 would contradict it).
+    assert all(s.inputs["disks"] == [cfg.data_disk_gb] for s in gpu)
+    assert storage[0].inputs["disks"] == [cfg.storage_disk_gb]
     for s in servers:
         assert s.inputs["datacenter"] == cfg.datacenter and s.inputs["hourly"] is True
         assert s.inputs["local_disk"] is False, "SAN disks, as the seeds ordered"
         assert s.inputs["nic_speed"] == 1000 and s.inputs["os_code"] == cfg.image
         assert f"trainrig-cluster:{cfg.cluster}" in s.inputs["tags"]
+        user_data = yaml.safe_load(s.inputs["user_data"]["value"])
+        assert user_data["ssh_pwauth"] is False, "keys only: sshd without password logins"
+        # Only SSH from the operator at first boot; provisioning lets in the cluster's own nodes by
+        # address. Never the whole private network, which every server of the account shares.
+        assert user_data["runcmd"] == [
+            ["ufw", "default", "deny", "incoming"],
+            ["ufw", "allow", "from", str(cfg.admin_cidr), "to", "any", "port", "22", "proto", "tcp"],
+            ["ufw", "--force", "enable"],
+        ]
     assert len(mocks.of_type("ibm:SshKey")) == 1
 
 

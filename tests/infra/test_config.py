@@ -51,7 +51,7 @@ def test_seed_clusters():
         2000,
     )
     aws = config.load_stack_file(config.stack_file("aws-16-gpu", ROOT))
-    assert (aws.gpu_nodes, aws.flavor, aws.gpus) == (16, "p2.16xlarge", 16)
+    assert (aws.gpu_nodes, aws.flavor, aws.gpus) == (16, "p3.16xlarge", 8)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c["error"][:60])
@@ -152,3 +152,12 @@ def test_the_pulumi_program_fails_a_bad_stack_in_one_line_not_a_traceback(monkey
     with pytest.raises(pulumi.RunError) as err:
         runpy.run_path(str(ROOT / "infra" / "__main__.py"))
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_a_wide_admin_cidr_passes_only_when_the_stack_says_it_means_it(tmp_path):
+    doc = yaml.safe_load(config.stack_file("ibm-dal10-v100", ROOT).read_text())
+    doc["config"]["trainrig:admin_cidr"] = "0.0.0.0/1"
+    doc["config"]["trainrig:admin_cidr_wide"] = True
+    path = tmp_path / "Pulumi.wide.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert str(config.load_stack_file(path).admin_cidr) == "0.0.0.0/1"

@@ -69,3 +69,11 @@ def test_plan_bad_input_is_one_line_without_traceback(tmp_path, args, env, error
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(error), result.stderr
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_plan_names_the_image_each_family_starts_from(tmp_path):
+    p3 = fab("plan", "--stack", "aws-16-gpu", env={**CREDENTIALS, "COLUMNS": "400"}, tmp_path=tmp_path)
+    assert p3.returncode == 0, p3.stderr
+    assert "GPU node image: newest 'ubuntu/images/hvm-ssd*/ubuntu-jammy-22.04-amd64-server-*'" in p3.stdout
+    g5 = fab("plan", "--stack", "aws-4-gpu-efs", env={**CREDENTIALS, "COLUMNS": "400"}, tmp_path=tmp_path)
+    assert "GPU node image: newest 'Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) *'" in g5.stdout

@@ -66,6 +66,8 @@ def test_down_removes_compute_keeps_storage(ec2, stack):
     assert verbs.index("config set") < verbs.index("up") and "destroy" not in verbs
     assert ["config", "set", "trainrig:gpu_nodes", "--plaintext", "--stack", STACK, "--", "0"] in stack.calls()
     assert all(STACK in call for call in stack.calls() if call[:1] != ["version"])  # always the named stack
+    # Refreshed first: GPU instances that terminated themselves (the dead-man switch) are read as gone.
+    assert any(call[:1] == ["up"] and "--refresh" in call for call in stack.calls())
     assert [n.name for n in remaining.nodes] == ["storage"]
     assert inventory.load("imagenet").gpu_nodes == []
 
@@ -121,7 +123,11 @@ def test_without_the_pulumi_cli_says_what_to_do(tmp_path, monkeypatch):
 def test_ibm_listing_by_cluster_tag():
     transport = MockableTransport(SoftLayer.FixtureTransport())
     guests = transport.set_mock("SoftLayer_Account", "getVirtualGuests")
-    guests.return_value = [{"id": 7, "hostname": "node0"}, {"id": 8, "hostname": "storage"}]
+    guests.return_value = [
+        {"id": 7, "hostname": "node0", "billingItem": {"id": 70}},
+        {"id": 8, "hostname": "storage", "billingItem": {"id": 80}},
+        {"id": 9, "hostname": "node1"},  # cancelled: listed while IBM reclaims it, but no longer billing
+    ]
     assert Listing(transport).servers("nmt") == ["virtual server 7 (node0)", "virtual server 8 (storage)"]
     request = transport.calls[-1]
     assert "trainrig-cluster:nmt" in json.dumps(request.filter)

@@ -27,6 +27,11 @@ def remove_leftovers(cluster: str) -> None:
             subprocess.run(["docker", kind, "rm", *(["-f"] if kind != "network" else []), *names], capture_output=True)
 
 
+def pytest_collection_modifyitems(items):
+    """Tests that kill a node of the session's cluster run after every other: that node does not come back."""
+    items.sort(key=lambda item: item.get_closest_marker("kills_a_node") is not None)
+
+
 @pytest.fixture(scope="session")
 def home(tmp_path_factory):
     path = tmp_path_factory.mktemp("trainrig-home")

@@ -3,18 +3,21 @@
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from cluster import jobs, lifecycle, monitor, provision, results, runs
+from cluster import jobs, lifecycle, monitor, phases, provision, results, runs, tensorboard
 from infra import clouds, inventory, keys, ssh
+from infra.clouds.local import reaper
 from infra.errors import TrainrigError
 from tests.integration.conftest import CLUSTER
 
@@ -28,9 +31,9 @@ def on(inv, name, *argv, check=True):
         return ssh.run(conn, list(argv), check=check, timeout=120)
 
 
-def fab(*args):
+def fab(*args, timeout=300):
     return subprocess.run(
-        [str(FAB), *args], cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=300
+        [str(FAB), *args], cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -81,8 +84,55 @@ def test_a_different_host_key_is_refused(cluster):
 def test_provision_succeeds_then_changes_nothing(cluster, provisioned):
     assert provisioned.failed_hosts == []
     assert all(r.ok > 0 for r in provisioned.hosts.values())
+    # Every task again, for real: the roles change nothing the second time.
+    forced = provision.provision(cluster, force=True)
+    assert {h: r.changed for h, r in forced.hosts.items()} == {"node0": 0, "node1": 0, "storage": 0}
+    assert all(r.ok > 0 for r in forced.hosts.values())
+    # Without --force no phase's inputs changed, so no task runs anywhere.
     again = provision.provision(cluster)
-    assert {h: r.changed for h, r in again.hosts.items()} == {"node0": 0, "node1": 0, "storage": 0}
+    assert all(r.ok == 0 and r.message.startswith("up to date") for r in again.hosts.values())
+
+
+def test_gpu_nodes_fetch_packages_through_the_storage_nodes_cache(cluster, provisioned):
+    storage = cluster.node("storage")
+    cache = f"http://{storage.private_address}:{provision.APT_CACHE_PORT}"
+    assert on(cluster, "node0", "/usr/local/lib/trainrig/apt-proxy").stdout.strip() == cache
+    on(cluster, "node0", "apt-get", "update", "-qq")
+    log = on(cluster, "storage", "cat", "/var/log/apt-cacher-ng/apt-cacher.log").stdout
+    node0 = str(cluster.node("node0").private_address)
+    assert any(f"|{node0}|" in line for line in log.splitlines()), log[-2000:]
+
+
+def test_a_node_without_a_phase_record_runs_that_phase_alone(cluster, provisioned):
+    on(cluster, "node1", "rm", f"{phases.RECORDS}/ssh_mesh")
+    recap = provision.provision(cluster)
+    assert recap.hosts["node0"].message.startswith("up to date")
+    assert recap.hosts["storage"].message.startswith("up to date")
+    assert 0 < recap.hosts["node1"].ok < provisioned.hosts["node1"].ok / 2
+    assert recap.hosts["node1"].changed == 0
+    assert "ssh_mesh" in on(cluster, "node1", "ls", phases.RECORDS).stdout.split()
+
+
+def test_the_drift_check_finds_a_hand_edit_and_force_puts_it_back(cluster, provisioned):
+    hosts = on(cluster, "node0", "cat", "/etc/hosts").stdout
+    # /etc/hosts is bind-mounted into a local node: rewrite it in place.
+    edit = "grep -v ' node1$' /etc/hosts > /tmp/hosts.edited && cat /tmp/hosts.edited > /etc/hosts"
+    on(cluster, "node0", "sh", "-c", edit)
+    try:
+        drift = provision.check_drift(cluster)
+        assert drift == {"node0": ["List every cluster node in /etc/hosts"]}
+        assert " node1\n" not in on(cluster, "node0", "cat", "/etc/hosts").stdout  # check mode changed nothing
+        # The records cannot see a hand edit; the drift check is how it is found.
+        assert provision.provision(cluster).hosts["node0"].ok == 0
+        result = fab("provision", "--name", CLUSTER, "--check-drift")
+        assert result.returncode == 1
+        assert result.stderr.strip().splitlines()[-1] == (
+            f"error: drift on node0 (1 tasks); put it back with: fab provision --name {CLUSTER} --force"
+        )
+    finally:
+        provision.provision(cluster, force=True)
+    assert on(cluster, "node0", "cat", "/etc/hosts").stdout == hosts
+    assert provision.check_drift(cluster) == {}
 
 
 def test_etc_hosts_lists_every_node(cluster, provisioned):
@@ -164,6 +214,7 @@ def test_cli_status_logs_plot_and_monitor(cluster, finished_run, tmp_path):
     curves = fab("plot", "--run", record.id, "--name", cluster.cluster, "--dest", str(tmp_path))
     assert curves.returncode == 0, curves.stderr
     assert (tmp_path / cluster.cluster / record.id / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / cluster.cluster / record.id / "telemetry.png").read_bytes()[:4] == b"\x89PNG"
     watched = fab("monitor", "--name", cluster.cluster)
     assert watched.returncode == 0 and f"run {record.id} succeeded" in watched.stdout
 
@@ -245,6 +296,157 @@ def test_a_frozen_node_fails_the_run_naming_it_and_no_rank_is_left(cluster, prov
     runs.cancel(cluster, record)  # node1 is back: its container goes too
     for node in ("node0", "node1"):
         assert containers_of(cluster, record, node) == "", f"container left on {node}"
+
+
+@pytest.mark.kills_a_node  # run last: a killed local node cannot come back on its old address and port
+def test_a_killed_node_fails_the_run_naming_it_and_no_rank_is_left(cluster, provisioned, tmp_path):
+    health = {"node_check_every": 3, "stall_timeout": 30, "startup_grace": 120}
+    record = runs.launch(cluster, jobs.load(job_file(tmp_path, name="killed", max_steps=1_000_000, health=health)))
+    with pytest.raises(TrainrigError, match="still running"):
+        monitor.monitor(cluster, record, timeout=5)  # training: steps arrive
+    node1 = f"trainrig-{cluster.cluster}-node1"
+    subprocess.run(["docker", "kill", node1], check=True, capture_output=True)
+    killed_at = time.monotonic()
+    survivors = cluster.model_copy(update={"nodes": [cluster.node("node0"), cluster.node("storage")]})
+    view = monitor.monitor(survivors, record, timeout=120)
+    detected = time.monotonic() - killed_at
+    # Named by the supervisor's own check of the node, or by Open MPI's report of its lost daemon.
+    assert view.state == "failed", view.status
+    assert re.fullmatch(r"node1 (unreachable since \d\d:\d\d:\d\d|lost: its MPI daemon .*)", view.reason), view.reason
+    assert detected < health["node_check_every"] * 2 + 30, detected
+    # No rank is left: none on node0, and node1 is off.
+    assert containers_of(survivors, record, "node0") == ""
+    assert on(survivors, "node0", "pgrep", "-f", "train.py", check=False).exited == 1
+    running = subprocess.run(["docker", "inspect", "-f", "{{.State.Running}}", node1], capture_output=True, text=True)
+    assert running.stdout.strip() == "false"
+    # The operator's commands say the node is gone in one line, and cancel clears what answers.
+    result = fab("cancel", "--run", record.id, "--name", cluster.cluster)
+    assert "Traceback" not in result.stderr and "node1" in result.stdout + result.stderr
+
+
+def test_a_stalled_run_is_final_everywhere_and_leaves_no_rank(cluster, provisioned, tmp_path):
+    health = {"stall_timeout": 10, "startup_grace": 0, "node_check_every": 5}
+    hang = "import time; print('step 1 loss 1.0', flush=True); time.sleep(3600)"
+    job = job_file(tmp_path, name="stalls", max_steps=100, health=health, command=["python3", "-c", hang])
+    started = time.monotonic()
+    watched = fab("train", "--job", str(job), "--name", cluster.cluster, "--follow")
+    record = runs.records(cluster.cluster)[-1]
+    # fab monitor ends on it, with the cause in its last line, and fails.
+    assert watched.returncode == 1, watched.stderr
+    assert re.search(r"stalled after [0-9.]+s, .*\(no new step for 10s \(last: step 1 at ", watched.stderr)
+    assert time.monotonic() - started < 240
+    # logs --follow ends too, and cancel stops nothing more.
+    logs = fab("logs", "--run", record.id, "--name", cluster.cluster, "--follow", timeout=60)
+    assert logs.returncode == 0 and "step 1 loss 1.0" in logs.stdout
+    cancelled = fab("cancel", "--run", record.id, "--name", cluster.cluster, timeout=120)
+    assert cancelled.returncode == 0 and f"run {record.id} stalled" in cancelled.stdout, cancelled.stderr
+    for node in ("node0", "node1"):
+        assert containers_of(cluster, record, node) == "", f"container left on {node}"
+        assert on(cluster, node, "pgrep", "-f", "time.sleep", check=False).exited == 1, f"rank left on {node}"
+        assert on(cluster, node, "systemctl", "is-active", record.sampler_unit, check=False).exited != 0
+
+
+def test_garbage_in_a_metrics_line_does_not_end_the_run(cluster, provisioned, tmp_path):
+    lines = ["step 1 loss 1.5", "step 8: loss estimate 3", "step 2 loss nope samples/s 1e999x", "step 3 loss 0.5"]
+    job = job_file(
+        tmp_path,
+        name="garbage",
+        nodes=1,
+        gpus_per_node=1,
+        max_steps=3,
+        command=["python3", "-c", "\n".join(f"print({line!r}, flush=True)" for line in lines)],
+    )
+    result = fab("train", "--job", str(job), "--name", cluster.cluster, "--follow")
+    assert result.returncode == 0, result.stderr
+    record = runs.records(cluster.cluster)[-1]
+    metrics = [
+        json.loads(line)
+        for line in on(cluster, "storage", "cat", f"{record.run_dir}/metrics.jsonl").stdout.splitlines()
+    ]
+    assert [(m["step"], m.get("loss")) for m in metrics] == [(1, 1.5), (8, None), (2, None), (3, 0.5)]
+    assert not [m for m in metrics if "throughput" in m]  # "1e999x" is no rate
+
+
+def test_scaling_runs_each_size_in_turn_against_ideal(cluster, provisioned, tmp_path):
+    job = job_file(tmp_path, name="scaling")
+    dest = tmp_path / "runs"
+    result = fab(
+        "scaling",
+        "--job",
+        str(job),
+        "--nodes",
+        "1,2",
+        "--steps",
+        "60",
+        "--name",
+        cluster.cluster,
+        "--dest",
+        str(dest),
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "speed-up" in result.stdout and "efficiency" in result.stdout
+    (png,) = (dest / cluster.cluster).glob("scaling-scaling-*.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(png.with_suffix(".json").read_text())
+    assert [(d["nodes"], d["ranks"], d["unit"]) for d in data] == [(1, 2, "samples/s"), (2, 4, "samples/s")]
+    assert all(d["throughput"] > 0 for d in data) and data[0]["efficiency"] == 1.0
+    # One run per size, each finished, in order.
+    sized = [r for r in runs.records(cluster.cluster) if r.job == "scaling"]
+    assert [len(r.nodes) for r in sized] == [1, 2] and [r.id for r in sized] == [d["run_id"] for d in data]
+
+
+def test_tensorboard_answers_on_loopback_only_through_the_tunnel(cluster, provisioned, tmp_path):
+    # The demo image has no TensorBoard (it would add hundreds of MB): Python's own HTTP server stands in
+    # for it over the same log folder, started by the same tensorboard.command mechanism.
+    write = (
+        "import os, sys; os.makedirs(sys.argv[1], exist_ok=True); "
+        "open(os.path.join(sys.argv[1], 'events.out.tfevents.1'), 'w').write('an event'); "
+        "print('step 1 loss 1', flush=True)"
+    )
+    server = ["python3", "-m", "http.server", "--bind", "{host}", "--directory", "{tensorboard_dir}", "{port}"]
+    job = job_file(
+        tmp_path,
+        name="board",
+        nodes=1,
+        gpus_per_node=1,
+        max_steps=1,
+        command=["python3", "-c", write, "{tensorboard_dir}"],
+        tensorboard={"logdir": "tb", "command": server},
+    )
+    assert fab("train", "--job", str(job), "--name", cluster.cluster, "--follow").returncode == 0
+    record = runs.records(cluster.cluster)[-1]
+    probe = "import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)"
+    with tensorboard.serving(cluster, record, 0) as served:
+        with urllib.request.urlopen(served.url + "events.out.tfevents.1", timeout=30) as answer:
+            assert answer.read() == b"an event"
+        # Only loopback listens, on node0 and here: another node cannot reach it, nor can any other address here.
+        node0 = str(cluster.node("node0").private_address)
+        assert on(cluster, "node0", "python3", "-c", probe, "127.0.0.1", str(served.node_port)).exited == 0
+        assert on(cluster, "node1", "python3", "-c", probe, node0, str(served.node_port), check=False).exited != 0
+        assert on(cluster, "node0", "python3", "-c", probe, node0, str(served.node_port), check=False).exited != 0
+        here = subprocess.run(
+            [sys.executable, "-c", tensorboard.LISTENERS, str(served.local_port)], capture_output=True
+        )
+        assert here.stdout.split() == [b"0100007F"]
+    left = on(cluster, "node0", "docker", "ps", "-aq", "--filter", f"label=trainrig.tensorboard={record.id}")
+    assert left.stdout.strip() == ""
+    # The same run with the stock TensorBoard command: the demo image lacks it, and says so in one line.
+    spec = yaml.safe_load(job.read_text())
+    spec["tensorboard"] = {"logdir": "tb"}
+    on(
+        cluster,
+        "storage",
+        "sh",
+        "-c",
+        'printf "%s" "$1" > "$2"',
+        "-",
+        yaml.safe_dump(spec),
+        f"{record.run_dir}/job.yaml",
+    )
+    refused = fab("tensorboard", "--run", record.id, "--name", cluster.cluster, "--port", "0")
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "image has no tensorboard on its PATH" in refused.stderr
 
 
 def test_failing_job_fails_the_monitor(cluster, provisioned, tmp_path):
@@ -375,6 +577,8 @@ def test_up_brings_back_restarted_and_stopped_nodes_with_their_keys(home):
     inv = lifecycle.up(name, gpu_nodes=1, data_disk_gb=1)
     try:
         on(inv, "node0", "sh", "-c", "echo kept > /data/survives")
+        # As after a host restart: the host watcher is gone (it would remove a GPU node that stops).
+        reaper.stop(name)
         # A restarted container gets a new SSH port: the saved inventory no longer reaches it.
         subprocess.run(["docker", "restart", f"trainrig-{name}-node0"], check=True, capture_output=True)
         subprocess.run(["docker", "stop", f"trainrig-{name}-storage"], check=True, capture_output=True)

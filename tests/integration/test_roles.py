@@ -238,9 +238,16 @@ def test_gpu_host_in_check_mode(cluster, provisioned):
     daemon = json.loads(written(recap, "node0", "/etc/docker/daemon.json"))
     assert daemon["default-runtime"] == "nvidia"
     assert daemon["runtimes"]["nvidia"]["path"] == "/usr/bin/nvidia-container-runtime"
-    assert daemon["data-root"] == "/data1/docker"
-    assert "cuda/repos/debian12/x86_64/ /" in written(recap, "node0", "/etc/apt/sources.list.d/nvidia-cuda.list")
+    assert daemon["data-root"] == "/data1/docker" and daemon["live-restore"] is True
+    # A local node is itself a container: it may not lift the locked-memory limit (clouds do).
+    assert "default-ulimits" not in daemon
+    assert "RequiresMountsFor=/data1/docker" in written(
+        recap, "node0", "/etc/systemd/system/docker.service.d/trainrig-data-root.conf"
+    )
+    assert "blacklist nouveau" in written(recap, "node0", "/etc/modprobe.d/blacklist-nouveau.conf")
     assert "libnvidia-container" in written(recap, "node0", "/etc/apt/sources.list.d/nvidia-container-toolkit.list")
+    rule = written(recap, "node0", "/etc/udev/rules.d/71-nvidia-dev-char.rules")
+    assert "nvidia-ctk system create-dev-char-symlinks --create-all" in rule
     assert on(cluster, "node0", "cat", "/etc/docker/daemon.json").stdout == before  # check mode changed nothing
 
 
@@ -255,11 +262,12 @@ def test_nfs_in_check_mode(cluster, provisioned):
     # Every node's own private address, never the network's CIDR (IBM classic's is 10.0.0.0/8).
     clients = " ".join(f"{n.private_address}(rw,sync,no_subtree_check,root_squash)" for n in cluster.nodes)
     assert f"/data {clients}" in exports.splitlines()
+    assert "threads=64" in written(recap, "storage", "/etc/nfs.conf.d/trainrig.conf").splitlines()
     assert str(cluster.network.cidr) not in exports
     server = cluster.node("storage").private_address
     for name in GPU_NODES:
         fstab = written(recap, name, "/etc/fstab").splitlines()
-        assert f"{server}:/data /data nfs rw,hard,_netdev,nofail,x-systemd.automount 0 0" in fstab
+        assert f"{server}:/data /data nfs rw,hard,nconnect=8,_netdev,nofail,x-systemd.automount 0 0" in fstab
     assert "nfs" not in on(cluster, "node0", "cat", "/etc/fstab").stdout
 
 
@@ -305,7 +313,7 @@ def test_gpu_count_without_a_gpu_on_the_bus_fails_that_host(cluster, provisioned
 
 
 def test_nvswitch_host_in_check_mode(cluster, provisioned, tmp_path):
-    # NVSwitches as sysfs would show them (p4d.24xlarge); node1 is a K80 (AWS p2) with the fabric manager off.
+    # NVSwitches as sysfs would show them (p4d.24xlarge); node1 has the fabric manager off.
     recap = provision.provision(
         cluster,
         tags="nvidia_driver",
@@ -316,11 +324,12 @@ def test_nvswitch_host_in_check_mode(cluster, provisioned, tmp_path):
             "gpu_facts_nvswitch_present": True,
             "nvidia_driver_kernel_packages": ["dkms"],
         },
-        host_vars={"node1": {"trainrig_gpu_model": "Tesla K80", "nvidia_driver_fabricmanager": False}},
+        host_vars={"node1": {"nvidia_driver_fabricmanager": False}},
     )
     assert recap.failed_hosts == []
-    # The packages the install step takes, as the apt candidate probe before it looked them up.
-    expected = {"node0": ["cuda-drivers-550", "cuda-drivers-fabricmanager-550"], "node1": ["cuda-drivers-470"]}
+    # The packages the install step takes, as the apt candidate probe before it looked them up: on
+    # NVSwitch hosts the fabric manager's meta package, which pins driver and fabric manager to one version.
+    expected = {"node0": ["cuda-drivers-fabricmanager-580"], "node1": ["cuda-drivers-580"]}
     for name, packages in expected.items():
         [(event, res)] = task_results(tmp_path, name, "Look up the install candidates of the driver packages")
         assert event == "runner_on_ok" and [r["item"] for r in res["results"]] == packages
@@ -328,8 +337,12 @@ def test_nvswitch_host_in_check_mode(cluster, provisioned, tmp_path):
         # The repository is only rehearsed, so neither the install nor the service can run for real.
         [(event, _)] = task_results(tmp_path, name, "Run the NVIDIA fabric manager and start it at boot")
         assert event == "runner_on_skipped"
-    assert "cuda/repos/debian12/x86_64/ /" in written(recap, "node0", "/etc/apt/sources.list.d/nvidia-cuda.list")
-    assert on(cluster, "node0", "test", "-e", "/etc/apt/sources.list.d/nvidia-cuda.list", check=False).exited != 0
+    # The keyring package is downloaded to be installed: a rehearsal skips it and changes nothing.
+    [(event, _)] = task_results(
+        tmp_path, "node0", "Install NVIDIA's cuda-keyring (the CUDA repository's key and apt source)"
+    )
+    assert event == "runner_on_skipped"
+    assert on(cluster, "node0", "test", "-e", "/etc/modprobe.d/blacklist-nouveau.conf", check=False).exited != 0
 
 
 def test_efs_mount_in_check_mode(cluster, provisioned):

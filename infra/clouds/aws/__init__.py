@@ -10,7 +10,9 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from infra.clouds import Billable
 from infra.config import ConfigError, MachineStack
+from infra.errors import TrainrigError
 
 
 class AwsConfig(MachineStack):
@@ -22,7 +24,9 @@ class AwsConfig(MachineStack):
     machine_word: ClassVar[str] = "instance type"
 
     cloud: Literal["aws"]
-    image: str | None = Field(default=None, description="AMI id (default: the Deep Learning AMI)")
+    image: str | None = Field(
+        default=None, description="AMI id (default: chosen by instance family, see infra/clouds/aws/images.py)"
+    )
     region: str = Field(pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]$")
     zone: str | None = Field(default=None, pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9][a-z]$")
     spot: bool = False
@@ -45,9 +49,21 @@ class AwsConfig(MachineStack):
 
     @model_validator(mode="after")
     def _zone_in_region(self) -> AwsConfig:
+        from infra.clouds.aws import images
+
         if self.zone and not self.zone.startswith(self.region):
             raise ConfigError("zone", f"{self.zone} is not in region {self.region}")
+        refused = images.refusal(self.flavor, self.machine.gpus)
+        if refused:
+            raise ConfigError("flavor", refused)
         return self
+
+    @property
+    def image_choice(self):
+        """Where the GPU nodes' image comes from (None: trainrig:image names one)."""
+        from infra.clouds.aws import images
+
+        return None if self.image else images.image_for(self.flavor, self.machine.gpus)
 
     @property
     def shared_fs(self) -> bool:
@@ -65,6 +81,8 @@ class AwsConfig(MachineStack):
             )
         if self.spot:
             notes.append("spot instances: priced here at on-demand rates, the most they can cost")
+        choice = self.image_choice
+        notes.append(f"GPU node image: {choice.describe() if choice else self.image}")
         return notes
 
     def check_credentials(self, environ: Mapping[str, str] = os.environ) -> None:
@@ -85,7 +103,9 @@ class AwsConfig(MachineStack):
 class AwsCloud:
     name = "aws"
     Config = AwsConfig
-    capabilities = frozenset({"pulumi_stack", "gpu", "memlock", "data_disk", "shared_storage", "ssh_mesh"})
+    capabilities = frozenset(
+        {"pulumi_stack", "gpu", "memlock", "data_disk", "shared_storage", "ssh_mesh", "self_teardown", "park"}
+    )
 
     def build(self, parent, name, cfg, blueprint):
         from infra.clouds.aws import program
@@ -99,6 +119,17 @@ class AwsCloud:
         from infra.automation import StackBackend
 
         return StackBackend(self, stack)
+
+    def verify(self, cfg: AwsConfig, blueprint, endpoint_url: str | None = None):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        from infra.clouds.aws import verify
+        from infra.errors import TrainrigError
+
+        try:
+            return verify.verify(cfg, blueprint, endpoint_url=endpoint_url)
+        except (BotoCoreError, ClientError) as exc:
+            raise TrainrigError(f"AWS could not be asked about the stack: {str(exc).splitlines()[0]}") from None
 
     def billable(self, cluster: str, cfg: AwsConfig, endpoint_url: str | None = None) -> list[str]:
         """What AWS's own listings still hold for a cluster (instances not terminated, volumes, EFS, VPCs, groups)."""
@@ -120,6 +151,67 @@ class AwsCloud:
         found += [f"key pair {k['KeyName']}" for k in ec2.describe_key_pairs(Filters=tag)["KeyPairs"]]
         return found + self._efs_billable(cluster, cfg, endpoint_url)
 
+    def power(
+        self, cluster: str, cfg: AwsConfig, on: bool, endpoint_url: str | None = None, timeout: float = 600
+    ) -> dict[str, str]:
+        """Stop the cluster's GPU instances (EBS kept, compute billing ends) or start them; their public IPs."""
+        import boto3
+
+        from infra.commands import wait_until
+
+        if on is False and cfg.spot:
+            raise TrainrigError(
+                f"{cluster!r} runs on spot instances, which AWS cannot stop: fab down removes them (storage kept)"
+            )
+        ec2 = boto3.client("ec2", region_name=cfg.region, endpoint_url=endpoint_url)
+        filters = [
+            {"Name": "tag:trainrig:cluster", "Values": [cluster]},
+            {"Name": "tag:trainrig:role", "Values": ["gpu"]},
+            {"Name": "instance-state-name", "Values": ["pending", "running", "stopping", "stopped"]},
+        ]
+
+        def instances() -> list[dict]:
+            return [i for r in ec2.describe_instances(Filters=filters)["Reservations"] for i in r["Instances"]]
+
+        ids = [i["InstanceId"] for i in instances()]
+        if not ids:
+            raise TrainrigError(f"AWS lists no GPU instances of {cluster!r} to {'start' if on else 'stop'}")
+        target = "running" if on else "stopped"
+        if on:
+            ec2.start_instances(InstanceIds=ids)
+        else:
+            ec2.stop_instances(InstanceIds=ids)
+        done = wait_until(
+            lambda: (found := instances()) and all(i["State"]["Name"] == target for i in found) and found,
+            timeout=timeout,
+            interval=2,
+            what=f"the GPU instances of {cluster!r} to be {target}",
+        )
+        # Instances are named "<cluster>-<node>" by the program.
+        names = {i["InstanceId"]: _tag(i, "Name").removeprefix(f"{cluster}-") for i in done}
+        return {names[i["InstanceId"]]: i.get("PublicIpAddress", "") for i in done} if on else {}
+
+    def audit(
+        self, known: dict, everything: bool, regions: list[str] | None = None, endpoint_url: str | None = None
+    ) -> list[Billable]:
+        """Instances (spot requests too), EBS volumes, EFS and its mount targets, elastic IPs, by trainrig:cluster.
+
+        Volumes and addresses without the tag count when they hang on one of the cluster's instances
+        (root volumes carry no tag of their own). Regions: AWS_REGION / AWS_DEFAULT_REGION, else us-east-1.
+        """
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        names = sorted(known)
+        if not names and not everything:
+            return []
+        if regions is None:
+            region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+            regions = [region]
+        try:
+            return [b for region in regions for b in _audit_region(region, names, everything, endpoint_url)]
+        except (BotoCoreError, ClientError) as exc:
+            raise TrainrigError(f"cannot audit AWS: {exc}") from None
+
     @staticmethod
     def _efs_billable(cluster: str, cfg: AwsConfig, endpoint_url: str | None) -> list[str]:
         """EFS file systems, which the EFS API lists with their tags (it has no tag filter)."""
@@ -133,6 +225,89 @@ class AwsCloud:
             for fs in page["FileSystems"]
             if ours in fs.get("Tags", [])
         ]
+
+
+def _audit_region(region: str, names: list[str], everything: bool, endpoint_url: str | None) -> list[Billable]:
+    import boto3
+
+    ec2 = boto3.client("ec2", region_name=region, endpoint_url=endpoint_url)
+    tagged = [{"Name": "tag-key", "Values": [TAG]}] if everything else [{"Name": f"tag:{TAG}", "Values": names}]
+
+    def ours(resource: dict) -> str | None:
+        cluster = _tag(resource, TAG)
+        return cluster if cluster and (everything or cluster in names) else None
+
+    found: list[Billable] = []
+    owner: dict[str, tuple[str, str]] = {}  # instance id -> (cluster, node)
+    for page in ec2.get_paginator("describe_instances").paginate(Filters=tagged):
+        for reservation in page["Reservations"]:
+            for inst in reservation["Instances"]:
+                if inst["State"]["Name"] in ("terminated", "shutting-down"):
+                    continue
+                cluster = _tag(inst, TAG)
+                node = _tag(inst, "Name").removeprefix(f"{cluster}-") or None
+                owner[inst["InstanceId"]] = (cluster, node or "")
+                spot = ", spot" if inst.get("InstanceLifecycle") == "spot" else ""
+                detail = f"{inst['InstanceType']}, {inst['State']['Name']}{spot}, {region}"
+                found.append(
+                    Billable(kind="instance", id=inst["InstanceId"], cluster=cluster, node=node, detail=detail)
+                )
+    seen: set[str] = set()
+    volume_pages = [ec2.describe_volumes(Filters=tagged)["Volumes"]]
+    if owner:
+        attached = [{"Name": "attachment.instance-id", "Values": sorted(owner)}]
+        volume_pages.append(ec2.describe_volumes(Filters=attached)["Volumes"])
+    for volume in (v for page in volume_pages for v in page):
+        if volume["VolumeId"] in seen:
+            continue
+        seen.add(volume["VolumeId"])
+        host = next((owner[a["InstanceId"]] for a in volume.get("Attachments", []) if a["InstanceId"] in owner), None)
+        cluster = host[0] if host else ours(volume)
+        node = host[1] if host else None
+        detail = f"{volume['Size']} GB {volume.get('VolumeType', '')}, {volume['State']}, {region}"
+        found.append(Billable(kind="volume", id=volume["VolumeId"], cluster=cluster, node=node, detail=detail))
+    for request in ec2.describe_spot_instance_requests(Filters=[{"Name": "state", "Values": ["open", "active"]}])[
+        "SpotInstanceRequests"
+    ]:
+        host = owner.get(request.get("InstanceId", ""))
+        cluster = host[0] if host else ours(request)
+        if cluster:
+            found.append(
+                Billable(
+                    kind="spot request",
+                    id=request["SpotInstanceRequestId"],
+                    cluster=cluster,
+                    node=host[1] if host else None,
+                    detail=f"{request['State']}, {region}",
+                )
+            )
+    for address in ec2.describe_addresses()["Addresses"]:
+        host = owner.get(address.get("InstanceId", ""))
+        cluster = host[0] if host else ours(address)
+        if cluster:
+            ident = address.get("AllocationId") or address["PublicIp"]
+            detail = f"{address['PublicIp']}, {region}"
+            found.append(Billable(kind="elastic ip", id=ident, cluster=cluster, node=None, detail=detail))
+    efs = boto3.client("efs", region_name=region, endpoint_url=endpoint_url)
+    for page in efs.get_paginator("describe_file_systems").paginate():
+        for fs in page["FileSystems"]:
+            cluster = ours(fs)
+            if not cluster:
+                continue
+            stored = fs["SizeInBytes"]["Value"] / 2**30
+            found.append(Billable(kind="efs", id=fs["FileSystemId"], cluster=cluster, detail=f"{stored:.1f} GB stored"))
+            for target in efs.describe_mount_targets(FileSystemId=fs["FileSystemId"])["MountTargets"]:
+                found.append(
+                    Billable(kind="efs mount target", id=target["MountTargetId"], cluster=cluster, detail=region)
+                )
+    return found
+
+
+TAG = "trainrig:cluster"
+
+
+def _tag(resource: dict, key: str) -> str:
+    return next((t["Value"] for t in resource.get("Tags", []) if t["Key"] == key), "")
 
 
 CLOUD = AwsCloud()

@@ -15,15 +15,22 @@ import pulumi_aws as aws
 
 from infra import program
 from infra.blueprint import Blueprint
-from infra.clouds.aws import AwsConfig
+from infra.clouds.aws import AwsConfig, images
+from infra.errors import TrainrigError
 from infra.inventory import STORAGE_NODE
 
-DLAMI_NAME = "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) *"
-UBUNTU_NAME = "ubuntu/images/hvm-ssd*/ubuntu-jammy-22.04-amd64-server-*"
-CANONICAL = "099720109477"
 EBS_DEVICE_NAME = "/dev/sdf"
 XEN_FAMILIES = ("p2", "p3", "i3", "g3")  # instance families that show an EBS volume as /dev/xvdX, not NVMe
 ROOT_DISK_GB = 100
+# IMDSv2 only, one hop: a process on the node gets a session token, a container behind Docker's
+# bridge (one more hop) gets nothing, and nothing reads the user data (the host's private key)
+# with a plain GET.
+METADATA_OPTIONS = {"http_endpoint": "enabled", "http_tokens": "required", "http_put_response_hop_limit": 1}
+# An instance keeps the image it was made from: the AMI is looked up (newest of its kind) when an
+# instance is first created and never again changes it, so a new Deep Learning AMI or Ubuntu
+# release neither replaces the protected storage instance nor the GPU nodes and their data disks.
+# `fab plan --verify` says when a newer image exists.
+KEEP_IMAGE = ["ami"]
 
 
 def data_device(instance_type: str, volume_id) -> pulumi.Output[str]:
@@ -47,7 +54,8 @@ def build(parent: pulumi.ComponentResource, name: str, cfg: AwsConfig, blueprint
     opts = program.child(parent, provider=provider)
     invoke = pulumi.InvokeOptions(provider=provider, parent=parent)
 
-    vpc_id, vpc_cidr, subnet_id = _network(name, cfg, opts, invoke)
+    zone = _zone(cfg, invoke)
+    vpc_id, vpc_cidr, subnet_id = _network(name, cfg, zone, opts, invoke)
     group = aws.ec2.SecurityGroup(
         f"{name}-sg",
         vpc_id=vpc_id,
@@ -92,10 +100,12 @@ def build(parent: pulumi.ComponentResource, name: str, cfg: AwsConfig, blueprint
             None,
         )
 
+    # The group exists whenever there is a GPU node: were it made only from two nodes on, growing
+    # from one node to two would add it to node0, which forces a new node0 and loses its data disk.
     placement = None
-    if cfg.gpu_nodes > 1:
+    if cfg.gpu_nodes >= 1:
         placement = aws.ec2.PlacementGroup(f"{name}-placement", strategy="cluster", opts=opts)
-    ami = cfg.image or _deep_learning_ami(invoke)
+    ami = cfg.image or _ami(images.image_for(cfg.flavor, cfg.gpus), invoke)
     records = []
     for planned in blueprint.nodes:
         if planned.role != "gpu":
@@ -115,6 +125,8 @@ def build(parent: pulumi.ComponentResource, name: str, cfg: AwsConfig, blueprint
             key_name=key.key_name,
             placement_group=placement.name if placement else None,
             instance_market_options=market,
+            # A GPU node that powers itself off (the dead-man switch) ends its billing: EBS data goes, NFS stays.
+            instance_initiated_shutdown_behavior="terminate",
             root_block_device={"volume_size": ROOT_DISK_GB, "volume_type": "gp3", "encrypted": True},
             ebs_block_devices=[
                 {
@@ -125,9 +137,10 @@ def build(parent: pulumi.ComponentResource, name: str, cfg: AwsConfig, blueprint
                     "delete_on_termination": True,
                 }
             ],
-            user_data=program.cloud_init(host_key, cfg, "", firewall=False),
+            user_data=program.cloud_init(host_key, cfg, firewall=False),
+            metadata_options=METADATA_OPTIONS,
             tags={"Name": f"{cfg.cluster}-{planned.name}", "trainrig:role": "gpu"},
-            opts=opts,
+            opts=pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(ignore_changes=KEEP_IMAGE)),
         )
         volume_id = instance.ebs_block_devices.apply(lambda devices: devices[0].volume_id)
         records.append(
@@ -152,15 +165,17 @@ def _nfs_server(name, cfg, blueprint, subnet_id, group, key, parent, provider, i
     storage = aws.ec2.Instance(
         f"{name}-{STORAGE_NODE}",
         instance_type=cfg.storage_flavor,
-        ami=_ubuntu_ami(invoke),
+        ami=_ami(images.UBUNTU, invoke),
         subnet_id=subnet_id,
         vpc_security_group_ids=[group.id],
         key_name=key.key_name,
         root_block_device={"volume_size": 30, "volume_type": "gp3", "encrypted": True},
-        user_data=program.cloud_init(storage_key, cfg, "", firewall=False),
+        user_data=program.cloud_init(storage_key, cfg, firewall=False),
         user_data_replace_on_change=False,
+        metadata_options=METADATA_OPTIONS,
         tags={"Name": f"{cfg.cluster}-{STORAGE_NODE}", "trainrig:role": "storage"},
-        opts=program.child(parent, provider=provider, protect=True),
+        # Neither a newer image nor a zone choice that moved replaces the protected storage instance.
+        opts=program.child(parent, provider=provider, protect=True, ignore_changes=[*KEEP_IMAGE, "subnet_id"]),
     )
     volume = aws.ebs.Volume(
         f"{name}-{STORAGE_NODE}-data",
@@ -176,6 +191,10 @@ def _nfs_server(name, cfg, blueprint, subnet_id, group, key, parent, provider, i
         device_name=EBS_DEVICE_NAME,
         volume_id=volume.id,
         instance_id=storage.id,
+        # The volume is mounted and exported by NFS: detached from a running server it sticks in
+        # "busy" and the destroy times out with storage still billing (terraform-provider-aws
+        # #4770, #1991). Stopping the server first lets it go.
+        stop_instance_before_detaching=True,
         opts=program.child(parent, provider=provider, protect=True),
     )
     return program.node_record(
@@ -209,15 +228,44 @@ def _efs(name, cfg, subnet_id, group, parent, provider) -> pulumi.Output[str]:
     return target.ip_address
 
 
-def _network(name: str, cfg: AwsConfig, opts: pulumi.ResourceOptions, invoke: pulumi.InvokeOptions):
-    """(vpc id, vpc cidr, subnet id): the region's default VPC, or a new VPC with one public subnet."""
+def _zone(cfg: AwsConfig, invoke: pulumi.InvokeOptions) -> pulumi.Output[str]:
+    """The availability zone: one that offers the GPU and storage instance types (trainrig:zone if set)."""
+    types = sorted({cfg.flavor, *([cfg.storage_flavor] if cfg.storage_flavor and not cfg.shared_fs else [])})
+    offerings = aws.ec2.get_instance_type_offerings_output(
+        filters=[{"name": "instance-type", "values": types}], location_type="availability-zone", opts=invoke
+    )
+
+    def pick(result) -> str:
+        offered: dict[str, set[str]] = {t: set() for t in types}
+        for instance_type, zone in zip(result.instance_types, result.locations, strict=True):
+            offered.setdefault(instance_type, set()).add(zone)
+        zone = images.choose_zone(offered, set().union(*offered.values()), cfg.zone)
+        if zone is None:
+            raise TrainrigError(images.zone_problem(offered, cfg.zone, cfg.region))
+        return zone
+
+    return offerings.apply(pick)
+
+
+def _network(
+    name: str, cfg: AwsConfig, zone: pulumi.Output[str], opts: pulumi.ResourceOptions, invoke: pulumi.InvokeOptions
+):
+    """(vpc id, vpc cidr, subnet id): the region's default VPC, or a new VPC with one public subnet, in `zone`."""
     if cfg.vpc == "default":
         vpc = aws.ec2.get_vpc_output(default=True, opts=invoke)
-        filters = [{"name": "vpc-id", "values": [vpc.id]}, {"name": "default-for-az", "values": ["true"]}]
-        if cfg.zone:
-            filters.append({"name": "availability-zone", "values": [cfg.zone]})
+        filters = [
+            {"name": "vpc-id", "values": [vpc.id]},
+            {"name": "default-for-az", "values": ["true"]},
+            {"name": "availability-zone", "values": [zone]},
+        ]
         subnets = aws.ec2.get_subnets_output(filters=filters, opts=invoke)
-        return vpc.id, vpc.cidr_block, subnets.ids.apply(lambda ids: sorted(ids)[0])
+
+        def first(ids: list[str], chosen: str) -> str:
+            if not ids:
+                raise TrainrigError(images.zone_problem({}, chosen, cfg.region))
+            return sorted(ids)[0]
+
+        return vpc.id, vpc.cidr_block, pulumi.Output.all(subnets.ids, zone).apply(lambda v: first(*v))
     vpc = aws.ec2.Vpc(
         f"{name}-vpc",
         cidr_block=str(cfg.vpc_cidr),
@@ -231,9 +279,10 @@ def _network(name: str, cfg: AwsConfig, opts: pulumi.ResourceOptions, invoke: pu
         f"{name}-subnet",
         vpc_id=vpc.id,
         cidr_block=str(subnet_cidr),
-        availability_zone=cfg.zone,
+        availability_zone=zone,
         map_public_ip_on_launch=True,
-        opts=opts,
+        # Made in the zone chosen then; a later change of offerings must not replace it (and all on it).
+        opts=pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(ignore_changes=["availability_zone"])),
     )
     routes = aws.ec2.RouteTable(
         f"{name}-routes", vpc_id=vpc.id, routes=[{"cidr_block": "0.0.0.0/0", "gateway_id": gateway.id}], opts=opts
@@ -242,13 +291,11 @@ def _network(name: str, cfg: AwsConfig, opts: pulumi.ResourceOptions, invoke: pu
     return vpc.id, vpc.cidr_block, subnet.id
 
 
-def _deep_learning_ami(invoke: pulumi.InvokeOptions) -> pulumi.Output[str]:
+def _ami(choice: images.ImageChoice, invoke: pulumi.InvokeOptions) -> pulumi.Output[str]:
+    """The newest image of its kind now; instances keep theirs afterwards (KEEP_IMAGE)."""
     return aws.ec2.get_ami_output(
-        most_recent=True, owners=["amazon"], filters=[{"name": "name", "values": [DLAMI_NAME]}], opts=invoke
-    ).id
-
-
-def _ubuntu_ami(invoke: pulumi.InvokeOptions) -> pulumi.Output[str]:
-    return aws.ec2.get_ami_output(
-        most_recent=True, owners=[CANONICAL], filters=[{"name": "name", "values": [UBUNTU_NAME]}], opts=invoke
+        most_recent=True,
+        owners=[choice.owner],
+        filters=[{"name": "name", "values": [choice.name]}, {"name": "architecture", "values": [choice.arch]}],
+        opts=invoke,
     ).id

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -10,6 +11,38 @@ from typing import ClassVar, Literal
 from pydantic import Field, SecretStr, model_validator
 
 from infra.config import ConfigError, MachineStack, secret
+from infra.errors import TrainrigError
+
+# The SAN disk sizes IBM Cloud classic sells for a virtual server's second to fifth disk, in GB: the
+# catalog items GUEST_DISK_<size>_GB_SAN of the virtual server package, as terraform-provider-ibm
+# maps them (ibm/resource_ibm_storage_file.go, portablestorageMap). 2,000 GB is the largest; a
+# server has at most five disks (boot disk included).
+SAN_DISK_SIZES_GB = (
+    10,
+    20,
+    25,
+    30,
+    40,
+    50,
+    75,
+    100,
+    125,
+    150,
+    175,
+    200,
+    250,
+    300,
+    350,
+    400,
+    500,
+    750,
+    1000,
+    1500,
+    2000,
+)
+# IBM Cloud tags (cloud.ibm.com/docs/account?topic=account-tag): up to 128 characters of letters,
+# digits, spaces, '_', '-', '.' and ':'. A comma would split one tag into two (set_tags takes a list).
+TAG = re.compile(r"^[A-Za-z0-9 _.:-]{1,128}$")
 
 
 class IbmConfig(MachineStack):
@@ -33,6 +66,23 @@ class IbmConfig(MachineStack):
     def _nic_offered(self) -> IbmConfig:
         if self.nic_speed not in (100, 1000, 10000):
             raise ConfigError("nic_speed", f"{self.nic_speed} Mbps is not offered", "use 100, 1000 or 10000")
+        for key in ("data_disk_gb", "storage_disk_gb"):
+            size = getattr(self, key)
+            if size not in SAN_DISK_SIZES_GB:
+                raise ConfigError(
+                    key,
+                    f"{size} GB is not a SAN disk size IBM Cloud classic sells",
+                    f"choose one of {', '.join(map(str, SAN_DISK_SIZES_GB))} (GB; 2000 is the largest)",
+                )
+        for key, value in self.tags.items():
+            tag = f"{key}:{value}"
+            if not TAG.match(tag) or key.startswith("trainrig-"):
+                raise ConfigError(
+                    "tags",
+                    f"{tag!r} is not a tag IBM Cloud accepts",
+                    "use letters, digits, spaces, '_', '-', '.' (at most 128 characters in key:value, "
+                    "keys not starting with trainrig-)",
+                )
         return self
 
     @property
@@ -77,6 +127,24 @@ class IbmCloud:
         from infra.automation import StackBackend
 
         return StackBackend(self, stack)
+
+    def power(self, cluster: str, cfg: IbmConfig, on: bool) -> dict[str, str]:
+        # Not "park" in its capabilities, so this is reached only by mistake; say why all the same.
+        raise TrainrigError(
+            f"IBM Cloud classic keeps billing a powered-off GPU server: cluster {cluster!r} cannot be parked, "
+            "use fab down (storage kept)"
+        )
+
+    def audit(self, known, everything: bool, transport=None):
+        """Virtual servers and their SAN disks by the trainrig-cluster: tag (credentials from the environment)."""
+        from infra.clouds.ibm.softlayer import Listing
+
+        return Listing(transport).audit(set(known), everything)
+
+    def verify(self, cfg: IbmConfig, blueprint, transport=None):
+        from infra.clouds.ibm import verify
+
+        return verify.verify(cfg, blueprint, transport)
 
     def billable(self, cluster: str, cfg: IbmConfig | None, transport=None) -> list[str]:
         """What the account still lists for the cluster: one line per server, named by hostname."""

@@ -1,8 +1,10 @@
 """IBM Cloud classic for the Pulumi program: an SSH key and virtual servers (dynamic providers over the softlayer SDK).
 
 Classic virtual servers have no security group here: each node's cloud-init turns on ufw with
-SSH only from admin_cidr and everything from the private network (10.0.0.0/8, IBM's private
-VLANs). The NFS server VM (with its SAN data disk) is protected and independent of the GPU nodes.
+SSH only from admin_cidr; provisioning (role common) then lets in the cluster's own nodes by
+their private addresses, and no one else of IBM's private network (10.0.0.0/8, shared by the
+whole account). The NFS server VM (with its SAN data disk) is protected and independent of the
+GPU nodes.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from infra.clouds.ibm import IbmConfig
 from infra.clouds.ibm.softlayer import SshKeyProvider, VirtualServerProvider
 
 PRIVATE_NETWORK = "10.0.0.0/8"
-BOOT_DISK_GB = 100
 DATA_DEVICE = "/dev/xvdc"
 OS_CODE = re.compile(r"^[A-Z][A-Z0-9_]+$")
 
@@ -65,6 +66,15 @@ def build(parent: pulumi.ComponentResource, name: str, cfg: IbmConfig, blueprint
 
 
 def _server_props(cfg: IbmConfig, planned: PlannedNode, key: SshKey, host_key: program.HostKey) -> dict:
+    return {
+        **order_props(cfg, planned),
+        "ssh_key_ids": [key.key_id],
+        "user_data": program.cloud_init(host_key, cfg, firewall=True),
+    }
+
+
+def order_props(cfg: IbmConfig, planned: PlannedNode) -> dict:
+    """What a server is ordered with, but its SSH key and user data (made by Pulumi): `fab plan --verify` sends it."""
     image = {"os_code": cfg.image or "UBUNTU_22_64", "image_id": None}
     if cfg.image and not OS_CODE.match(cfg.image):
         image = {"os_code": None, "image_id": cfg.image}
@@ -76,9 +86,8 @@ def _server_props(cfg: IbmConfig, planned: PlannedNode, key: SshKey, host_key: p
         **image,
         "hourly": cfg.hourly,
         "local_disk": False,
-        "disks": [BOOT_DISK_GB, planned.data_disk_gb],
+        "disks": [planned.data_disk_gb],  # data disks only: the flavor (or the image) brings the boot disk
         "nic_speed": cfg.nic_speed,
-        "ssh_key_ids": [key.key_id],
         "private_vlan": cfg.private_vlan,
         "tags": sorted(
             [
@@ -87,5 +96,4 @@ def _server_props(cfg: IbmConfig, planned: PlannedNode, key: SshKey, host_key: p
                 *(f"{k}:{v}" for k, v in cfg.tags.items()),
             ]
         ),
-        "user_data": program.cloud_init(host_key, cfg, PRIVATE_NETWORK, firewall=True),
     }

@@ -3,11 +3,16 @@
 Pulumi pickles a dynamic provider into the stack's state, so no credentials ever live on one:
 each method builds its own client from the environment (SL_USERNAME / SL_API_KEY, or
 ~/.softlayer) or from the stack's secret config handed to `configure`, which is dropped on
-pickling. Waits poll the API with a deadline; a server that never becomes ready is cancelled.
+pickling. Waits poll the API with a deadline and ride out transient transport errors.
+
+An order is checked with generateOrderTemplate before createObject places it. From the moment
+createObject returns, the server bills: its id is kept, and any failure after that (tagging,
+the wait, adding a disk) cancels it and says so, so no untagged, untracked server is left.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -15,13 +20,22 @@ import SoftLayer
 from pulumi.dynamic import CreateResult, DiffResult, ReadResult, ResourceProvider, UpdateResult
 from SoftLayer import utils as sl_utils
 
+from infra.clouds import Billable
 from infra.commands import wait_until
 from infra.errors import TrainrigError
 
+log = logging.getLogger("trainrig.ibm")
+
 READY_MASK = (
-    "mask[id,provisionDate,activeTransaction[id],lastOperatingSystemReload[id],"
+    "mask[id,provisionDate,activeTransaction[id],lastTransaction[id],lastOperatingSystemReload[id],"
     "primaryIpAddress,primaryBackendIpAddress,hostname,domain,status]"
 )
+DISKS_MASK = "mask[id,billingItem[id,children[categoryCode]]]"
+# A classic virtual server has at most five disks: the product catalog's disk categories run from
+# guest_disk0 ("First Disk", the boot disk) to guest_disk4 ("Fifth Disk"); the softlayer SDK's
+# VSManager.get_disk_category_id_by_disk_number knows no sixth.
+MAX_DISKS = 5
+FIRST_DATA_DEVICE = 2  # device 0 is the boot disk, 1 is swap: data disks are blockDevices 2, 3, ...
 # Inputs whose change needs a new server; the rest (flavor, nic_speed, added disks, tags) are upgrades.
 REPLACES = (
     "hostname",
@@ -75,6 +89,16 @@ def _not_found(exc: SoftLayer.SoftLayerAPIError) -> bool:
     return "ObjectNotFound" in str(exc.faultCode) or exc.faultCode == 404
 
 
+def transient(exc: BaseException) -> bool:
+    """A failure of the connection or of IBM's side that the next poll may not meet (not a refusal)."""
+    if isinstance(exc, (SoftLayer.exceptions.ServerError, SoftLayer.exceptions.RemoteSystemError)):
+        return True
+    if isinstance(exc, SoftLayer.exceptions.TransportError):
+        code = exc.faultCode
+        return not isinstance(code, int) or code == 0 or code == 429 or code >= 500
+    return False
+
+
 class SshKeyProvider(_Credentials, ResourceProvider):
     """An SSH public key registered on the account, so servers can be ordered with it."""
 
@@ -116,20 +140,46 @@ class VirtualServerProvider(_Credentials, ResourceProvider):
     def create(self, props: dict[str, Any]) -> CreateResult:
         vs = SoftLayer.VSManager(self.client())
         name = props["hostname"]
-        order = _order(props)
-        if str(order.get("image_id", "")).isdigit():
-            order["image_id"] = self._global_identifier(int(order["image_id"]))
+        _check_disk_count(props)
+        image = props.get("image_id")
+        if image and str(image).isdigit():
+            image = self._global_identifier(int(image))
+        order = create_order(vs, props, image)
+        what = f"server {name} ({props['flavor']} in {props['datacenter']})"
         try:
-            created = vs.create_instance(**order)
+            # Prices, flavor, disks and datacenter checked by the API, nothing billed yet.
+            vs.guest.generateOrderTemplate(order)
         except SoftLayer.SoftLayerAPIError as exc:
-            raise _api_error(f"order server {name} ({props['flavor']} in {props['datacenter']})", exc) from None
-        guest_id = int(created["id"])
+            raise _api_error(f"accept the order for {what}", exc) from None
         try:
-            guest = self._wait_ready(vs, guest_id, name)
-        except BaseException:
+            created = vs.guest.createObject(order)
+        except SoftLayer.SoftLayerAPIError as exc:
+            raise _api_error(f"order {what}", exc) from None
+        guest_id = int(created["id"])  # billing from here on: kept before anything else can fail
+        try:
+            guest = self._finish_create(vs, guest_id, props, image)
+        except BaseException as exc:
             self._cancel_and_confirm(vs, guest_id, name)
+            if isinstance(exc, SoftLayer.SoftLayerAPIError):
+                raise IbmError(
+                    f"server {name} (id {guest_id}) was ordered, then IBM Cloud classic refused: "
+                    f"{exc.faultString} ({exc.faultCode}); the order was cancelled"
+                ) from None
             raise
         return CreateResult(str(guest_id), _outputs(props, guest))
+
+    def _finish_create(self, vs: SoftLayer.VSManager, guest_id: int, props: dict[str, Any], image) -> dict:
+        """Tag, wait until ready and, for a private image, add the data disks: the steps after billing starts."""
+        name = props["hostname"]
+        if props.get("tags"):
+            vs.set_tags(",".join(props["tags"]), guest_id=guest_id)
+        guest = self._wait_ready(vs, guest_id, name)
+        disks = [int(d) for d in props.get("disks") or []]
+        if image and disks:
+            # The API refuses blockDevices with an image template ("Block devices may not be provided
+            # when using an image template", softlayer-python #325): the data disks come by upgrade.
+            guest = self._upgrade(vs, guest_id, name, disks=_numbered(disks, 0))
+        return guest
 
     def _global_identifier(self, image_id: int) -> str:
         """The portal and `ibmcloud sl image list` show an image's number; an order names its GUID."""
@@ -145,10 +195,20 @@ class VirtualServerProvider(_Credentials, ResourceProvider):
             raise IbmError(f"image {image_id} has no global identifier to order from; use its GUID or an OS code")
         return image["globalIdentifier"]
 
+    def _poll(self, vs: SoftLayer.VSManager, guest_id: int, mask: str = READY_MASK) -> dict | None:
+        """The guest, or None when the API could not be reached this time (the wait goes on)."""
+        try:
+            return vs.get_instance(guest_id, mask=mask)
+        except SoftLayer.SoftLayerAPIError as exc:
+            if transient(exc):
+                log.warning("server %s: transient API error while waiting (%s); polling again", guest_id, exc)
+                return None
+            raise
+
     def _wait_ready(self, vs: SoftLayer.VSManager, guest_id: int, name: str, pending: bool = False) -> dict:
         def ready() -> dict | None:
-            guest = vs.get_instance(guest_id, mask=READY_MASK)
-            return guest if sl_utils.is_ready(guest, pending) else None
+            guest = self._poll(vs, guest_id)
+            return guest if guest is not None and sl_utils.is_ready(guest, pending) else None
 
         return wait_until(
             ready,
@@ -160,6 +220,54 @@ class VirtualServerProvider(_Credentials, ResourceProvider):
                 f"{self.ready_timeout_s:.0f}s; the order was cancelled"
             ),
         )
+
+    def _upgrade(
+        self,
+        vs: SoftLayer.VSManager,
+        guest_id: int,
+        name: str,
+        preset: str | None = None,
+        nic_speed: int | None = None,
+        disks: list[dict] | None = None,
+    ) -> dict:
+        """Place an upgrade order and wait for IBM to start and then finish it (a resize reboots the server)."""
+        before = self._poll(vs, guest_id) or {}
+        last = sl_utils.lookup(before, "lastTransaction", "id")
+        if disks:
+            self._check_disk_numbers(vs, guest_id, name, disks)
+        if not vs.upgrade(guest_id, preset=preset, nic_speed=nic_speed, disk=disks or None):
+            return before
+
+        def started() -> bool:
+            guest = self._poll(vs, guest_id)
+            if guest is None:
+                return False
+            return bool(guest.get("activeTransaction")) or sl_utils.lookup(guest, "lastTransaction", "id") != last
+
+        wait_until(
+            started,
+            timeout=self.ready_timeout_s,
+            interval=self.poll_interval_s,
+            what=f"the upgrade of server {name} to start",
+            error=IbmError(
+                f"the upgrade of server {name} (id {guest_id}) did not start within {self.ready_timeout_s:.0f}s; "
+                f"check: ibmcloud sl vs detail {guest_id}"
+            ),
+        )
+        return self._wait_ready(vs, guest_id, name, pending=True)
+
+    def _check_disk_numbers(self, vs: SoftLayer.VSManager, guest_id: int, name: str, disks: list[dict]) -> None:
+        """Each new disk's category must be free: an upgrade naming a disk that exists resizes it instead."""
+        guest = self._poll(vs, guest_id, DISKS_MASK) or {}
+        taken = {c.get("categoryCode") for c in sl_utils.lookup(guest, "billingItem", "children") or []}
+        for disk in disks:
+            category = f"guest_disk{disk['number'] - 1}"
+            if category in taken:
+                raise IbmError(
+                    f"server {name} (id {guest_id}) already has a disk in {category}; adding one there would "
+                    "resize it, so nothing was ordered: check the disks with ibmcloud sl vs detail "
+                    f"{guest_id}"
+                )
 
     def _cancel_and_confirm(self, vs: SoftLayer.VSManager, guest_id: int, name: str) -> None:
         try:
@@ -189,6 +297,8 @@ class VirtualServerProvider(_Credentials, ResourceProvider):
         except SoftLayer.SoftLayerAPIError as exc:
             if _not_found(exc):
                 return False
+            if transient(exc):
+                return True  # not known to be gone: poll again
             raise
         return bool(guest.get("billingItem"))
 
@@ -221,19 +331,21 @@ class VirtualServerProvider(_Credentials, ResourceProvider):
     def update(self, id_: str, olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
         vs = SoftLayer.VSManager(self.client())
         guest_id = int(id_)
-        added = list(news.get("disks") or [])[len(olds.get("disks") or []) :]
+        name = news["hostname"]
+        _check_disk_count(news)
+        old_disks = [int(d) for d in olds.get("disks") or []]
+        added = _numbered([int(d) for d in news.get("disks") or []][len(old_disks) :], len(old_disks))
         flavor = news["flavor"] if news.get("flavor") != olds.get("flavor") else None
-        nic = news.get("nic_speed") if news.get("nic_speed") != olds.get("nic_speed") else None
+        nic = int(news["nic_speed"]) if news.get("nic_speed") != olds.get("nic_speed") else None
         try:
-            if flavor or nic or added:
-                vs.upgrade(
-                    guest_id, preset=flavor, nic_speed=nic, disk=[{"capacity": gb, "number": 0} for gb in added] or None
-                )
             if news.get("tags") != olds.get("tags"):
                 vs.set_tags(",".join(news.get("tags") or []), guest_id=guest_id)
+            if flavor or nic or added:
+                guest = self._upgrade(vs, guest_id, name, preset=flavor, nic_speed=nic, disks=added)
+            else:
+                guest = self._wait_ready(vs, guest_id, name, pending=True)
         except SoftLayer.SoftLayerAPIError as exc:
-            raise _api_error(f"upgrade server {news['hostname']} (id {guest_id})", exc) from None
-        guest = self._wait_ready(vs, guest_id, news["hostname"], pending=True)
+            raise _api_error(f"upgrade server {name} (id {guest_id})", exc) from None
         return UpdateResult(_outputs(news, guest))
 
     # -- delete ---------------------------------------------------------------------------
@@ -244,28 +356,53 @@ class VirtualServerProvider(_Credentials, ResourceProvider):
 _OUTPUT_ONLY = ("public_ip", "private_ip", "guest_id", "__provider")
 
 
-def _order(props: dict[str, Any]) -> dict[str, Any]:
-    """Pulumi inputs -> VSManager.create_instance arguments (what `ibmcloud sl vs create` sends)."""
-    order = {
+def _numbered(sizes: list[int], existing: int) -> list[dict]:
+    """Upgrade disks with explicit numbers: the SDK counts from the highest existing category otherwise,
+    which is the current data disk, and the order would resize it. Number n is catalog category
+    guest_disk(n-1); the boot disk is guest_disk0 (number 1), data disk i is number i + 2."""
+    return [{"capacity": gb, "number": existing + i + 2} for i, gb in enumerate(sizes)]
+
+
+def _check_disk_count(props: dict[str, Any]) -> None:
+    disks = props.get("disks") or []
+    if 1 + len(disks) > MAX_DISKS:
+        raise IbmError(
+            f"server {props['hostname']}: {1 + len(disks)} disks asked, a classic virtual server has at most "
+            f"{MAX_DISKS} (the boot disk and {MAX_DISKS - 1} data disks)"
+        )
+
+
+def create_order(vs: SoftLayer.VSManager, props: dict[str, Any], image_guid: str | None) -> dict[str, Any]:
+    """Pulumi inputs -> the SoftLayer_Virtual_Guest template that generateOrderTemplate and createObject take.
+
+    The flavor brings the boot disk (terraform-provider-ibm sends no device 0 with a flavor either),
+    so only the data disks go out, as devices 2, 3, ...; with an image template none do (the image
+    brings the boot disk and the API refuses blockDevices with it). Pulumi hands numbers back as
+    floats: every number is sent as an int.
+    """
+    args: dict[str, Any] = {
         "hostname": props["hostname"],
         "domain": props["domain"],
         "datacenter": props["datacenter"],
         "flavor": props["flavor"],
         "hourly": bool(props.get("hourly", True)),
         "local_disk": bool(props.get("local_disk", False)),
-        "disks": [int(d) for d in props.get("disks") or []] or None,
-        "nic_speed": props.get("nic_speed"),
+        "nic_speed": int(props["nic_speed"]) if props.get("nic_speed") else None,
         "ssh_keys": [int(k) for k in props.get("ssh_key_ids") or []] or None,
-        "private_vlan": props.get("private_vlan"),
+        "private_vlan": int(props["private_vlan"]) if props.get("private_vlan") else None,
         "userdata": props.get("user_data"),
     }
-    if props.get("image_id"):
-        order["image_id"] = props["image_id"]
+    if image_guid:
+        args["image_id"] = image_guid
     else:
-        order["os_code"] = props["os_code"]
-    if props.get("tags"):
-        order["tags"] = ",".join(props["tags"])
-    return {k: v for k, v in order.items() if v is not None}
+        args["os_code"] = props["os_code"]
+    order = vs._generate_create_dict(**{k: v for k, v in args.items() if v is not None})
+    disks = [int(d) for d in props.get("disks") or []]
+    if disks and not image_guid:
+        order["blockDevices"] = [
+            {"device": str(n), "diskImage": {"capacity": gb}} for n, gb in enumerate(disks, start=FIRST_DATA_DEVICE)
+        ]
+    return order
 
 
 def _outputs(props: dict[str, Any], guest: dict[str, Any]) -> dict[str, Any]:
@@ -275,6 +412,9 @@ def _outputs(props: dict[str, Any], guest: dict[str, Any]) -> dict[str, Any]:
         "public_ip": guest.get("primaryIpAddress"),
         "private_ip": guest.get("primaryBackendIpAddress"),
     }
+
+
+TAG_PREFIX = "trainrig-cluster:"
 
 
 class Listing(_Credentials):
@@ -288,8 +428,39 @@ class Listing(_Credentials):
     def servers(self, cluster: str) -> list[str]:
         try:
             guests = SoftLayer.VSManager(self.client()).list_instances(
-                tags=[f"trainrig-cluster:{cluster}"], mask="id,hostname"
+                tags=[f"trainrig-cluster:{cluster}"], mask="id,hostname,billingItem[id]"
             )
         except SoftLayer.SoftLayerAPIError as exc:
             raise _api_error(f"list the servers of cluster {cluster}", exc) from None
-        return [f"virtual server {g['id']} ({g['hostname']})" for g in guests]
+        # A cancelled guest stays listed while IBM reclaims it, without its billing item: not billing.
+        return [f"virtual server {g['id']} ({g['hostname']})" for g in guests if g.get("billingItem")]
+
+    def audit(self, clusters: set[str], everything: bool) -> list[Billable]:
+        """The account's virtual servers tagged trainrig-cluster:<name>, and the SAN disks each one bills for."""
+        mask = "id,hostname,datacenter[name],tagReferences[tag[name]],blockDevices[device,diskImage[capacity,units]]"
+        try:
+            guests = self.client().call("SoftLayer_Account", "getVirtualGuests", mask=mask, iter=True)
+            guests = list(guests)
+        except SoftLayer.SoftLayerAPIError as exc:
+            raise _api_error("list the account's virtual servers", exc) from None
+        found: list[Billable] = []
+        for guest in guests:
+            tags = [ref.get("tag", {}).get("name", "") for ref in guest.get("tagReferences", [])]
+            cluster = next((t.removeprefix(TAG_PREFIX) for t in tags if t.startswith(TAG_PREFIX)), None)
+            if not cluster or not (everything or cluster in clusters):
+                continue
+            node, where = guest["hostname"], guest.get("datacenter", {}).get("name", "")
+            found.append(Billable(kind="virtual server", id=str(guest["id"]), cluster=cluster, node=node, detail=where))
+            for device in guest.get("blockDevices", []):
+                disk = device.get("diskImage") or {}
+                if disk.get("capacity"):
+                    found.append(
+                        Billable(
+                            kind="san volume",
+                            id=f"{guest['id']}/disk{device.get('device')}",
+                            cluster=cluster,
+                            node=node,
+                            detail=f"{disk['capacity']} {disk.get('units', 'GB')}",
+                        )
+                    )
+        return found

@@ -28,7 +28,7 @@ class LocalConfig(StackBase):
 class LocalCloud:
     name = "local"
     Config = LocalConfig
-    capabilities = frozenset({"create", "data_disk", "shared_storage", "ssh_mesh"})
+    capabilities = frozenset({"create", "data_disk", "shared_storage", "ssh_mesh", "self_teardown", "park"})
 
     def build(self, parent, name, cfg, blueprint):
         from infra.clouds.local import program
@@ -50,6 +50,19 @@ class LocalCloud:
 
     def billable(self, cluster: str, cfg=None) -> list[str]:
         return self.backend().billable(cluster)
+
+    def audit(self, known, everything: bool):
+        """Containers, volumes and networks by their trainrig.cluster label; loop devices by their disk file."""
+        return self.backend().audit(set(known), everything)
+
+    def power(self, cluster: str, cfg=None, on: bool = True) -> dict[str, str]:
+        """Stop or start the GPU node containers; their loop devices, volume and images stay."""
+        return self.backend().power(cluster, on)
+
+    def verify(self, cfg, blueprint):
+        from infra.clouds import Findings
+
+        return Findings(notes=["local clusters order nothing from a cloud: nothing to verify"])
 
 
 CLOUD = LocalCloud()

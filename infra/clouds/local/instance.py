@@ -12,8 +12,8 @@ from pathlib import Path
 
 from infra import inventory as inventory_mod
 from infra import keys, ssh, state, ui
-from infra.clouds import ClusterRequest
-from infra.clouds.local import engine, image
+from infra.clouds import Billable, ClusterRequest
+from infra.clouds.local import engine, image, reaper
 from infra.commands import run, wait_until
 from infra.errors import TrainrigError
 from infra.inventory import STORAGE_NODE, DataDisk, Inventory, Network, Node, Retained, SharedStorage, gpu_node_names
@@ -109,9 +109,13 @@ class LocalBackend:
         cluster = request.name
         existing = inventory_mod.path_for(cluster)
         if existing.is_file() and inventory_mod.load(cluster).running:
-            raise TrainrigError(
-                f"cluster {cluster!r} is already up; use it, or remove it first with: fab down --name {cluster}"
-            )
+            if self._listing("container", cluster, role="gpu"):
+                raise TrainrigError(
+                    f"cluster {cluster!r} is already up; use it, or remove it first with: fab down --name {cluster}"
+                )
+            # Its GPU nodes tore themselves down (the dead-man switch): what is left goes, storage stays.
+            reaper.stop(cluster)
+            self._remove_compute(cluster)
         node_image = image.ensure_image()
         cdir = state.cluster_dir(cluster)
         fresh = not cdir.exists()
@@ -149,14 +153,17 @@ class LocalBackend:
             network=Network(name=network_name(cluster), cidr=cidr),
         )
         inventory_mod.save(inv)
+        reaper.start(cluster)
         return inv
 
     # -- reconcile ----------------------------------------------------------------------
     def reconcile(self, inv: Inventory, board) -> tuple[Inventory, list[str]]:
         """Start the nodes that stopped (a restarted engine or host), with their disks; read back the ports
-        Docker gave them. Host keys stay as pinned: a node that comes back with another key is refused."""
+        Docker gave them; wait until every node is ready. Host keys stay as pinned: a node that comes back
+        with another key is refused."""
         engine.ensure()
         done: list[str] = []
+        started: list[str] = []
 
         def bring_back(node: Node) -> Node:
             name = container_name(inv.cluster, node.name)
@@ -173,6 +180,7 @@ class LocalBackend:
                     self._reattach(inv.cluster, node.name, device["PathOnHost"])
                 run(["docker", "start", name], what=f"starting node {node.name}")
                 done.append(f"{node.name}: started")
+                started.append(node.name)
             address, port = self._addresses(inv.cluster, node.name)
             if port != node.ssh_port or address != str(node.private_address):
                 done.append(f"{node.name}: now at 127.0.0.1:{port} ({address}), was :{node.ssh_port}")
@@ -183,6 +191,10 @@ class LocalBackend:
         # Node names keep their order, so the listing and known_hosts read as before.
         current = inv.model_copy(update={"nodes": [nodes[n.name] for n in inv.nodes]})
         inventory_mod.save(current)
+        self.wait_ready(current, board)
+        # A started node has its data disk and Docker back only once remounted (see _remount).
+        ssh.on_nodes([n for n in current.nodes if n.name in started], lambda n: self._remount(current, n, board))
+        reaper.start(inv.cluster)  # the host watcher did not outlive a host restart
         return current, sorted(done)
 
     def _reattach(self, cluster: str, node: str, loop: str) -> None:
@@ -269,6 +281,7 @@ class LocalBackend:
             # A kept disk keeps its size, whatever this `up` asked for.
             data_disks=[DataDisk(device=DISK_DEVICE, size_gb=disk_file(cluster, node).stat().st_size // 1024**3)],
             hourly_price_usd=0.0,
+            parked_hourly_price_usd=0.0,
         )
 
     def _attach_disk(self, cluster: str, node: str, size_gb: int) -> str:
@@ -319,6 +332,7 @@ class LocalBackend:
     def destroy(self, inv: Inventory, purge: bool) -> Inventory | None:
         engine.ensure()
         cluster = inv.cluster
+        reaper.stop(cluster)
         self._remove_compute(cluster)
         disks = sorted(state.cluster_dir(cluster).glob("disks/*.img"))
         # Checked before any image is deleted: a loop device still attached to a deleted image
@@ -342,6 +356,60 @@ class LocalBackend:
         inventory_mod.save(remaining)
         return remaining
 
+    # -- park, resume ----------------------------------------------------------------------
+    def power(self, cluster: str, on: bool) -> dict[str, str]:
+        gpu = self._listing("container", cluster, role="gpu")
+        if not gpu:
+            raise TrainrigError(f"cluster {cluster!r} has no GPU nodes to {'start' if on else 'stop'}")
+        if on:
+            run(["docker", "start", *gpu], timeout=120, what="starting the GPU nodes")
+        else:
+            # systemd in each node shuts down cleanly (SIGRTMIN+3); the data disk stays attached to its loop device.
+            run(["docker", "stop", "--time", "60", *gpu], timeout=180, what="stopping the GPU nodes")
+        return {name.removeprefix(f"trainrig-{cluster}-"): "127.0.0.1" for name in gpu}
+
+    def park(self, inv: Inventory) -> Inventory:
+        from datetime import UTC, datetime
+
+        reaper.stop(inv.cluster)  # stopping a node on purpose must not remove it
+        self.power(inv.cluster, on=False)
+        parked = inv.model_copy(update={"parked_at": datetime.now(UTC)})
+        inventory_mod.save(parked)
+        return parked
+
+    def resume(self, inv: Inventory, board) -> Inventory:
+        self.power(inv.cluster, on=True)
+        # Docker publishes sshd on a new loopback port at every start: the inventory follows.
+        nodes = []
+        for node in inv.nodes:
+            if node.role == "gpu":
+                board.update(node.name, "started")
+                address, port = self._addresses(inv.cluster, node.name)
+                node = node.model_copy(update={"ssh_port": port, "private_address": address})
+            nodes.append(node)
+        resumed = inv.model_copy(update={"nodes": nodes, "parked_at": None})
+        inventory_mod.save(resumed)
+        self.wait_ready(resumed, board)
+        ssh.on_nodes(resumed.gpu_nodes, lambda node: self._remount(resumed, node, board))
+        reaper.start(inv.cluster)
+        return resumed
+
+    def _remount(self, inv: Inventory, node: Node, board) -> None:
+        """The data disk back on /data1, and Docker restarted onto it (its data root and images live there).
+
+        A node container has no udev, so systemd never sees the disk's by-UUID link that fstab names
+        and skips the mount (nofail); Docker then starts on an empty /data1 of the container's own.
+        """
+        board.update(node.name, "remounting the data disk, restarting Docker")
+        script = (
+            'if grep -qs "[[:space:]]/data1[[:space:]]" /etc/fstab && ! mountpoint -q /data1; then '
+            'mount -o noatime "$1" /data1; fi; '
+            "if systemctl is-enabled --quiet docker 2>/dev/null; then systemctl restart docker; fi"
+        )
+        with ssh.open_checked(inv, node) as conn:
+            ssh.run(conn, ["sh", "-c", script, "remount", DISK_DEVICE], timeout=180, what=f"{node.name}: remount")
+        board.update(node.name, "[green]ready[/] (disk and Docker back)")
+
     def _remove_compute(self, cluster: str) -> None:
         containers = self._listing("container", cluster)
         if containers:
@@ -362,10 +430,39 @@ class LocalBackend:
             found += [f"loop device {loop}" for loop in self._loops_of(path)]
         return found
 
-    def _listing(self, kind: str, cluster: str) -> list[str]:
+    def audit(self, clusters: set[str], everything: bool) -> list[Billable]:
+        engine.ensure(start=False)
+        found: list[Billable] = []
+        for kind in ("container", "volume", "network"):
+            name_field = "{{.Names}}" if kind == "container" else "{{.Name}}"
+            every = ["--all"] if kind == "container" else []
+            fmt = name_field + ' {{.Label "' + LABEL + '"}}'
+            argv = ["docker", kind, "ls", *every, "--filter", f"label={LABEL}", "--format", fmt]
+            for line in run(argv, what=f"listing {kind}s").stdout.splitlines():
+                name, _, cluster = line.partition(" ")
+                if everything or cluster in clusters:
+                    node = name.removeprefix(container_name(cluster, "")) if kind == "container" else None
+                    found.append(Billable(kind=kind, id=name, cluster=cluster, node=node))
+        if shutil.which("losetup"):
+            out = run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"], check=False).stdout
+            for line in out.splitlines():
+                loop, _, back = line.strip().partition(" ")
+                path = Path(back.strip().removesuffix(" (deleted)"))
+                # <TRAINRIG_HOME>/clusters/<cluster>/disks/<node>.img: a node's data disk
+                if path.suffix == ".img" and path.parent.name == "disks" and path.parents[2].name == "clusters":
+                    cluster = path.parents[1].name
+                    ours = path.parents[2] == state.home() / "clusters"
+                    if everything or (ours and cluster in clusters):
+                        found.append(
+                            Billable(kind="loop device", id=loop, cluster=cluster, node=path.stem, detail=back)
+                        )
+        return found
+
+    def _listing(self, kind: str, cluster: str, role: str | None = None) -> list[str]:
         name_field = "{{.Names}}" if kind == "container" else "{{.Name}}"
         every = ["--all"] if kind == "container" else []
-        argv = ["docker", kind, "ls", *every, "--filter", f"label={LABEL}={cluster}", "--format", name_field]
+        roles = ["--filter", f"label=trainrig.role={role}"] if role else []
+        argv = ["docker", kind, "ls", *every, "--filter", f"label={LABEL}={cluster}", *roles, "--format", name_field]
         return run(argv, what=f"listing {kind}s").stdout.split()
 
     def _exists(self, kind: str, name: str) -> bool:

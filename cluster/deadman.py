@@ -1,0 +1,220 @@
+"""Teardown that lives on the cluster: arm the dead-man switch (remote/deadman.py) and read what it did.
+
+The switch runs under systemd on the storage node (with EFS, on the first GPU node), reads its
+settings from the shared storage and needs no fab process on the operator's side. Arming it
+again replaces its settings: `fab train --down-after` adds the run to whatever `fab deadman` set.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+import shutil
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pydantic import TypeAdapter
+
+from cluster import transfer
+from infra import clouds, ssh, state
+from infra.errors import TrainrigError
+from infra.inventory import Inventory, Node
+from infra.models import Strict
+
+SCRIPT = Path(__file__).parent / "remote" / "deadman.py"
+UNIT = "trainrig-deadman"
+DURATION = re.compile(r"^(\d+)(s|m|h)$")
+UNITS = {"s": 1, "m": 60, "h": 3600}
+CHECK_EVERY = 2.0  # seconds between the switch's looks at the runs: idle time after a run is at most this
+
+
+def parse_duration(text: str | int | float, flag: str) -> float:
+    """'90s', '5m', '2h' (or plain seconds) to seconds; anything else, or negative, is one line naming the flag."""
+    raw = str(text).strip()
+    if raw.isdigit():
+        return float(raw)
+    match = DURATION.match(raw)
+    if not match:
+        raise TrainrigError(f"{flag} {raw!r}: not a duration; write it like 90s, 5m or 2h")
+    return float(int(match.group(1)) * UNITS[match.group(2)])
+
+
+class Settings(Strict):
+    """What the switch watches for (seconds; None: not watched)."""
+
+    idle: float | None = None
+    stall: float | None = None
+    hard_limit: float | None = None
+    after_run: dict | None = None  # {"id", "run_dir", "grace"}
+
+    @property
+    def armed(self) -> bool:
+        return any(v is not None for v in (self.idle, self.stall, self.hard_limit, self.after_run))
+
+    def describe(self) -> str:
+        parts = []
+        if self.after_run:
+            parts.append(f"down after run {self.after_run['id']} (grace {span(self.after_run['grace'])})")
+        for label, value in (("idle", self.idle), ("stall", self.stall), ("hard limit", self.hard_limit)):
+            if value is not None:
+                parts.append(f"{label} {span(value)}")
+        return ", ".join(parts) or "disarmed"
+
+
+_settings = TypeAdapter(Settings)
+
+
+def span(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds and seconds % 3600 == 0:
+        return f"{seconds // 3600}h"
+    if seconds and seconds % 60 == 0:
+        return f"{seconds // 60}m"
+    return f"{seconds}s"
+
+
+def settings_path(cluster: str) -> Path:
+    return state.cluster_dir(cluster) / "deadman.json"
+
+
+def saved(cluster: str) -> Settings:
+    path = settings_path(cluster)
+    return Settings.model_validate_json(path.read_text()) if path.is_file() else Settings()
+
+
+def require_verifiable(inv: Inventory) -> None:
+    """Refuse, before a run starts, a cluster whose compute cannot end itself in a way we can check."""
+    cloud = clouds.get(inv.cloud)
+    clouds.require(
+        cloud,
+        "self_teardown",
+        "tear their compute down from the cluster yet (a powered-off IBM GPU server keeps billing): "
+        f"run fab down --name {inv.cluster} when the run ends",
+    )
+    if "pulumi_stack" in cloud.capabilities and shutil.which("pulumi") is None:
+        raise TrainrigError(
+            f"cluster {inv.cluster!r} lives in a Pulumi stack, and without the Pulumi CLI its teardown cannot be "
+            "checked (pulumi refresh): install it from https://www.pulumi.com/docs/install/"
+        )
+    if inv.storage is None:
+        raise TrainrigError(f"cluster {inv.cluster!r} has no shared storage for the dead-man switch to watch")
+    if not inv.gpu_nodes:
+        raise TrainrigError(f"cluster {inv.cluster!r} has no GPU nodes to tear down")
+
+
+def host_of(inv: Inventory) -> Node:
+    """Where the switch lives: the storage node, which outlives the compute; else the first GPU node."""
+    return inv.storage_node or inv.gpu_nodes[0]
+
+
+def paths(inv: Inventory) -> tuple[str, str]:
+    assert inv.storage is not None
+    base = posixpath.join(inv.storage.mount_point, "trainrig", "deadman")
+    return base, posixpath.join(inv.storage.mount_point, "trainrig", "teardown.json")
+
+
+MESH_PROBE = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=5"]
+
+
+def preflight(inv: Inventory) -> None:
+    """Everything `arm` needs, checked before a run starts: a cloud whose nodes end their own
+    billing, and every GPU node reachable from the switch's node (it stops them over the mesh)."""
+    require_verifiable(inv)
+    home = host_of(inv)
+    with ssh.open_checked(inv, home) as conn:
+        for node in inv.gpu_nodes:
+            if node.name == home.name:
+                continue
+            probe = ssh.run(conn, [*MESH_PROBE, node.name, "true"], check=False, timeout=30)
+            if probe.exited != 0:
+                raise TrainrigError(
+                    f"{home.name} cannot reach {node.name} over the cluster's SSH mesh, so it could not stop it: "
+                    f"run fab provision --name {inv.cluster} --tags ssh_mesh"
+                )
+
+
+def arm(inv: Inventory, settings: Settings, every: float = CHECK_EVERY) -> Settings:
+    """Start (or restart) the switch with these settings, after the checks of `preflight`."""
+    preflight(inv)
+    assert inv.storage is not None
+    home = host_of(inv)
+    base, record = paths(inv)
+    gpu = [n.name for n in inv.gpu_nodes]
+    with ssh.open_checked(inv, home) as conn:
+        # When the compute came up: how long PID 1 of the first GPU node has run (a VM's boot, a container's start).
+        with ssh.open_checked(inv, inv.gpu_nodes[0]) as first:
+            uptime = float(ssh.run(first, ["ps", "-o", "etimes=", "-p", "1"], what="reading the node's uptime").stdout)
+        now = time.time()
+        config = {
+            "cluster": inv.cluster,
+            "shared": inv.storage.mount_point,
+            "hosts": gpu,
+            "every": every,
+            "armed_at": now,
+            "up_since": now - uptime,
+            **settings.model_dump(),
+        }
+        ssh.run(conn, ["systemctl", "stop", UNIT], check=False, timeout=60)
+        ssh.run(conn, ["systemctl", "reset-failed", UNIT], check=False)
+        ssh.run(conn, ["mkdir", "-p", base], what=f"{home.name}: the switch's folder")
+        # A teardown record belongs to the compute it tore down: a fresh arming keeps it as history.
+        ssh.run(
+            conn,
+            ["sh", "-c", 'test ! -f "$1" || mv "$1" "$1.$(date +%s)"', "keep", record],
+            check=False,
+        )
+        sftp = conn.sftp()
+        sftp.put(str(SCRIPT), f"{base}/deadman.py")
+        transfer.put_text(sftp, f"{base}/config.json", json.dumps(config, indent=2))
+        if settings.armed:
+            ssh.run(
+                conn,
+                [
+                    "systemd-run",
+                    "--quiet",
+                    "--collect",
+                    "--unit",
+                    UNIT,
+                    "--property",
+                    f"Description=trainrig dead-man switch of {inv.cluster}",
+                    "python3",
+                    f"{base}/deadman.py",
+                    f"{base}/config.json",
+                ],
+                what=f"{home.name}: starting the dead-man switch",
+            )
+    state.write_atomic(settings_path(inv.cluster), settings.model_dump_json(indent=2))
+    return settings
+
+
+def with_run(inv: Inventory, run_id: str, run_dir: str, grace: float) -> Settings:
+    """The saved settings plus tearing down after this run."""
+    return saved(inv.cluster).model_copy(update={"after_run": {"id": run_id, "run_dir": run_dir, "grace": grace}})
+
+
+def teardown_record(inv: Inventory) -> dict | None:
+    """What the switch last did (teardown.json on the shared storage), read through a node that answers."""
+    if inv.storage is None:
+        return None
+    _, record = paths(inv)
+    for node in [n for n in [inv.storage_node, *inv.gpu_nodes] if n is not None]:
+        try:
+            with ssh.open_checked(inv, node, timeout=5) as conn, conn.sftp().open(record) as fh:
+                return json.loads(fh.read())
+        except FileNotFoundError:
+            return None
+        except (TrainrigError, OSError, ValueError):
+            continue
+    return None
+
+
+def describe_record(record: dict) -> str:
+    when = datetime.fromtimestamp(record["at"], UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    text = f"compute torn down by {record['by']} at {when} ({record['trigger']}): {record['reason']}"
+    if record.get("compute_gone_at"):
+        text += f"; every GPU node gone {record['compute_gone_at'] - record['at']:.0f}s later"
+    elif record.get("still_up"):
+        text += f"; still answering: {', '.join(record['still_up'])} (run fab down)"
+    return text

@@ -1,0 +1,121 @@
+"""The local cloud's answer to "instance-initiated shutdown = terminate": a GPU node that powers off is removed.
+
+A watcher per cluster, started on the host by `fab up` as a process of its own session (it
+outlives the fab command that started it), follows Docker's events for the cluster's GPU node
+containers. When one stops (the node ran `shutdown -h now`, as the dead-man switch asks), the
+watcher removes the container and detaches its data disk's loop device, as AWS terminates an
+instance that shut itself down; the shared volume and the disk files stay. `fab park` and
+`fab down` stop the watcher first, so stopping nodes on purpose removes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from infra import state
+from infra.commands import run, wait_until
+
+ROLE_LABEL = "trainrig.role"
+
+
+def pid_path(cluster: str) -> Path:
+    return state.cluster_dir(cluster) / "reaper.pid"
+
+
+def log_path(cluster: str) -> Path:
+    return state.cluster_dir(cluster) / "reaper.log"
+
+
+def running(cluster: str) -> int | None:
+    """The watcher's pid while it runs (checked against its command line, not just the number)."""
+    try:
+        pid = int(pid_path(cluster).read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (FileNotFoundError, ValueError):
+        return None
+    return pid if __name__.encode() in cmdline and cluster.encode() in cmdline else None
+
+
+def start(cluster: str) -> int:
+    """Start the cluster's watcher unless it runs already; returns its pid once it follows the events."""
+    pid = running(cluster)
+    if pid:
+        return pid
+    log = log_path(cluster)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    ready = state.cluster_dir(cluster) / "reaper.ready"
+    ready.unlink(missing_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", __name__, cluster],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own session: closing the operator's terminal does not end it
+            env={**os.environ, "TRAINRIG_HOME": str(state.home())},
+        )
+    pid_path(cluster).write_text(str(proc.pid))
+    wait_until(ready.exists, timeout=30, interval=0.2, what=f"the host watcher of {cluster} (log: {log})")
+    return proc.pid
+
+
+def stop(cluster: str) -> None:
+    pid = running(cluster)
+    if pid:
+        os.kill(pid, signal.SIGTERM)
+        wait_until(lambda: running(cluster) is None, timeout=30, interval=0.2, what=f"the host watcher of {cluster}")
+    pid_path(cluster).unlink(missing_ok=True)
+
+
+def _say(text: str) -> None:
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC {text}", flush=True)
+
+
+def reap(cluster: str, container: str) -> None:
+    """Remove a GPU node that stopped, and free its disk's loop device (the disk file stays)."""
+    from infra.clouds.local import instance
+
+    node = container.removeprefix(f"trainrig-{cluster}-")
+    gone = run(["docker", "rm", "-f", container], check=False, timeout=120)
+    for loop in instance.BACKEND._loops_of(instance.disk_file(cluster, node)):
+        run(["losetup", "--detach", loop], check=False)
+    _say(f"{node} stopped: removed ({'ok' if gone.returncode == 0 else gone.stderr.strip()})")
+
+
+def main(cluster: str) -> int:
+    from infra.clouds.local.instance import LABEL
+
+    events = subprocess.Popen(
+        [
+            "docker",
+            "events",
+            "--filter",
+            "type=container",
+            "--filter",
+            "event=die",
+            "--filter",
+            f"label={LABEL}={cluster}",
+            "--format",
+            '{{.Actor.Attributes.name}} {{index .Actor.Attributes "' + ROLE_LABEL + '"}}',
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    signal.signal(signal.SIGTERM, lambda *_: (events.terminate(), sys.exit(0)))
+    (state.cluster_dir(cluster) / "reaper.ready").touch()
+    _say(f"watching the GPU nodes of {cluster}")
+    assert events.stdout is not None
+    for line in events.stdout:
+        name, _, role = line.strip().partition(" ")
+        if role == "gpu":
+            reap(cluster, name)
+    return events.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

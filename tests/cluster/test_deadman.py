@@ -1,0 +1,144 @@
+"""The dead-man switch's decisions on run files, durations, and what clusters it refuses."""
+
+import json
+import os
+import time
+
+import pytest
+
+from cluster import deadman
+from cluster.remote import deadman as remote
+from infra.errors import TrainrigError
+from infra.inventory import Inventory
+from tests.helpers import KEY
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("90s", 90), ("5m", 300), ("2h", 7200), ("0s", 0), ("45", 45)])
+def test_durations(text, seconds):
+    assert deadman.parse_duration(text, "--idle") == seconds
+
+
+@pytest.mark.parametrize("text", ["-5m", "5 m", "1.5h", "5d", "", "soon", "-3"])
+def test_bad_durations_are_one_line_naming_the_flag(text):
+    with pytest.raises(TrainrigError, match=r"^--grace .*write it like 90s, 5m or 2h$"):
+        deadman.parse_duration(text, "--grace")
+
+
+def run_dir(shared, name, state, ended_at=None, step_age=None):
+    path = shared / "trainrig" / "runs" / name
+    path.mkdir(parents=True)
+    status = {"state": state, "started_at": time.time() - 1000}
+    if ended_at is not None:
+        status["ended_at"] = ended_at
+    (path / "status.json").write_text(json.dumps(status))
+    if step_age is not None:
+        metrics = path / "metrics.jsonl"
+        metrics.write_text('{"step": 1}\n')
+        when = time.time() - step_age
+        os.utime(metrics, (when, when))
+    return path
+
+
+def config(shared, **fields):
+    now = time.time()
+    return {"shared": str(shared), "hosts": ["node0"], "armed_at": now - 5, "up_since": now - 5, **fields}
+
+
+def test_down_after_waits_for_a_final_state_and_the_grace(tmp_path):
+    path = run_dir(tmp_path, "r1", "running", step_age=1)
+    cfg = config(tmp_path, after_run={"id": "r1", "run_dir": str(path), "grace": 10})
+    now = time.time()
+    assert remote.verdict(cfg, now) is None
+    for final in ("succeeded", "failed", "stalled", "cancelled"):
+        (path / "status.json").write_text(json.dumps({"state": final, "ended_at": now - 3}))
+        assert remote.verdict(cfg, now) is None  # inside the grace
+        trigger, reason = remote.verdict(cfg, now + 8)
+        assert trigger == "down-after" and f"run r1 {final}" in reason
+
+
+def test_idle_counts_from_the_last_run_that_ended(tmp_path):
+    now = time.time()
+    run_dir(tmp_path, "old", "succeeded", ended_at=now - 100)
+    run_dir(tmp_path, "new", "failed", ended_at=now - 20)
+    assert remote.verdict(config(tmp_path, idle=30, armed_at=now - 1000), now) is None
+    assert remote.verdict(config(tmp_path, idle=15, armed_at=now - 1000), now)[0] == "idle"
+    # Arming counts as the start of quiet: a switch armed 5 s ago waits its whole idle time.
+    assert remote.verdict(config(tmp_path, idle=15), now) is None
+
+
+def test_a_run_going_is_not_idle_and_no_run_counts_from_arming(tmp_path):
+    now = time.time()
+    run_dir(tmp_path, "going", "running", step_age=1)
+    assert remote.verdict(config(tmp_path, idle=1), now) is None
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert remote.verdict(config(empty, idle=10), now) is None
+    assert remote.verdict(config(empty, idle=4), now)[0] == "idle"
+
+
+def test_stall_is_no_new_step_for_the_stall_time(tmp_path):
+    now = time.time()
+    run_dir(tmp_path, "slow", "running", step_age=40)
+    assert remote.verdict(config(tmp_path, stall=60), now) is None
+    trigger, reason = remote.verdict(config(tmp_path, stall=30), now)
+    assert trigger == "stall" and "run slow logged no new step for 30s" in reason
+
+
+def test_hard_limit_counts_from_when_the_compute_came_up(tmp_path):
+    now = time.time()
+    cfg = config(tmp_path, hard_limit=3600, up_since=now - 3500)
+    assert remote.verdict(cfg, now) is None
+    trigger, reason = remote.verdict(cfg, now + 100)
+    assert trigger == "hard-limit" and "the limit is 1h" in reason
+
+
+def inventory(cloud, tmp_path, storage=True):
+    data = {
+        "cluster": "c",
+        "cloud": cloud,
+        "ssh_user": "root",
+        "ssh_private_key": str(tmp_path / "key"),
+        "nodes": [
+            {
+                "name": "node0",
+                "role": "gpu",
+                "public_address": "1.2.3.4",
+                "private_address": "10.0.0.2",
+                "ssh_port": 22,
+                "host_key": KEY,
+                "gpu_count": 1,
+                "cpus": 4,
+                "hourly_price_usd": 1.0,
+            }
+        ],
+        "storage": {"kind": "efs", "server": "10.0.0.3", "export": "/", "mount_point": "/data"} if storage else None,
+    }
+    return Inventory.model_validate(data)
+
+
+def test_ibm_is_refused_in_one_line(tmp_path):
+    with pytest.raises(TrainrigError, match=r"^ibm clusters cannot tear their compute down from the cluster yet"):
+        deadman.require_verifiable(inventory("ibm", tmp_path))
+
+
+def test_a_stack_cluster_without_the_pulumi_cli_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(deadman.shutil, "which", lambda name: None)
+    with pytest.raises(TrainrigError, match="without the Pulumi CLI its teardown cannot be checked"):
+        deadman.require_verifiable(inventory("aws", tmp_path))
+    monkeypatch.setattr(deadman.shutil, "which", lambda name: "/usr/bin/pulumi")
+    deadman.require_verifiable(inventory("aws", tmp_path))
+    with pytest.raises(TrainrigError, match="no shared storage"):
+        deadman.require_verifiable(inventory("aws", tmp_path, storage=False))
+
+
+def test_a_gpu_node_the_switch_cannot_reach_is_refused_before_any_run(ssh_cluster):
+    cluster = ssh_cluster(2)
+    cluster.add_program("ssh", 'test "$7" = node1 && exit 255; exit 0')  # the mesh reaches node0 only
+    with pytest.raises(TrainrigError) as exc:
+        deadman.preflight(cluster.inv)
+    assert str(exc.value) == (
+        "storage cannot reach node1 over the cluster's SSH mesh, so it could not stop it: "
+        "run fab provision --name unit --tags ssh_mesh"
+    )
+    cluster.add_program("ssh", "exit 0")
+    deadman.preflight(cluster.inv)
