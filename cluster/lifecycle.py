@@ -63,7 +63,6 @@ def _bring_back(backend, inv: Inventory, gpu_nodes: int) -> Inventory:
         )
     with ui.NodeBoard(f"bringing back cluster {inv.cluster} ({inv.cloud})", [n.name for n in inv.nodes]) as board:
         inv, done = backend.reconcile(inv, board)
-        backend.wait_ready(inv, board)
     for line in done or [f"cluster {inv.cluster} was up: nothing to bring back"]:
         ui.console.print(ui.plain(line))
     return inv
@@ -96,7 +95,8 @@ def park(inv: Inventory, stack: str | None = None) -> Inventory:
     inventory_mod.require_running(inv)
     if not inv.gpu_nodes:
         raise TrainrigError(f"cluster {inv.cluster!r} has no GPU nodes to park")
-    return provider.backend(stack).park(inv)
+    with state.cluster_lock(inv.cluster, "park"):
+        return provider.backend(stack).park(inv)
 
 
 def resume(inv: Inventory, stack: str | None = None) -> Inventory:

@@ -344,14 +344,12 @@ def remove_containers(inv: Inventory, record: RunRecord) -> list[str]:
     return [problem for problem in ssh.on_nodes(nodes, remove).values() if problem]
 
 
-METRIC_FIELDS = ("step", "loss", "throughput", "time")
-
-
 def parse_metric(line: str | bytes) -> dict | None:
-    """One metrics.jsonl line with its numbers; None for a line cut short by a copy mid-write, or one without numbers.
+    """One metrics.jsonl line with its numbers (step, loss, throughput, time and the job's own metrics); None for a
+    line cut short by a copy mid-write, or one without a whole step.
 
     The file is written on the cluster from what the job prints, so a line may be incomplete or
-    hold a value that is not a number: such a line is skipped, never the end of a plot or a monitor.
+    hold a value that is not a number: such a value or line is skipped, never the end of a plot or a monitor.
     """
     try:
         data = json.loads(line)
@@ -359,9 +357,7 @@ def parse_metric(line: str | bytes) -> dict | None:
         return None
     if not isinstance(data, dict):
         return None
-    metric = {
-        k: data[k] for k in METRIC_FIELDS if isinstance(data.get(k), int | float) and not isinstance(data.get(k), bool)
-    }
+    metric = {k: v for k, v in data.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     return metric if isinstance(metric.get("step"), int) else None
 
 

@@ -110,7 +110,8 @@ class Backend(Protocol):
     def create(self, request: ClusterRequest, board: Progress) -> Inventory: ...
     def reconcile(self, inv: Inventory, board: Progress) -> tuple[Inventory, list[str]]:
         """Bring an existing cluster's nodes back (start what stopped, refresh addresses and ports,
-        keep the pinned host keys); the inventory as it now is, and one line per thing done."""
+        keep the pinned host keys) and wait until they are ready; the inventory as it now is, and one
+        line per thing done."""
         ...
 
     def wait_ready(self, inv: Inventory, board: Progress) -> None: ...

@@ -225,7 +225,7 @@ def test_up_of_a_cluster_that_is_up_brings_its_nodes_back_instead_of_refusing(cl
     inventory.save(make_inventory(gpu_nodes=2, cluster="alpha"))
     assert lifecycle.running_gpu_nodes("alpha") == 2
     inv = lifecycle.up("alpha", gpu_nodes=2, data_disk_gb=2)
-    assert cloud.backend_.verbs() == ["reconcile", "wait_ready"]  # nothing created, nothing removed
+    assert cloud.backend_.verbs() == ["reconcile"]  # nothing created, nothing removed
     assert [n.ssh_port for n in inv.nodes] == [3200, 3201, 3202]
 
 

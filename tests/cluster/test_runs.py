@@ -100,6 +100,7 @@ def test_a_damaged_run_list_is_one_line_naming_the_file_and_what_to_do(home, tex
     [
         ('{"step": 3, "loss": 0.5, "time": 1.5}', {"step": 3, "loss": 0.5, "time": 1.5}),
         ('{"step": 3, "loss": "abc", "throughput": 10}', {"step": 3, "throughput": 10}),
+        ('{"step": 5, "bleu": 21.5, "note": "x"}', {"step": 5, "bleu": 21.5}),  # the job's own metrics stay
         ('{"step": 4, "lo', None),
         ('{"step": "four", "loss": 1.0}', None),
         ('{"step": true, "loss": 1.0}', None),

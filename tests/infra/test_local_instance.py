@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from infra import inventory, state
+from infra.clouds.local import reaper
 from infra.clouds.local.instance import LocalBackend, create_disk_image, disk_file
 from infra.errors import TrainrigError
 from tests.helpers import make_inventory
@@ -131,7 +132,11 @@ class Board:
         self.lines.append((node, text))
 
 
-def test_nodes_stopped_by_a_host_restart_come_back_with_their_disk_and_keys(engine):
+def test_nodes_stopped_by_a_host_restart_come_back_with_their_disk_and_keys(engine, monkeypatch):
+    waited, remounted, watched = [], [], []
+    monkeypatch.setattr(LocalBackend, "wait_ready", lambda self, inv, board: waited.append(inv.cluster))
+    monkeypatch.setattr(LocalBackend, "_remount", lambda self, inv, node, board: remounted.append(node.name))
+    monkeypatch.setattr(reaper, "start", watched.append)
     before = inventory.load("unit")
     (engine / "container").write_text(" ".join(f"trainrig-unit-{n.name}" for n in before.nodes))
     (engine / "ports").write_text(" ".join(f"trainrig-unit-{n.name}={n.ssh_port}" for n in before.nodes))
@@ -150,6 +155,7 @@ def test_nodes_stopped_by_a_host_restart_come_back_with_their_disk_and_keys(engi
     assert inventory.load("unit") == after
     assert "[127.0.0.1]:32200 ssh-ed25519 " in inventory.known_hosts_path("unit").read_text()
     assert (engine / "loops").read_text() == f"/dev/loop7={disk_file('unit', 'node0')}"
+    assert waited == ["unit"] and sorted(remounted) == ["node0", "node1"] and watched == ["unit"]
 
 
 def test_a_node_whose_container_is_gone_cannot_be_brought_back(engine):

@@ -17,6 +17,7 @@ import yaml
 
 from cluster import jobs, lifecycle, monitor, phases, provision, results, runs, tensorboard
 from infra import clouds, inventory, keys, ssh
+from infra.clouds.local import reaper
 from infra.errors import TrainrigError
 from tests.integration.conftest import CLUSTER
 
@@ -577,6 +578,8 @@ def test_up_brings_back_restarted_and_stopped_nodes_with_their_keys(home):
     inv = lifecycle.up(name, gpu_nodes=1, data_disk_gb=1)
     try:
         on(inv, "node0", "sh", "-c", "echo kept > /data/survives")
+        # As after a host restart: the host watcher is gone (it would remove a GPU node that stops).
+        reaper.stop(name)
         # A restarted container gets a new SSH port: the saved inventory no longer reaches it.
         subprocess.run(["docker", "restart", f"trainrig-{name}-node0"], check=True, capture_output=True)
         subprocess.run(["docker", "stop", f"trainrig-{name}-storage"], check=True, capture_output=True)

@@ -166,9 +166,11 @@ class LocalBackend:
     # -- reconcile ----------------------------------------------------------------------
     def reconcile(self, inv: Inventory, board) -> tuple[Inventory, list[str]]:
         """Start the nodes that stopped (a restarted engine or host), with their disks; read back the ports
-        Docker gave them. Host keys stay as pinned: a node that comes back with another key is refused."""
+        Docker gave them; wait until every node is ready. Host keys stay as pinned: a node that comes back
+        with another key is refused."""
         engine.ensure()
         done: list[str] = []
+        started: list[str] = []
 
         def bring_back(node: Node) -> Node:
             name = container_name(inv.cluster, node.name)
@@ -185,6 +187,7 @@ class LocalBackend:
                     self._reattach(inv.cluster, node.name, device["PathOnHost"])
                 run(["docker", "start", name], what=f"starting node {node.name}")
                 done.append(f"{node.name}: started")
+                started.append(node.name)
             address, port = self._addresses(inv.cluster, node.name)
             if port != node.ssh_port or address != str(node.private_address):
                 done.append(f"{node.name}: now at 127.0.0.1:{port} ({address}), was :{node.ssh_port}")
@@ -195,6 +198,10 @@ class LocalBackend:
         # Node names keep their order, so the listing and known_hosts read as before.
         current = inv.model_copy(update={"nodes": [nodes[n.name] for n in inv.nodes]})
         inventory_mod.save(current)
+        self.wait_ready(current, board)
+        # A started node has its data disk and Docker back only once remounted (see _remount).
+        ssh.on_nodes([n for n in current.nodes if n.name in started], lambda n: self._remount(current, n, board))
+        reaper.start(inv.cluster)  # the host watcher did not outlive a host restart
         return current, sorted(done)
 
     def _reattach(self, cluster: str, node: str, loop: str) -> None:
