@@ -80,6 +80,9 @@ def ansible_inventory(
         variables["ansible_become"] = True
     if inv.network:
         variables["trainrig_network_cidr"] = str(inv.network.cidr)
+    if inv.admin_cidr:
+        # Where SSH comes from (role common keeps a node's own firewall to it, on clouds that use one).
+        variables["trainrig_admin_cidr"] = str(inv.admin_cidr)
     # No storage node, no trainrig_storage: the NFS roles then fail with a line that says so.
     server = inv.storage_node
     if inv.storage and inv.storage.kind == "efs":

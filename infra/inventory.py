@@ -100,6 +100,9 @@ class Inventory(Strict):
     storage: SharedStorage | None = None
     network: Network | None = None
     retained: list[Retained] = []
+    admin_cidr: IPv4Network | None = Field(
+        default=None, description="where SSH is let in from, on clouds whose nodes run their own firewall"
+    )
     parked_at: datetime | None = Field(
         default=None, description="when `fab park` stopped the GPU nodes (disks and set-up kept); `fab up` resumes"
     )

@@ -48,6 +48,9 @@ class HostKey(Resource, module="trainrig", name="HostKey"):
         )
 
 
+ADMIN_RULE = "trainrig-admin"  # ufw's comment on the SSH rule for admin_cidr (role common keeps it current)
+
+
 def cloud_init(host_key: HostKey, cfg: MachineStack, firewall: bool) -> pulumi.Output[str]:
     """User data: the pinned host key, no password logins; with firewall, nothing in but SSH from admin_cidr.
 
@@ -71,7 +74,9 @@ def cloud_init(host_key: HostKey, cfg: MachineStack, firewall: bool) -> pulumi.O
         if firewall:
             doc["runcmd"] = [
                 ["ufw", "default", "deny", "incoming"],
-                ["ufw", "allow", "from", str(cfg.admin_cidr), "to", "any", "port", "22", "proto", "tcp"],
+                # Commented like provisioning's rule, which keeps it equal to admin_cidr afterwards.
+                ["ufw", "allow", "from", str(cfg.admin_cidr), "to", "any", "port", "22", "proto", "tcp"]
+                + ["comment", ADMIN_RULE],
                 ["ufw", "--force", "enable"],
             ]
         return "#cloud-config\n" + yaml.safe_dump(doc, sort_keys=True)
@@ -126,6 +131,7 @@ def inventory(
             "nodes": records,
             "storage": storage,
             "network": {"name": net_name, "cidr": str(IPv4Network(cidr))},
+            "admin_cidr": str(cfg.admin_cidr),
         }
 
     return pulumi.Output.all(*nodes, network_name, network_cidr, efs_address).apply(assemble)

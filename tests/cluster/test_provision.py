@@ -229,3 +229,10 @@ def test_a_second_provision_of_a_busy_cluster_is_refused_at_once():
     busy = rf"^cluster unit is busy \(pid {os.getpid()}: fab up\); wait for it"
     with state.cluster_lock("unit", "up"), pytest.raises(TrainrigError, match=busy):
         provision.provision(make_inventory())
+
+
+def test_the_stacks_admin_cidr_reaches_the_firewall_role_only_when_the_inventory_has_one():
+    inv = make_inventory(gpu_nodes=1)
+    assert "trainrig_admin_cidr" not in provision.ansible_inventory(inv)["all"]["vars"]
+    ibm = inv.model_copy(update={"admin_cidr": "203.0.113.7/32"})
+    assert provision.ansible_inventory(ibm)["all"]["vars"]["trainrig_admin_cidr"] == "203.0.113.7/32"

@@ -190,7 +190,20 @@ def test_ibm_graph(mocks, path):
         # address. Never the whole private network, which every server of the account shares.
         assert user_data["runcmd"] == [
             ["ufw", "default", "deny", "incoming"],
-            ["ufw", "allow", "from", str(cfg.admin_cidr), "to", "any", "port", "22", "proto", "tcp"],
+            [
+                "ufw",
+                "allow",
+                "from",
+                str(cfg.admin_cidr),
+                "to",
+                "any",
+                "port",
+                "22",
+                "proto",
+                "tcp",
+                "comment",
+                "trainrig-admin",
+            ],
             ["ufw", "--force", "enable"],
         ]
     assert len(mocks.of_type("ibm:SshKey")) == 1

@@ -289,7 +289,8 @@ def test_read_returns_addresses_and_notices_a_server_that_is_gone(transport):
         ({"disks": []}, ["disks"]),  # removed disk
         ({"datacenter": "dal10"}, ["datacenter"]),
         ({"os_code": "UBUNTU_20_64"}, ["os_code"]),
-        ({"user_data": "#cloud-config\nx: 1\n"}, ["user_data"]),
+        # Read at first boot only: a changed admin_cidr never replaces a server (provisioning applies it).
+        ({"user_data": "#cloud-config\nx: 1\n"}, []),
         ({"hostname": "node9"}, ["hostname"]),
     ],
 )
@@ -449,3 +450,10 @@ def test_bake_of_a_server_ibm_does_not_list_is_one_line(transport):
     with pytest.raises(IbmError, match=r"^IBM lists no server node0 of cluster nmt to bake$"):
         Listing(transport).capture("nmt", "node0", "x", interval=0.01)
     assert not calls(transport, "createArchiveTemplate")
+
+
+def test_an_update_of_the_user_data_alone_orders_nothing(transport):
+    transport.set_mock("SoftLayer_Virtual_Guest", "getObject").return_value = READY
+    result = provider(transport).update("100", dict(PROPS), {**PROPS, "user_data": "#cloud-config\nx: 1\n"})
+    assert result.outs["private_ip"] == "10.45.19.37"
+    assert not [c for c in transport.calls if c.method in ("placeOrder", "createObject", "setTags", "cancelService")]

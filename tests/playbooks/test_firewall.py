@@ -19,19 +19,20 @@ NODES = [{"name": "node0", "private_address": "10.45.19.37"}, {"name": "storage"
 FAKE_UFW = """#!/bin/sh
 echo "$*" >> "{log}"
 case "$1" in
-  status) echo "Status: {status}" ;;
+  status) echo "Status: {status}"; printf '%s\\n' {listing} ;;
   allow) if grep -qx "allow from $3 .*" "{log}.rules" 2>/dev/null; then echo "Skipping adding existing rule";
          else echo "allow from $3 $4 $5" >> "{log}.rules"; echo "Rule added"; fi ;;
 esac
 """
 
 
-def run_firewall(tmp_path: Path, status: str) -> list[str]:
+def run_firewall(tmp_path: Path, status: str, admin_cidr: str | None = None, listing: list[str] = ()) -> list[str]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     log = tmp_path / "ufw.log"
     ufw = bin_dir / "ufw"
-    ufw.write_text(FAKE_UFW.format(log=log, status=status))
+    quoted = " ".join(f"'{line}'" for line in listing) or "''"
+    ufw.write_text(FAKE_UFW.format(log=log, status=status, listing=quoted))
     ufw.chmod(0o755)
     play = tmp_path / "play.yml"
     play.write_text(
@@ -40,7 +41,14 @@ def run_firewall(tmp_path: Path, status: str) -> list[str]:
     )
     venv_bin = Path(sys.executable).parent
     result = subprocess.run(
-        [venv_bin / "ansible-playbook", "-i", "localhost,", str(play), "-e", json.dumps({"trainrig_nodes": NODES})],
+        [
+            venv_bin / "ansible-playbook",
+            "-i",
+            "localhost,",
+            str(play),
+            "-e",
+            json.dumps({"trainrig_nodes": NODES, **({"trainrig_admin_cidr": admin_cidr} if admin_cidr else {})}),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -71,3 +79,23 @@ def test_active_ufw_lets_in_exactly_the_cluster_nodes_and_twice_adds_nothing(tmp
 @pytest.mark.parametrize("status", ["inactive"])
 def test_without_an_active_ufw_nothing_is_opened(tmp_path, status):
     assert run_firewall(tmp_path, status) == ["status"]
+
+
+def test_a_changed_admin_cidr_opens_ssh_to_the_new_range_then_closes_the_old_ones(tmp_path):
+    listing = [
+        "22/tcp                     ALLOW       198.51.100.0/24            # trainrig-admin",
+        "22/tcp                     ALLOW       203.0.113.7                # trainrig-admin",
+        "Anywhere                   ALLOW       10.45.19.37                # trainrig cluster node",
+    ]
+    calls = run_firewall(tmp_path, "active", admin_cidr="203.0.113.7/32", listing=listing)
+    opened = calls.index("allow from 203.0.113.7/32 to any port 22 proto tcp comment trainrig-admin")
+    closed = calls.index("delete allow from 198.51.100.0/24 to any port 22 proto tcp")
+    assert opened < closed  # never locked out in between
+    # The current range (ufw prints a /32 as a bare address) and the cluster's rules stay.
+    assert not any(c.startswith("delete") and ("203.0.113.7" in c or "10.45.19.37" in c) for c in calls)
+
+
+def test_without_an_admin_cidr_the_ssh_rule_is_left_alone(tmp_path):
+    listing = ["22/tcp                     ALLOW       198.51.100.0/24            # trainrig-admin"]
+    calls = run_firewall(tmp_path, "active", listing=listing)
+    assert not any("port 22" in c for c in calls)

@@ -46,9 +46,10 @@ REPLACES = (
     "hourly",
     "private_vlan",
     "ssh_key_ids",
-    "user_data",
     "local_disk",
 )
+# user_data is read at first boot only: a new one (admin_cidr changed) is no reason to replace a
+# server, and the protected storage server could not be. Provisioning applies the firewall change.
 
 
 class IbmError(TrainrigError):
