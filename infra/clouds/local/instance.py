@@ -167,8 +167,18 @@ class LocalBackend:
     def reconcile(self, inv: Inventory, board) -> tuple[Inventory, list[str]]:
         """Start the nodes that stopped (a restarted engine or host), with their disks; read back the ports
         Docker gave them; wait until every node is ready. Host keys stay as pinned: a node that comes back
-        with another key is refused."""
+        with another key is refused.
+
+        GPU nodes that the dead-man switch powered off were removed by the host watcher, as AWS
+        terminates them: those are made anew on the storage that stayed, as `fab up` after a teardown does.
+        """
         engine.ensure()
+        if inv.gpu_nodes and not self._listing("container", inv.cluster, role="gpu"):
+            disk_gb = max((d.size_gb for n in inv.gpu_nodes for d in n.data_disks), default=2)
+            request = ClusterRequest(name=inv.cluster, gpu_nodes=len(inv.gpu_nodes), data_disk_gb=disk_gb)
+            fresh = self.create(request, board)
+            self.wait_ready(fresh, board)
+            return fresh, [f"its {len(inv.gpu_nodes)} GPU nodes were torn down: made anew, storage kept"]
         done: list[str] = []
         started: list[str] = []
 

@@ -2,14 +2,17 @@
 
 A watcher per cluster, started on the host by `fab up` as a process of its own session (it
 outlives the fab command that started it), follows Docker's events for the cluster's GPU node
-containers. When one stops (the node ran `shutdown -h now`, as the dead-man switch asks), the
-watcher removes the container and detaches its data disk's loop device, as AWS terminates an
-instance that shut itself down; the shared volume and the disk files stay. `fab park` and
-`fab down` stop the watcher first, so stopping nodes on purpose removes nothing.
+containers. When one stops because the dead-man switch powered it off (its teardown record on the
+shared storage is newer than the node's last start, and names it), the watcher removes the
+container and detaches its data disk's loop device, as AWS terminates an instance that shut
+itself down; the shared volume and the disk files stay. A node that stops for any other reason
+(a restart of Docker or of the host, `docker restart`, a crash) is left for `fab up` to bring
+back, as a rebooted VM would be. `fab park` and `fab down` stop the watcher first.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -76,6 +79,26 @@ def _say(text: str) -> None:
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC {text}", flush=True)
 
 
+def powered_off_by_the_switch(cluster: str, container: str) -> bool:
+    """The dead-man switch's teardown record names this node and was written after it last started."""
+    from datetime import datetime
+
+    from infra.clouds.local import instance
+
+    node = container.removeprefix(f"trainrig-{cluster}-")
+    mount = run(["docker", "volume", "inspect", "-f", "{{.Mountpoint}}", instance.volume_name(cluster)], check=False)
+    started = run(["docker", "inspect", "-f", "{{.State.StartedAt}}", container], check=False)
+    if mount.returncode != 0 or started.returncode != 0:
+        return False
+    try:
+        record = json.loads((Path(mount.stdout.strip()) / "trainrig" / "teardown.json").read_text())
+        # Docker prints nanoseconds (2026-01-01T10:00:00.123456789Z): seconds are enough here.
+        began = datetime.fromisoformat(started.stdout.strip()[:19] + "+00:00").timestamp()
+    except (OSError, ValueError):
+        return False
+    return node in record.get("hosts", []) and float(record.get("at", 0)) >= began
+
+
 def reap(cluster: str, container: str) -> None:
     """Remove a GPU node that stopped, and free its disk's loop device (the disk file stays)."""
     from infra.clouds.local import instance
@@ -112,8 +135,10 @@ def main(cluster: str) -> int:
     assert events.stdout is not None
     for line in events.stdout:
         name, _, role = line.strip().partition(" ")
-        if role == "gpu":
+        if role == "gpu" and powered_off_by_the_switch(cluster, name):
             reap(cluster, name)
+        elif role == "gpu":
+            _say(f"{name} stopped, not by the dead-man switch: left for fab up to bring back")
     return events.wait()
 
 
