@@ -10,6 +10,7 @@ python3.
 """
 
 import collections
+import concurrent.futures
 import json
 import math
 import os
@@ -49,6 +50,7 @@ class Watch:
         self.last_step, self.last_step_at = None, started
         self.tails = collections.defaultdict(lambda: collections.deque(maxlen=5))
         self.verdict = None  # (state, reason) once decided
+        self.lost = {}  # peer -> when it first failed to answer a check
         self.lock = threading.Lock()
 
     def decide(self, state, reason):
@@ -144,7 +146,7 @@ def stop_ranks(run, proc, skip=()):
 
 def watchdog(run, watch, status, status_path, proc):
     """Heartbeat, stall and node loss, decided here on the cluster, whatever the operator's laptop does."""
-    lost = {}  # peer -> time it first failed to answer
+    lost = watch.lost
     next_check = time.time() + watch.check_every
     while proc.poll() is None and watch.verdict is None:
         now = time.time()
@@ -178,7 +180,8 @@ def failure_cause(run, code, mpirun_tail, watch):
     rank = FIRST_FAILED.search(text)
     exit_code = EXIT_CODE.search(text)
     if not rank:
-        return f"mpirun exited with status {code}: {mpirun_tail[-1] if mpirun_tail else 'no output'}"
+        said = [line for line in mpirun_tail if any(c.isalnum() for c in line)]  # not the box's rules
+        return f"mpirun exited with status {code}: {said[-1] if said else 'no output'}"
     r = int(rank.group(1))
     hosts, slots = run.get("hosts") or [], run.get("slots") or 1
     host = hosts[r // slots] if r // slots < len(hosts) else "?"
@@ -244,7 +247,21 @@ def supervise(run, run_dir, status, status_path):
         return watch.verdict[0], code, watch.verdict[1]
     if code == 0:
         return "succeeded", code, None
+    # mpirun often ends before two checks have missed a node that died with its ranks, and what it
+    # says then need not name the host: a node that does not answer now is the cause.
+    gone = unreachable_now(run.get("peers", []))
+    if gone:
+        return "failed", code, f"{gone[0]} unreachable since {stamp(watch.lost.get(gone[0], time.time()))}"
     return "failed", code, failure_cause(run, code, list(untagged), watch)
+
+
+def unreachable_now(peers):
+    """The peers that do not answer one check, each checked at once (a frozen one takes NODE_TIMEOUT)."""
+    if not peers:
+        return []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(peers), 32)) as pool:
+        answers = list(pool.map(reachable, peers))
+    return [peer for peer, answered in zip(peers, answers, strict=True) if not answered]
 
 
 def main(run_dir):

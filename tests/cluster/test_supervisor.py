@@ -160,3 +160,40 @@ def test_the_jobs_own_metrics_are_recorded_at_their_step(tmp_path):
         {"step": 10, "bleu": 27.5},
         {"step": 20, "loss": 1.0},
     ]
+
+
+def test_a_node_that_died_before_two_checks_is_named_when_mpirun_ends_first(tmp_path):
+    # mpirun ends at once, its box naming no host, long before a check of the nodes is due; node2 is gone.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ssh").write_text(
+        '#!/bin/sh\nfor a; do [ "$a" = true ] && break; prev=$a; done\n[ "$prev" = node2 ] && exit 255; exit 0\n'
+    )
+    (bin_dir / "ssh").chmod(0o755)
+    (bin_dir / "docker").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "docker").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    script = (
+        "import sys\n"
+        "print('[1,0]<stdout>:step 4 loss 1')\n"
+        "print('-' * 74)\n"
+        "print('A daemon (pid 4242) died unexpectedly with status 255 while attempting')\n"
+        "print('to launch so we are aborting.')\n"
+        "print('-' * 74)\n"
+        "sys.exit(255)\n"
+    )
+    code, status = run_supervised(
+        tmp_path,
+        script,
+        env=env,
+        peers=["node1", "node2"],
+        container="trainrig-x",
+        health={"node_check_every": 60, "stall_timeout": 600, "startup_grace": 0},
+    )
+    assert status["state"] == "failed" and re.fullmatch(r"node2 unreachable since \d\d:\d\d:\d\d", status["reason"])
+
+
+def test_mpiruns_own_words_are_the_cause_when_every_node_answers(tmp_path):
+    script = "import sys\nprint('an error in mpirun itself')\nprint('-' * 74)\nsys.exit(1)\n"
+    code, status = run_supervised(tmp_path, script)
+    assert status["reason"] == "mpirun exited with status 1: an error in mpirun itself"  # not the box's rule
