@@ -8,7 +8,9 @@ it three times:
   first     site.yml on fresh nodes;
   no-change a second `fab provision`: trainrig reads each node's phase records and runs nothing
             that has not changed (Ansible's defaults and Mitogen have no records: every task runs);
-  forced    every task again (`--force`): what a no-change run costs without the records.
+  forced    every task again (`--force`): what a no-change run costs without the records;
+  baked     (trainrig only) a new cluster of the same size whose GPU nodes start from this
+            one's node0, baked with `fab bake`: its first provisioning.
 For each run it prints the wall time, the controller's CPU seconds (this process and
 ansible-playbook's) and the nodes' CPU seconds (each node container's cgroup), then removes the
 cluster. Host keys stay pinned in every case.
@@ -33,7 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster import lifecycle, provision
+from cluster import bake, lifecycle, provision
 from infra import inventory
 from infra.clouds.local.instance import container_name
 
@@ -115,9 +117,24 @@ def case(name: str, nodes: int, kind: str | None) -> dict[str, Measure]:
         # Only trainrig keeps phase records; the others run every task every time.
         runs["no-change"] = measured(inv, settings, force=kind is not None)
         runs["forced"] = measured(inv, settings, force=True)
+        if kind is None:
+            runs["baked"] = on_a_baked_image(inv, nodes)
         return runs
     finally:
         lifecycle.down(inventory.load(name), purge=True)
+
+
+def on_a_baked_image(inv, nodes: int) -> Measure:
+    """Provisioning a new cluster whose GPU nodes start from this one's node0, baked (fab bake)."""
+    image = bake.bake(inv, "node0", f"{inv.cluster}-bench")
+    twin = f"{inv.cluster}-b"
+    try:
+        fresh = lifecycle.up(twin, gpu_nodes=nodes, data_disk_gb=1, image=image)
+        return measured(fresh, None, force=False)
+    finally:
+        if inventory.path_for(twin).is_file():
+            lifecycle.down(inventory.load(twin), purge=True)
+        subprocess.run(["docker", "image", "rm", image], capture_output=True)
 
 
 def main() -> None:
@@ -162,6 +179,11 @@ def report(results: dict[tuple[int, str], dict[str, Measure]], cores: int, compa
     print()
     for n, runs in ours.items():
         print(f"{n} nodes: no-change / first = {runs['no-change'].wall / runs['first'].wall:.1%} (goal <= 10%)")
+        if "baked" in runs:
+            ratio = runs["baked"].wall / runs["no-change"].wall
+            print(
+                f"{n} nodes: on a baked image / no-change = {ratio:.2f} (goal <= 1.2; the first run is ready to train)"
+            )
     if len(ours) > 1:
         small, large = min(ours), max(ours)
         ratio = ours[large]["first"].projected(cores) / ours[small]["first"].projected(cores)

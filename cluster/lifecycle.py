@@ -16,22 +16,20 @@ from infra.errors import TrainrigError
 from infra.inventory import STORAGE_NODE, Inventory, gpu_node_names
 
 
-def up(name: str, gpu_nodes: int, data_disk_gb: int, cloud: str = clouds.DEFAULT) -> Inventory:
-    request = _request(name=name, cloud=cloud, gpu_nodes=gpu_nodes, data_disk_gb=data_disk_gb)
-    saved = inventory_mod.path_for(name)
-    if saved.is_file():
-        parked = inventory_mod.load(name)
-        if parked.parked_at:
-            with state.cluster_lock(name, "up"):
-                return resume(parked)
-    provider = clouds.get(cloud)
-    clouds.require(provider, "create", "be created by fab up: make them with pulumi up --stack NAME")
+def up(
+    name: str, gpu_nodes: int, data_disk_gb: int, cloud: str = clouds.DEFAULT, image: str | None = None
+) -> Inventory:
+    """Create a cluster (GPU nodes from `image` when given: a baked node), or bring an existing one back."""
+    request = _request(name=name, cloud=cloud, gpu_nodes=gpu_nodes, data_disk_gb=data_disk_gb, image=image)
     with state.cluster_lock(name, "up"):
+        earlier = inventory_mod.load(name) if inventory_mod.path_for(name).is_file() else None
+        if earlier is not None and earlier.parked_at:
+            return resume(earlier)
+        provider = clouds.get(cloud)
+        clouds.require(provider, "create", "be created by fab up: make them with pulumi up --stack NAME")
         backend = provider.backend()
-        if saved.is_file():
-            earlier = inventory_mod.load(name)
-            if earlier.running:
-                return _bring_back(backend, earlier, gpu_nodes)
+        if earlier is not None and earlier.running:
+            return _bring_back(backend, earlier, gpu_nodes)
         fresh = not state.cluster_dir(name).exists()
         names = [*gpu_node_names(gpu_nodes), STORAGE_NODE]
         with ui.NodeBoard(f"creating cluster {name} ({cloud})", names) as board:
@@ -64,7 +62,7 @@ def _bring_back(backend, inv: Inventory, gpu_nodes: int) -> Inventory:
             f"use it as it is, or remove it first: fab down --name {inv.cluster}"
         )
     with ui.NodeBoard(f"bringing back cluster {inv.cluster} ({inv.cloud})", [n.name for n in inv.nodes]) as board:
-        inv, done = backend.reconcile(inv, board)
+        inv, done = backend.reconcile(inv, board)  # which waits until every node is ready
     for line in done or [f"cluster {inv.cluster} was up: nothing to bring back"]:
         ui.console.print(ui.plain(line))
     return inv
@@ -90,22 +88,6 @@ def _request(**fields) -> ClusterRequest:
         raise TrainrigError(f"{FLAGS.get(field, field)} {fields.get(field)!r}: {first['msg']}") from exc
 
 
-def confirm_purge(inv: Inventory, yes: bool, ask: Callable[[str], str] | None) -> None:
-    """A purge of a cluster someone pays for deletes its data for good: the operator types its name, or said --yes.
-
-    `ask` prompts on a terminal; None means there is none (a script, CI), where only --yes will do.
-    Local clusters hold nothing billed and are purged without asking.
-    """
-    if yes or inv.cloud == clouds.DEFAULT:
-        return
-    what = f"--purge deletes the storage and data of {inv.cloud} cluster {inv.cluster!r} for good"
-    if ask is None:
-        raise TrainrigError(f"{what}; no terminal to confirm on: add --yes if that is what you mean")
-    typed = ask(f"{what}. Type the cluster's name to confirm: ").strip()
-    if typed != inv.cluster:
-        raise TrainrigError(f"{typed!r} is not {inv.cluster!r}: nothing was removed")
-
-
 def park(inv: Inventory, stack: str | None = None) -> Inventory:
     """Stop the GPU nodes, disks and set-up kept: compute billing ends; `up` brings them back."""
     provider = clouds.get(inv.cloud)
@@ -123,6 +105,22 @@ def resume(inv: Inventory, stack: str | None = None) -> Inventory:
     names = [n.name for n in inv.gpu_nodes]
     with ui.NodeBoard(f"resuming cluster {inv.cluster} ({inv.cloud})", names) as board:
         return backend.resume(inv, board)
+
+
+def confirm_purge(inv: Inventory, yes: bool, ask: Callable[[str], str] | None) -> None:
+    """A purge of a cluster someone pays for deletes its data for good: the operator types its name, or said --yes.
+
+    `ask` prompts on a terminal; None means there is none (a script, CI), where only --yes will do.
+    Local clusters hold nothing billed and are purged without asking.
+    """
+    if yes or inv.cloud == clouds.DEFAULT:
+        return
+    what = f"--purge deletes the storage and data of {inv.cloud} cluster {inv.cluster!r} for good"
+    if ask is None:
+        raise TrainrigError(f"{what}; no terminal to confirm on: add --yes if that is what you mean")
+    typed = ask(f"{what}. Type the cluster's name to confirm: ").strip()
+    if typed != inv.cluster:
+        raise TrainrigError(f"{typed!r} is not {inv.cluster!r}: nothing was removed")
 
 
 def down(inv: Inventory, purge: bool, stack: str | None = None) -> Inventory | None:

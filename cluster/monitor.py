@@ -36,15 +36,16 @@ class RunView:
     partial: bytes = b""
     hosts: dict[str, dict] = field(default_factory=dict)  # each node's latest telemetry sample
     telemetry_offsets: dict[str, int] = field(default_factory=dict)
-    # Clocks are never mixed: a node's times are compared with the same node's, and the operator's
-    # monotonic clock measures only what happened here (when a sample or a heartbeat came in).
-    sample_seen: dict[str, float] = field(default_factory=dict)  # host -> monotonic arrival of its sample
-    beat_seen: tuple[float, float] | None = None  # (node's heartbeat_at, monotonic when we first saw it)
     usd_per_hour: float = 0.0  # the run's nodes at the inventory's prices
 
     @property
     def usd(self) -> float:
         return self.usd_per_hour * self.elapsed / 3600
+
+    # Clocks are never mixed: a node's times are compared with the same node's, and the operator's
+    # monotonic clock measures only what happened here (when a sample or a heartbeat came in).
+    sample_seen: dict[str, float] = field(default_factory=dict)  # host -> monotonic arrival of its sample
+    beat_seen: tuple[float, float] | None = None  # (node's heartbeat_at, monotonic when we first saw it)
 
     def feed_telemetry(self, host: str, chunk: bytes) -> None:
         complete = chunk[: chunk.rfind(b"\n") + 1]

@@ -142,3 +142,13 @@ def record(inv: Inventory, digests: dict[str, dict[str, str]]) -> None:
             ssh.run(conn, ["sh", "-c", WRITE, "record", RECORDS, *pairs], what=f"{node.name}: recording its phases")
 
     ssh.on_nodes([n for n in inv.nodes if n.name in digests], write)
+
+
+def forget(inv: Inventory, nodes: list[Node], names: list[str]) -> None:
+    """Drop some phase records, so those phases run again on those nodes (and only they)."""
+
+    def clear(node: Node) -> None:
+        with ssh.open_checked(inv, node) as conn:
+            ssh.run(conn, ["rm", "-f", *(f"{RECORDS}/{name}" for name in names)], what=f"{node.name}: phase records")
+
+    ssh.on_nodes(nodes, clear)

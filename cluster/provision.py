@@ -320,58 +320,47 @@ def provision(
         raise TrainrigError(f"playbook {playbook} not found in {PLAYBOOKS}")
     extra = {**cluster_vars(inv.cluster), **(extravars or {})}  # a bad vars file stops us before any node
     with state.cluster_lock(inv.cluster, "provision"), _interrupts() as interrupted:
-        return _provision(
-            inv, playbook, tags, retry_failed, host_vars, extra, check, keep_artifacts, settings, force, interrupted
-        )
-
-
-def _provision(
-    inv, playbook, tags, retry_failed, host_vars, extra, check, keep_artifacts, settings, force, interrupted
-) -> Recap:
-    targets = [n.name for n in inv.nodes]
-    if retry_failed:
-        # Only hosts that still exist: a node removed since then has nothing left to retry.
-        targets = [h for h in _previously_failed(inv.cluster) if h in targets]
-    _forget_stale_facts(inv)
-    plan = _phase_plan(inv, host_vars, extra) if playbook == "site.yml" and not tags and not check else None
-    due = None if plan is None or force else plan[0]
-    up_to_date = [h for h in targets if due is not None and not due.get(h)]
-    targets = [h for h in targets if h not in up_to_date]
-    recap = Recap(hosts={h: HostRecap() for h in targets})
-    if targets:
-        runner_status, error = _run(
-            inv, playbook, targets, recap, host_vars, extra, tags, check, due, keep_artifacts, settings, interrupted
-        )
-    else:
+        targets = [n.name for n in inv.nodes]
+        if retry_failed:
+            # Only hosts that still exist: a node removed since then has nothing left to retry.
+            targets = [h for h in _previously_failed(inv.cluster) if h in targets]
+        _forget_stale_facts(inv)
+        plan = _phase_plan(inv, host_vars, extra) if playbook == "site.yml" and not tags and not check else None
+        due = None if plan is None or force else plan[0]
+        up_to_date = [h for h in targets if due is not None and not due.get(h)]
+        targets = [h for h in targets if h not in up_to_date]
+        recap = Recap(hosts={h: HostRecap() for h in targets}, complete=not targets)
         runner_status, error = "successful", ""
-        recap.complete = True
-    for host in up_to_date:
-        recap.hosts[host] = HostRecap(message=f"up to date: its {len(PHASES)} phases' inputs are unchanged")
-    _print_recap(recap)
-    # Without Ansible's final counts (interrupted, or Ansible died) no host is known to be done:
-    # all of them are left for --retry-failed, never an empty list that resumes nothing.
-    failed = recap.failed_hosts if recap.complete else sorted(recap.hosts)
-    if not check:
-        # What --retry-failed picks up; a rehearsal in check mode leaves it alone.
-        state.write_atomic(failed_hosts_path(inv.cluster), json.dumps(failed))
-    if plan is not None and recap.complete:
-        done = {h: plan[1][h] for h in targets if recap.hosts[h].succeeded and h in plan[1]}
-        phases_mod.record(inv, done)
-    if interrupted.is_set():
-        raise TrainrigError(
-            f"provisioning interrupted: ansible-playbook stopped; finish it with: "
-            f"fab provision --name {inv.cluster} --retry-failed",
-            exit_code=130,
-        )
-    if runner_status != "successful" and not recap.failed_hosts:
-        # Not successful with no host to blame: the playbook itself is broken, or Ansible is.
-        raise TrainrigError(f"ansible-playbook did not run ({runner_status}): {error}")
-    if failed:
-        raise ProvisionFailed(
-            recap,
-            f"provisioning failed on {', '.join(failed)}: {recap.hosts[failed[0]].message}; "
-            f"fix it, then run: fab provision --name {inv.cluster} --retry-failed",
-        )
+        if targets:
+            runner_status, error = _run(
+                inv, playbook, targets, recap, host_vars, extra, tags, check, due, keep_artifacts, settings, interrupted
+            )
+        for host in up_to_date:
+            recap.hosts[host] = HostRecap(message=f"up to date: its {len(PHASES)} phases' inputs are unchanged")
+        _print_recap(recap)
+        # Without Ansible's final counts (interrupted, or Ansible died) no host is known to be
+        # done: all of them are left for --retry-failed, never an empty list that resumes nothing.
+        failed = recap.failed_hosts if recap.complete else sorted(targets)
+        if not check:
+            # What --retry-failed picks up; a rehearsal in check mode leaves it alone.
+            state.write_atomic(failed_hosts_path(inv.cluster), json.dumps(failed))
+        if plan is not None and recap.complete:
+            phases_mod.record(inv, {h: plan[1][h] for h in targets if recap.hosts[h].succeeded and h in plan[1]})
+        if interrupted.is_set():
+            raise TrainrigError(
+                f"provisioning interrupted: ansible-playbook stopped; finish it with: "
+                f"fab provision --name {inv.cluster} --retry-failed",
+                exit_code=130,
+            )
+        if error:
+            # Not successful with no host to blame: the playbook itself is broken, or Ansible is.
+            raise TrainrigError(f"ansible-playbook did not run ({runner_status}): {error}")
+        if failed:
+            raise ProvisionFailed(
+                recap,
+                f"provisioning failed on {', '.join(failed)}: {recap.hosts[failed[0]].message}; "
+                f"fix it, then run: fab provision --name {inv.cluster} --retry-failed",
+            )
     return recap
 
 
@@ -398,7 +387,10 @@ def check_drift(inv: Inventory) -> dict[str, list[str]]:
 def _run(
     inv, playbook, targets, recap, host_vars, extra, tags, check, due, keep_artifacts, settings, interrupted
 ) -> tuple[str, str]:
-    """One ansible-playbook run over `targets` with a live line per host; (runner status, Ansible's error)."""
+    """One ansible-playbook run over `targets` with a live line per host.
+
+    Returns the runner's status and, when it failed with no host to blame, Ansible's own error.
+    """
     with contextlib.ExitStack() as stack:
         private_dir = (
             str(keep_artifacts)
@@ -427,8 +419,8 @@ def _run(
                 if rec.succeeded:
                     board.update(host, f"[green]done[/] ok={rec.ok} changed={rec.changed}")
         # Read while ansible-runner's files still exist.
-        error = _runner_error(runner) if runner.status != "successful" and not recap.failed_hosts else ""
-        return runner.status, error
+        blameless = runner.status != "successful" and not recap.failed_hosts and not interrupted.is_set()
+        return runner.status, _runner_error(runner) if blameless else ""
 
 
 def _phase_plan(

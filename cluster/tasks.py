@@ -12,6 +12,7 @@ from invoke.exceptions import Exit
 from rich.markup import escape
 
 from cluster import audit as audit_mod
+from cluster import bake as bake_mod
 from cluster import cost as cost_mod
 from cluster import deadman as deadman_mod
 from cluster import demo as demo_mod
@@ -21,8 +22,8 @@ from cluster import plot as plot_mod
 from cluster import provision as provision_mod
 from cluster import scaling as scaling_mod
 from cluster import tensorboard as tensorboard_mod
+from infra import clouds, state, ui
 from infra import inventory as inventory_mod
-from infra import state, ui
 from infra.errors import TrainrigError
 
 NAME_HELP = "cluster name (default: trainrig.cluster in Fabric config, 'dev')"
@@ -108,18 +109,23 @@ def _inventory(c, name: str | None, inventory: str | None = None):
 
 
 @task(
-    help={"name": NAME_HELP, "nodes": "number of GPU-role nodes (default 2)", "disk_gb": "data disk size per node, GB"}
+    help={
+        "name": NAME_HELP,
+        "nodes": "number of GPU-role nodes (default 2)",
+        "disk_gb": "data disk size per node, GB",
+        "image": "start the GPU nodes from this baked node image (fab bake)",
+    }
 )
 @friendly
-def up(c, name=None, nodes=None, disk_gb=None):
-    """Create a local cluster (N GPU-role nodes and a storage node as Docker "VMs"), or bring a parked, stopped or
-    restarted one back."""
+def up(c, name=None, nodes=None, disk_gb=None, image=None):
+    """Create a local cluster (N GPU-role nodes and a storage node as Docker "VMs"); bring back a parked one, or
+    the stopped or restarted nodes of one that is up."""
     cfg = c.config.trainrig
     cluster = _name(c, name)
     count = _count(nodes, "--nodes", cfg.nodes)
     if nodes is None:  # a cluster that is up keeps its size; --nodes that differs is refused
         count = lifecycle.running_gpu_nodes(cluster) or count
-    inv = lifecycle.up(cluster, count, _count(disk_gb, "--disk-gb", cfg.data_disk_gb))
+    inv = lifecycle.up(cluster, count, _count(disk_gb, "--disk-gb", cfg.data_disk_gb), image=image)
     ui.console.print(lifecycle.status_table(inv))
     ui.console.print(f"inventory: {inventory_mod.path_for(inv.cluster)}")
 
@@ -451,6 +457,26 @@ def park(c, name=None, stack=None):
 
 @task(
     help={
+        "name": NAME_HELP,
+        "node": "the GPU node to capture (default node0); it must be provisioned",
+        "image_name": "name of the image (default: <cluster>-<node>-<time>)",
+        "inventory": INVENTORY_HELP,
+    }
+)
+@friendly
+def bake(c, name=None, node="node0", image_name=None, inventory=None):
+    """Capture a provisioned GPU node as an image new clusters start from (local image, AMI, IBM template)."""
+    inv = inventory_mod.require_running(_inventory(c, name, inventory))
+    image = bake_mod.bake(inv, node, image_name)
+    ui.console.print(f"baked {image}")
+    if "create" in clouds.get(inv.cloud).capabilities:  # clusters that fab up makes
+        ui.console.print(f"start a cluster from it with: fab up --name NEW --image {image}")
+    else:
+        ui.console.print(f"start clusters from it with `trainrig:image: {image}` in their stack, then pulumi up")
+
+
+@task(
+    help={
         "stack": "stack name (stacks/Pulumi.<stack>.yaml) or a stack file (default: trainrig.stack)",
         "verify": "also ask the cloud's API whether it would accept every order (creates nothing)",
     }
@@ -511,5 +537,6 @@ namespace = Collection(
     park,
     cost,
     audit,
+    bake,
 )
 namespace.configure({"trainrig": {"cluster": "dev", "nodes": 2, "data_disk_gb": 2, "stack": None, "inventory": None}})

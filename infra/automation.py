@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from infra import config, inventory, ui
 from infra.errors import TrainrigError
-from infra.inventory import Inventory
+from infra.inventory import Inventory, Node
 
 if TYPE_CHECKING:
     from pulumi import automation as auto
@@ -135,6 +135,14 @@ class StackBackend:
         parked = inv.model_copy(update={"parked_at": datetime.now(UTC)})
         inventory.save(parked)
         return parked
+
+    def bake(self, inv: Inventory, node: Node, name: str, generalize: str) -> tuple[str, bool]:
+        """Generalize the VM in place over SSH, then have the cloud capture its disks as an image."""
+        from infra import ssh
+
+        with ssh.open_checked(inv, node) as conn:
+            ssh.run(conn, ["sh", "-c", generalize], timeout=120, what=f"{node.name}: generalizing before the capture")
+        return self.cloud.capture(inv.cluster, stack_config(self._stack_for(inv)), node.name, name), True
 
     def resume(self, inv: Inventory, board: Progress) -> Inventory:
         started = self.cloud.power(inv.cluster, stack_config(self._stack_for(inv)), True)

@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FAB = Path(sys.executable).parent / "fab"
 TASKS = [
     "audit",
+    "bake",
     "cancel",
     "cost",
     "deadman",

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pydantic import Field
 
 from infra.errors import TrainrigError
-from infra.inventory import Inventory
+from infra.inventory import Inventory, Node
 from infra.models import Strict
 from infra.state import CLUSTER_NAME
 
@@ -78,6 +78,7 @@ class ClusterRequest(Strict):
     cloud: str = DEFAULT
     gpu_nodes: int = Field(ge=1, le=16)
     data_disk_gb: int = Field(default=2, ge=1, le=64)
+    image: str | None = Field(default=None, description="a baked node image for the GPU nodes (fab bake)")
 
 
 class Billable(Strict):
@@ -119,6 +120,11 @@ class Backend(Protocol):
     def billable(self, cluster: str) -> list[str]: ...
     def park(self, inv: Inventory) -> Inventory: ...
     def resume(self, inv: Inventory, board: Progress) -> Inventory: ...  # back as parked, ready to train
+    def bake(self, inv: Inventory, node: Node, name: str, generalize: str) -> tuple[str, bool]:
+        """Capture a provisioned node as an image a new cluster can start from; `generalize` is a shell
+        script that removes what belongs to this node alone (its keys, credentials, machine id).
+        Returns the image's id and whether the node itself was generalized (and needs provisioning again)."""
+        ...
 
 
 class Cloud(Protocol):
@@ -131,6 +137,8 @@ class Cloud(Protocol):
     def billable(self, cluster: str, cfg: Any) -> list[str]: ...
     def power(self, cluster: str, cfg: Any, on: bool) -> dict[str, str]: ...
     def audit(self, known: dict[str, Inventory], everything: bool) -> list[Billable]: ...
+    # A node's disks as a machine image, for StackBackend.bake (a local backend bakes a container itself).
+    def capture(self, cluster: str, cfg: Any, node: str, name: str) -> str: ...
     def verify(self, cfg: Any, blueprint: Blueprint) -> Findings: ...
     def stand_in_image(self, reference: str) -> str | None: ...
 

@@ -37,29 +37,6 @@ def test_sparkline_shape():
     assert sparkline([]) == ""
 
 
-def test_elapsed_uses_the_nodes_clock_only_even_far_ahead_of_ours(monkeypatch):
-    ahead = time.time() + 204_528_419  # the node's clock, years ahead of the operator's
-    view = RunView(RECORD, status={"state": "running", "started_at": ahead, "heartbeat_at": ahead + 40})
-    now = [1000.0]
-    monkeypatch.setattr(time, "monotonic", lambda: now[0])
-    assert view.elapsed == pytest.approx(40)
-    now[0] += 2.5  # no new heartbeat yet: our own clock carries it on
-    assert view.elapsed == pytest.approx(42.5)
-    view.status = {**view.status, "heartbeat_at": ahead + 43}
-    assert view.elapsed == pytest.approx(43)
-    view.status = {**view.status, "state": "succeeded", "ended_at": ahead + 44}
-    assert view.elapsed == 44
-
-
-def test_a_sample_age_is_how_long_ago_it_came_in(monkeypatch):
-    now = [50.0]
-    monkeypatch.setattr(time, "monotonic", lambda: now[0])
-    view = RunView(RECORD)
-    view.feed_telemetry("node0", b'{"time": 9999999999.0, "cpu": 5}\n')
-    now[0] += 7
-    assert view.sample_ages() == {"node0": 7.0}
-
-
 def test_every_state_the_supervisor_ends_with_is_final_everywhere():
     from cluster import runs
     from cluster.remote import sampler, supervisor
@@ -120,3 +97,26 @@ def test_eta_from_the_recent_pace_and_the_jobs_own_metrics():
     view.status = {"state": "succeeded", "started_at": 0, "ended_at": 30}
     assert view.eta() is None and "ETA" not in dict(zip(*[c._cells for c in monitor.render(view).columns], strict=True))
     assert monitor.duration(3 * 3600 + 125) == "3h02m"
+
+
+def test_elapsed_uses_the_nodes_clock_only_even_far_ahead_of_ours(monkeypatch):
+    ahead = time.time() + 204_528_419  # the node's clock, years ahead of the operator's
+    view = RunView(RECORD, status={"state": "running", "started_at": ahead, "heartbeat_at": ahead + 40})
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    assert view.elapsed == pytest.approx(40)
+    now[0] += 2.5  # no new heartbeat yet: our own clock carries it on
+    assert view.elapsed == pytest.approx(42.5)
+    view.status = {**view.status, "heartbeat_at": ahead + 43}
+    assert view.elapsed == pytest.approx(43)
+    view.status = {**view.status, "state": "succeeded", "ended_at": ahead + 44}
+    assert view.elapsed == 44
+
+
+def test_a_sample_age_is_how_long_ago_it_came_in(monkeypatch):
+    now = [50.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    view = RunView(RECORD)
+    view.feed_telemetry("node0", b'{"time": 9999999999.0, "cpu": 5}\n')
+    now[0] += 7
+    assert view.sample_ages() == {"node0": 7.0}

@@ -155,3 +155,30 @@ def test_audit_finds_what_no_inventory_accounts_for_and_nothing_after_a_clean_te
     efs.delete_mount_target(MountTargetId=target)
     efs.delete_file_system(FileSystemId=shared)
     assert AWS.audit(known, everything=True, endpoint_url=aws) == []
+
+
+def test_bake_captures_the_nodes_instance_as_a_tagged_ami_and_waits_for_it(aws):
+    ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=aws)
+    ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    for cluster in ("imagenet", "other"):
+        ec2.run_instances(
+            ImageId=ami,
+            InstanceType="g5.12xlarge",
+            MinCount=1,
+            MaxCount=1,
+            TagSpecifications=[
+                {
+                    "ResourceType": "instance",
+                    "Tags": [
+                        {"Key": "trainrig:cluster", "Value": cluster},
+                        {"Key": "Name", "Value": f"{cluster}-node0"},
+                    ],
+                }
+            ],
+        )
+    baked = AWS.capture("imagenet", REGION, "node0", "imagenet-node0-1", endpoint_url=aws, timeout=60)
+    (image,) = ec2.describe_images(ImageIds=[baked])["Images"]
+    assert image["Name"] == "trainrig-imagenet-node0-1" and image["State"] == "available"
+    assert {"Key": "trainrig:baked-from", "Value": "imagenet/node0"} in image["Tags"]
+    with pytest.raises(TrainrigError, match=r"^AWS lists no instance imagenet-node7 to bake$"):
+        AWS.capture("imagenet", REGION, "node7", "x", endpoint_url=aws, timeout=60)

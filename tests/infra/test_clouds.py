@@ -12,8 +12,8 @@ import yaml
 from infra import catalog, clouds, config
 from tests.infra.conftest import ROOT, STACKS
 
-BACKEND_VERBS = ("create", "wait_ready", "describe", "destroy", "billable", "park", "resume")
-CLOUD_VERBS = ("build", "backend", "billable", "power", "verify", "stand_in_image")
+BACKEND_VERBS = ("create", "wait_ready", "describe", "destroy", "billable", "park", "resume", "bake")
+CLOUD_VERBS = ("build", "backend", "billable", "power", "verify", "capture", "stand_in_image")
 
 
 def test_the_registry_finds_the_clouds_without_a_list():

@@ -128,6 +128,15 @@ def test_a_typo_is_named_before_the_missing_key_it_explains(tmp_path):
         config.load_stack_file(path)
 
 
+def test_a_wide_admin_cidr_passes_only_when_the_stack_says_it_means_it(tmp_path):
+    doc = yaml.safe_load(config.stack_file("ibm-dal10-v100", ROOT).read_text())
+    doc["config"]["trainrig:admin_cidr"] = "0.0.0.0/1"
+    doc["config"]["trainrig:admin_cidr_wide"] = True
+    path = tmp_path / "Pulumi.wide.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert str(config.load_stack_file(path).admin_cidr) == "0.0.0.0/1"
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -152,12 +161,3 @@ def test_the_pulumi_program_fails_a_bad_stack_in_one_line_not_a_traceback(monkey
     with pytest.raises(pulumi.RunError) as err:
         runpy.run_path(str(ROOT / "infra" / "__main__.py"))
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
-
-
-def test_a_wide_admin_cidr_passes_only_when_the_stack_says_it_means_it(tmp_path):
-    doc = yaml.safe_load(config.stack_file("ibm-dal10-v100", ROOT).read_text())
-    doc["config"]["trainrig:admin_cidr"] = "0.0.0.0/1"
-    doc["config"]["trainrig:admin_cidr_wide"] = True
-    path = tmp_path / "Pulumi.wide.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    assert str(config.load_stack_file(path).admin_cidr) == "0.0.0.0/1"

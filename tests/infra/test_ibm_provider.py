@@ -406,3 +406,46 @@ def test_audit_lists_tagged_servers_and_their_san_disks_and_nothing_once_cancell
     assert {b.cluster for b in everything} == {"nmt", "lost"}, "servers without the tag are not trainrig's"
     listing.return_value = [guest(4, "web", None)]
     assert IBM.audit(known, everything=True, transport=transport) == []
+
+
+def test_bake_captures_the_boot_disk_of_the_tagged_server_and_waits_for_the_transaction(transport):
+    from infra.clouds.ibm.softlayer import Listing
+
+    transport.set_mock("SoftLayer_Account", "getVirtualGuests").return_value = [
+        {"id": 7, "hostname": "node0", "billingItem": {"id": 1}}
+    ]
+    transport.set_mock("SoftLayer_Virtual_Guest", "getObject").return_value = {
+        "id": 7,
+        "blockDevices": [
+            {"id": 1, "device": "0", "mountType": "Disk", "diskImage": {"id": 11, "type": {"keyName": "SYSTEM"}}},
+            {"id": 2, "device": "1", "mountType": "Disk", "diskImage": {"id": 12, "type": {"keyName": "SWAP"}}},
+            {"id": 3, "device": "2", "mountType": "Disk", "diskImage": {"id": 13, "type": {"keyName": "SYSTEM"}}},
+        ],
+    }
+    transport.set_mock("SoftLayer_Virtual_Guest", "createArchiveTemplate").return_value = {"id": 900}
+    transport.set_mock("SoftLayer_Virtual_Guest", "getActiveTransactions").side_effect = [[{"id": 5}], []]
+    transport.set_mock("SoftLayer_Virtual_Guest_Block_Device_Template_Group", "getObject").return_value = {
+        "id": 900,
+        "globalIdentifier": "0a1b2c3d-guid",
+    }
+    assert Listing(transport).capture("nmt", "node0", "nmt-node0-1", interval=0.01) == "0a1b2c3d-guid"
+    listed = calls(transport, "getVirtualGuests")[0]
+    assert listed.filter["virtualGuests"]["hostname"] == {"operation": "_= node0"}
+    assert listed.filter["virtualGuests"]["tagReferences"]["tag"]["name"] == {
+        "operation": "in",
+        "options": [{"name": "data", "value": ["trainrig-cluster:nmt"]}],
+    }
+    (archive,) = calls(transport, "createArchiveTemplate")
+    name, disks, notes = archive.args
+    assert (archive.identifier, name, notes) == (7, "trainrig-nmt-node0-1", "nmt/node0")
+    assert [d["device"] for d in disks] == ["0"]  # the boot disk: the data disk stays the cluster's
+    assert len(calls(transport, "getActiveTransactions")) == 2
+
+
+def test_bake_of_a_server_ibm_does_not_list_is_one_line(transport):
+    from infra.clouds.ibm.softlayer import Listing
+
+    transport.set_mock("SoftLayer_Account", "getVirtualGuests").return_value = []
+    with pytest.raises(IbmError, match=r"^IBM lists no server node0 of cluster nmt to bake$"):
+        Listing(transport).capture("nmt", "node0", "x", interval=0.01)
+    assert not calls(transport, "createArchiveTemplate")

@@ -191,6 +191,48 @@ class AwsCloud:
         names = {i["InstanceId"]: _tag(i, "Name").removeprefix(f"{cluster}-") for i in done}
         return {names[i["InstanceId"]]: i.get("PublicIpAddress", "") for i in done} if on else {}
 
+    def capture(
+        self, cluster: str, cfg: AwsConfig, node: str, name: str, endpoint_url: str | None = None, timeout: float = 3600
+    ) -> str:
+        """An AMI of the node's instance (its root and data volumes), tagged with the cluster; waits until available.
+
+        AWS reboots the instance for a consistent file system (NoReboot false): the node answers again
+        a few minutes later, as it was.
+        """
+        import boto3
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        from infra.commands import wait_until
+
+        ec2 = boto3.client("ec2", region_name=cfg.region, endpoint_url=endpoint_url)
+        filters = [
+            {"Name": "tag:trainrig:cluster", "Values": [cluster]},
+            {"Name": "tag:Name", "Values": [f"{cluster}-{node}"]},
+            {"Name": "instance-state-name", "Values": ["running", "stopped"]},
+        ]
+        try:
+            found = [i for r in ec2.describe_instances(Filters=filters)["Reservations"] for i in r["Instances"]]
+            if not found:
+                raise TrainrigError(f"AWS lists no instance {cluster}-{node} to bake")
+            image = ec2.create_image(
+                InstanceId=found[0]["InstanceId"],
+                Name=f"trainrig-{name}",
+                Description=f"trainrig node baked from {cluster}/{node}",
+                NoReboot=False,
+                TagSpecifications=[
+                    {"ResourceType": "image", "Tags": [{"Key": "trainrig:baked-from", "Value": f"{cluster}/{node}"}]}
+                ],
+            )["ImageId"]
+            wait_until(
+                lambda: ec2.describe_images(ImageIds=[image])["Images"][0]["State"] == "available",
+                timeout=timeout,
+                interval=10,
+                what=f"AMI {image} to be available",
+            )
+        except (BotoCoreError, ClientError) as exc:
+            raise TrainrigError(f"cannot bake {cluster}-{node} into an AMI: {exc}") from None
+        return image
+
     def audit(
         self, known: dict, everything: bool, regions: list[str] | None = None, endpoint_url: str | None = None
     ) -> list[Billable]:

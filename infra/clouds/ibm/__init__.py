@@ -135,6 +135,12 @@ class IbmCloud:
             "use fab down (storage kept)"
         )
 
+    def capture(self, cluster: str, cfg: IbmConfig, node: str, name: str, transport=None) -> str:
+        """An image template of the node's boot disk; `trainrig:image` takes its global id."""
+        from infra.clouds.ibm.softlayer import Listing
+
+        return Listing(transport, cfg.stack_credentials).capture(cluster, node, name)
+
     def audit(self, known, everything: bool, transport=None):
         """Virtual servers and their SAN disks by the trainrig-cluster: tag (credentials from the environment)."""
         from infra.clouds.ibm.softlayer import Listing

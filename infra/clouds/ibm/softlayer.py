@@ -435,6 +435,38 @@ class Listing(_Credentials):
         # A cancelled guest stays listed while IBM reclaims it, without its billing item: not billing.
         return [f"virtual server {g['id']} ({g['hostname']})" for g in guests if g.get("billingItem")]
 
+    def capture(self, cluster: str, node: str, name: str, timeout: float = 3600, interval: float = 15) -> str:
+        """An image template of the node's boot disk (where the driver, Docker and the toolkit live); its global id.
+
+        IBM captures by a transaction on the server: the wait lasts until the server has none left.
+        """
+        from infra.commands import wait_until
+
+        client = self.client()
+        try:
+            guests = SoftLayer.VSManager(client).list_instances(
+                tags=[f"{TAG_PREFIX}{cluster}"], hostname=node, mask="id,hostname,billingItem[id]"
+            )
+            guest = next((g for g in guests if g.get("billingItem")), None)
+            if guest is None:
+                raise IbmError(f"IBM lists no server {node} of cluster {cluster} to bake")
+            template = SoftLayer.VSManager(client).capture(guest["id"], f"trainrig-{name}", notes=f"{cluster}/{node}")
+            wait_until(
+                lambda: not client.call("SoftLayer_Virtual_Guest", "getActiveTransactions", id=guest["id"]),
+                timeout=timeout,
+                interval=interval,
+                what=f"IBM to finish capturing {node}",
+            )
+            image = client.call(
+                "SoftLayer_Virtual_Guest_Block_Device_Template_Group",
+                "getObject",
+                id=template["id"],
+                mask="id,globalIdentifier",
+            )
+        except SoftLayer.SoftLayerAPIError as exc:
+            raise _api_error(f"capture {node} of cluster {cluster}", exc) from None
+        return image.get("globalIdentifier") or str(image["id"])
+
     def audit(self, clusters: set[str], everything: bool) -> list[Billable]:
         """The account's virtual servers tagged trainrig-cluster:<name>, and the SAN disks each one bills for."""
         mask = "id,hostname,datacenter[name],tagReferences[tag[name]],blockDevices[device,diskImage[capacity,units]]"

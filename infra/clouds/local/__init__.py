@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from infra.config import ConfigError, StackBase
+from infra.errors import TrainrigError
 
 
 class LocalConfig(StackBase):
@@ -58,6 +59,10 @@ class LocalCloud:
     def power(self, cluster: str, cfg=None, on: bool = True) -> dict[str, str]:
         """Stop or start the GPU node containers; their loop devices, volume and images stay."""
         return self.backend().power(cluster, on)
+
+    def capture(self, cluster: str, cfg, node: str, name: str) -> str:
+        # Local nodes are baked by LocalBackend.bake, which generalizes the image as it builds it.
+        raise TrainrigError(f"local nodes are baked with: fab bake --name {cluster} --node {node}")
 
     def verify(self, cfg, blueprint):
         from infra.clouds import Findings

@@ -117,6 +117,11 @@ class LocalBackend:
             reaper.stop(cluster)
             self._remove_compute(cluster)
         node_image = image.ensure_image()
+        if request.image and not image.exists(request.image):
+            raise TrainrigError(
+                f"no local node image {request.image!r}; bake one from a provisioned node with fab bake --name CLUSTER"
+            )
+        gpu_image = request.image or node_image  # the storage node always starts from the plain node image
         cdir = state.cluster_dir(cluster)
         fresh = not cdir.exists()
         login_pub = keys.ensure_login_key(cdir / "id_ed25519", f"trainrig-{cluster}")
@@ -132,7 +137,9 @@ class LocalBackend:
             cidr = self._network_cidr(cluster)
             nodes = ssh.on_nodes_by_name(
                 names,
-                lambda n: self._create_node(cluster, n, node_image, login_pub, request.data_disk_gb, board),
+                lambda n: self._create_node(
+                    cluster, n, node_image if n == STORAGE_NODE else gpu_image, login_pub, request.data_disk_gb, board
+                ),
             )
         except BaseException:
             # Roll back whatever this call made; the original error is the one the user sees.
@@ -393,6 +400,24 @@ class LocalBackend:
         ssh.on_nodes(resumed.gpu_nodes, lambda node: self._remount(resumed, node, board))
         reaper.start(inv.cluster)
         return resumed
+
+    # -- bake -----------------------------------------------------------------------------
+    def bake(self, inv: Inventory, node: Node, name: str, generalize: str) -> tuple[str, bool]:
+        """The node's container as a node image, generalized in a build step: the node itself is untouched."""
+        tag = f"trainrig-baked/{name}"
+        snapshot = f"trainrig-baking/{name}"
+        run(["docker", "commit", container_name(inv.cluster, node.name), snapshot], timeout=600, what="docker commit")
+        try:
+            steps = [
+                f"FROM {snapshot}",
+                f"RUN {json.dumps(['/bin/sh', '-c', generalize])}",
+                "LABEL trainrig.image=baked",
+            ]
+            dockerfile = "\n".join(steps) + "\n"
+            run(["docker", "build", "-t", tag, "-"], input=dockerfile.encode(), timeout=600, what="generalizing")
+        finally:
+            run(["docker", "image", "rm", snapshot], check=False)
+        return tag, False
 
     def _remount(self, inv: Inventory, node: Node, board) -> None:
         """The data disk back on /data1, and Docker restarted onto it (its data root and images live there).

@@ -1,0 +1,68 @@
+"""`fab bake`: a provisioned GPU node as a machine image that new clusters start from.
+
+A node started from a baked image carries the slow phases done (driver, Docker, toolkit,
+packages) and their records (cluster/phases.py), so provisioning it runs only the phases whose
+inputs differ on the new cluster (names, addresses, keys) or whose work lives outside the image
+(the data disk, the SSH mesh, the registry login): no-change time, not first-run time.
+
+What belongs to one machine never goes into the image: the mesh key, registry credentials, SSH
+host keys (local) and the machine id, and the records of the phases that made them.
+"""
+
+from __future__ import annotations
+
+import time
+
+from cluster import phases, provision
+from infra import clouds, ui
+from infra.errors import TrainrigError
+from infra.inventory import Inventory
+
+# Phases whose work is all inside the node's root disk and independent of which cluster it is in.
+PORTABLE = ("common", "apt_cache", "nvidia_driver", "docker", "nvidia_container_toolkit")
+# Run in the image (local) or on the node before the capture (cloud). cloud-init clean makes a
+# new VM run cloud-init again (its own host keys, hostname and login key).
+GENERALIZE = " ; ".join(
+    [
+        "rm -f /root/.ssh/id_ed25519 /root/.ssh/id_ed25519.pub /root/.docker/config.json",
+        f'cd {phases.RECORDS} 2>/dev/null && for f in *; do case " {" ".join(PORTABLE)} " in'
+        ' *" $f "*) ;; *) rm -f -- "$f" ;; esac; done',
+        "cd /",
+        ": > /etc/machine-id",
+        "if command -v cloud-init >/dev/null; then cloud-init clean --logs; else rm -f /etc/ssh/ssh_host_*; fi",
+        "true",
+    ]
+)
+
+
+def bake(inv: Inventory, node_name: str = "node0", name: str | None = None) -> str:
+    """Capture a provisioned GPU node; returns the image to give `fab up --image` or the stack's trainrig:image."""
+    if node_name not in {n.name for n in inv.gpu_nodes}:
+        raise TrainrigError(f"{node_name!r} is not a GPU node of {inv.cluster!r}; bake one of: {_names(inv)}")
+    node = inv.node(node_name)
+    found = phases.read_state(inv, [node])[node_name]
+    if found is None:
+        raise TrainrigError(
+            f"{node_name} of {inv.cluster!r} does not answer; start it with: fab up --name {inv.cluster}"
+        )
+    missing = [p.name for p in provision.PHASES if p.name not in found.recorded]
+    if missing:
+        raise TrainrigError(
+            f"{node_name} of {inv.cluster!r} has not finished provisioning ({', '.join(missing)} not done); "
+            f"run fab provision --name {inv.cluster} first"
+        )
+    name = name or f"{inv.cluster}-{node_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    backend = clouds.get(inv.cloud).backend(inv.stack)
+    with ui.status(f"baking {node_name} of {inv.cluster} into an image"):
+        image, generalized = backend.bake(inv, node, name, GENERALIZE)
+    if generalized:
+        # The node gave up its mesh key and credentials for the capture: the phases that made them run
+        # again, and every node takes the baked node's new mesh key, so the mesh phase runs everywhere.
+        ui.console.print(f"{node_name} was generalized for the capture; provisioning it again")
+        phases.forget(inv, inv.nodes, ["ssh_mesh"])
+        provision.provision(inv)
+    return image
+
+
+def _names(inv: Inventory) -> str:
+    return ", ".join(n.name for n in inv.gpu_nodes) or "none"
