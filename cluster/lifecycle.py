@@ -62,7 +62,7 @@ def _bring_back(backend, inv: Inventory, gpu_nodes: int) -> Inventory:
             f"use it as it is, or remove it first: fab down --name {inv.cluster}"
         )
     with ui.NodeBoard(f"bringing back cluster {inv.cluster} ({inv.cloud})", [n.name for n in inv.nodes]) as board:
-        inv, done = backend.reconcile(inv, board)
+        inv, done = backend.reconcile(inv, board)  # which waits until every node is ready
     for line in done or [f"cluster {inv.cluster} was up: nothing to bring back"]:
         ui.console.print(ui.plain(line))
     return inv
