@@ -28,8 +28,15 @@ def remove_leftovers(cluster: str) -> None:
 
 
 def pytest_collection_modifyitems(items):
-    """Tests that kill a node of the session's cluster run after every other: that node does not come back."""
-    items.sort(key=lambda item: item.get_closest_marker("kills_a_node") is not None)
+    """Tests of the nodes as created run before any test provisions them (whatever file it is in), and
+    tests that kill a node of the session's cluster run after every other: that node does not come back."""
+
+    def order(item) -> int:
+        if item.get_closest_marker("fresh_nodes"):
+            return 0
+        return 2 if item.get_closest_marker("kills_a_node") else 1
+
+    items.sort(key=order)
 
 
 @pytest.fixture(scope="session")

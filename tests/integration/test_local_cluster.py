@@ -40,6 +40,7 @@ def fab(*args, timeout=300):
 # -- nodes behave like VMs ---------------------------------------------------------------
 
 
+@pytest.mark.fresh_nodes  # before any test provisions the session's cluster (test_bake.py sorts first by name)
 def test_nodes_are_vm_like(cluster):
     assert [n.name for n in cluster.nodes] == ["node0", "node1", "storage"]
     for node in cluster.nodes:
