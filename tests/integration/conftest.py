@@ -133,7 +133,11 @@ def registry(cluster, provisioned):
     provision.cluster_vars_path(CLUSTER).write_text(
         yaml.safe_dump(
             {
-                "docker_insecure_registries": [REGISTRY, "{{ trainrig_registry }}"],
+                # The cluster's own registry too, where the inventory has one (a test's storage-less
+                # or EFS inventory has none, and a plain reference would be undefined there).
+                "docker_insecure_registries": (
+                    f"{{{{ ['{REGISTRY}'] + ([trainrig_registry] if trainrig_registry is defined else []) }}}}"
+                ),
                 "registry_login_registry": REGISTRY,
                 "registry_login_username": REGISTRY_USER,
             }
