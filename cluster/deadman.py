@@ -15,7 +15,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from cluster import transfer
+from cluster import launch, transfer
 from cluster.runs import FINAL_STATES
 from infra import clouds, ssh, state
 from infra.errors import TrainrigError
@@ -167,18 +167,11 @@ def arm(inv: Inventory, settings: Settings, every: float = CHECK_EVERY) -> Setti
         if settings.armed:
             ssh.run(
                 conn,
-                [
-                    "systemd-run",
-                    "--quiet",
-                    "--collect",
-                    "--unit",
+                launch.systemd_run_argv(
                     UNIT,
-                    "--property",
-                    f"Description=trainrig dead-man switch of {inv.cluster}",
-                    "python3",
-                    f"{base}/deadman.py",
-                    f"{base}/config.json",
-                ],
+                    f"trainrig dead-man switch of {inv.cluster}",
+                    ["python3", f"{base}/deadman.py", f"{base}/config.json"],
+                ),
                 what=f"{home.name}: starting the dead-man switch",
             )
     state.write_atomic(settings_path(inv.cluster), settings.model_dump_json(indent=2))

@@ -159,6 +159,14 @@ def mpirun_argv(
     return argv + [arg.format_map(paths.placeholders(spec)) for arg in spec.command]
 
 
+def systemd_run_argv(unit: str, description: str, command: list[str], *, properties: tuple[str, ...] = ()) -> list[str]:
+    """A command detached under systemd on a node, a unit that goes once it ends (runs, samplers, the switch)."""
+    argv = ["systemd-run", "--quiet", "--collect", "--unit", unit, "--property", f"Description={description}"]
+    for prop in properties:
+        argv += ["--property", prop]
+    return argv + command
+
+
 def exec_argv(run_id: str, command: list[str], *, with_secrets: bool) -> list[str]:
     """Run a command in the launch node's container; with secrets, their file is read into its environment first."""
     argv = ["docker", "exec", container_name(run_id)]

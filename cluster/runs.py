@@ -184,18 +184,9 @@ def launch(
             transfer.put_text(conn.sftp(), f"{paths.run_dir}/run.json", json.dumps(run_json, indent=2))
             ssh.run(
                 conn,
-                [
-                    "systemd-run",
-                    "--quiet",
-                    "--collect",
-                    "--unit",
-                    record.unit,
-                    "--property",
-                    f"Description=trainrig run {run_id}",
-                    "python3",
-                    f"{paths.run_dir}/supervisor.py",
-                    paths.run_dir,
-                ],
+                launch_mod.systemd_run_argv(
+                    record.unit, f"trainrig run {run_id}", ["python3", f"{paths.run_dir}/supervisor.py", paths.run_dir]
+                ),
                 what=f"{nodes[0].name}: starting the run under systemd",
             )
     except BaseException:
@@ -289,24 +280,20 @@ def _start_samplers(
         with ssh.open_checked(inv, node) as conn:
             ssh.run(
                 conn,
-                [
-                    "systemd-run",
-                    "--quiet",
-                    "--collect",
-                    "--unit",
+                launch_mod.systemd_run_argv(
                     record.sampler_unit,
-                    "--property",
-                    f"Description=trainrig telemetry of {record.id}",
-                    "--property",
-                    "Nice=10",
-                    "python3",
-                    f"{paths.run_dir}/sampler.py",
-                    paths.run_dir,
-                    node.name,
-                    interfaces[node.name],
-                    paths.shared,
-                    str(SAMPLE_EVERY),
-                ],
+                    f"trainrig telemetry of {record.id}",
+                    [
+                        "python3",
+                        f"{paths.run_dir}/sampler.py",
+                        paths.run_dir,
+                        node.name,
+                        interfaces[node.name],
+                        paths.shared,
+                        str(SAMPLE_EVERY),
+                    ],
+                    properties=("Nice=10",),
+                ),
                 what=f"{node.name}: starting the telemetry sampler",
             )
 
