@@ -6,14 +6,12 @@ nodes are let in, each by its private address, never the account-wide 10.0.0.0/8
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-PLAYBOOKS = Path(__file__).resolve().parents[2] / "playbooks"
+from tests.playbooks.local_role import run_tasks
+
 NODES = [{"name": "node0", "private_address": "10.45.19.37"}, {"name": "storage", "private_address": "10.45.19.40"}]
 
 FAKE_UFW = """#!/bin/sh
@@ -27,39 +25,10 @@ esac
 
 
 def run_firewall(tmp_path: Path, status: str, admin_cidr: str | None = None, listing: list[str] = ()) -> list[str]:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
     log = tmp_path / "ufw.log"
-    ufw = bin_dir / "ufw"
     quoted = " ".join(f"'{line}'" for line in listing) or "''"
-    ufw.write_text(FAKE_UFW.format(log=log, status=status, listing=quoted))
-    ufw.chmod(0o755)
-    play = tmp_path / "play.yml"
-    play.write_text(
-        "- hosts: localhost\n  connection: local\n  gather_facts: false\n  tasks:\n"
-        "    - ansible.builtin.include_role: {name: common, tasks_from: firewall}\n"
-    )
-    venv_bin = Path(sys.executable).parent
-    result = subprocess.run(
-        [
-            venv_bin / "ansible-playbook",
-            "-i",
-            "localhost,",
-            str(play),
-            "-e",
-            json.dumps({"trainrig_nodes": NODES, **({"trainrig_admin_cidr": admin_cidr} if admin_cidr else {})}),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={
-            "ANSIBLE_ROLES_PATH": str(PLAYBOOKS / "roles"),
-            "PATH": f"{bin_dir}:{venv_bin}:/usr/bin:/bin",
-            "HOME": str(tmp_path),
-            "ANSIBLE_LOCAL_TEMP": str(tmp_path / "ansible-tmp"),
-        },
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    extra = {"trainrig_nodes": NODES, **({"trainrig_admin_cidr": admin_cidr} if admin_cidr else {})}
+    run_tasks(tmp_path, "common", "firewall", {"ufw": FAKE_UFW.format(log=log, status=status, listing=quoted)}, extra)
     return log.read_text().splitlines() if log.exists() else []
 
 

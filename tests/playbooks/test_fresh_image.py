@@ -4,12 +4,7 @@ the machine itself is touched."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
-PLAYBOOKS = Path(__file__).resolve().parents[2] / "playbooks"
+from tests.playbooks.local_role import run_tasks
 
 FAKE_SYSTEMCTL = """#!/bin/sh
 echo "systemctl $*" >> "{log}"
@@ -27,32 +22,10 @@ echo "status: done"
 
 
 def test_waits_for_cloud_init_stops_the_unattended_units_present_and_quiets_needrestart(tmp_path):
-    bin_dir, log, needrestart = tmp_path / "bin", tmp_path / "calls.log", tmp_path / "needrestart"
-    bin_dir.mkdir()
+    log, needrestart = tmp_path / "calls.log", tmp_path / "needrestart"
     (needrestart / "conf.d").mkdir(parents=True)
-    for name, body in (("systemctl", FAKE_SYSTEMCTL), ("cloud-init", FAKE_CLOUD_INIT)):
-        (bin_dir / name).write_text(body.format(log=log))
-        (bin_dir / name).chmod(0o755)
-    play = tmp_path / "play.yml"
-    play.write_text(
-        "- hosts: localhost\n  connection: local\n  gather_facts: false\n  tasks:\n"
-        "    - ansible.builtin.include_role: {name: common, tasks_from: apt}\n"
-    )
-    venv_bin = Path(sys.executable).parent
-    result = subprocess.run(
-        [venv_bin / "ansible-playbook", "-i", "localhost,", str(play)]
-        + ["-e", json.dumps({"common_needrestart_dir": str(needrestart)})],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={
-            "ANSIBLE_ROLES_PATH": str(PLAYBOOKS / "roles"),
-            "PATH": f"{bin_dir}:{venv_bin}:/usr/bin:/bin",
-            "HOME": str(tmp_path),
-            "ANSIBLE_LOCAL_TEMP": str(tmp_path / "ansible-tmp"),
-        },
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    stand_ins = {"systemctl": FAKE_SYSTEMCTL.format(log=log), "cloud-init": FAKE_CLOUD_INIT.format(log=log)}
+    run_tasks(tmp_path, "common", "apt", stand_ins, {"common_needrestart_dir": str(needrestart)})
     calls = log.read_text().splitlines()
     assert calls[0] == "cloud-init status --wait", "cloud-init first: it holds the dpkg lock too"
     # Only the unit that exists is touched: stopped and disabled.
