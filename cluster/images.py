@@ -55,14 +55,7 @@ def _pull_everywhere(inv: Inventory, nodes: list[Node], reference: str, board: u
     def pull(node: Node) -> str:
         board.update(node.name, f"pulling {reference}")
         with ssh.open_checked(inv, node) as conn:
-            ssh.stream(
-                conn,
-                ["docker", "pull", reference],
-                lambda line: board.update(node.name, ui.plain(line)),
-                timeout=TRANSFER_TIMEOUT,
-                what=f"{node.name}: docker pull {reference}",
-            )
-            image_id = _image_id(conn, reference, node)
+            image_id = _docker_pull(conn, node, reference, board, f"{node.name}: docker pull {reference}")
         board.update(node.name, f"[green]pulled[/] {image_id[:19]}")
         return image_id
 
@@ -163,14 +156,9 @@ def _through_registry(inv, build_node: Node, others: list[Node], tag: str, image
     def pull(node: Node) -> None:
         with ssh.open_checked(inv, node) as conn:
             board.update(node.name, f"pulling from {target}")
-            ssh.stream(
-                conn,
-                ["docker", "pull", remote],
-                lambda line: board.update(node.name, ui.plain(line)),
-                timeout=TRANSFER_TIMEOUT,
-                what=f"{node.name}: docker pull from the registry on the storage node",
+            pulled = _docker_pull(
+                conn, node, remote, board, f"{node.name}: docker pull from the registry on the storage node"
             )
-            pulled = _image_id(conn, remote, node)
             if pulled != image_id:
                 raise TrainrigError(
                     f"{node.name}: the registry served {pulled[:19]}, not the image just built "
@@ -204,6 +192,18 @@ def _save_load(inv: Inventory, source: Node, node: Node, image_id: str, board: u
             what=f"streaming the image from {source.name} to {node.name}",
         )
     board.update(node.name, f"[green]loaded[/] {image_id[:19]}")
+
+
+def _docker_pull(conn, node: Node, reference: str, board: ui.NodeBoard, what: str) -> str:
+    """Pull on the node with docker's progress on its board line; the id of what arrived."""
+    ssh.stream(
+        conn,
+        ["docker", "pull", reference],
+        lambda line: board.update(node.name, ui.plain(line)),
+        timeout=TRANSFER_TIMEOUT,
+        what=what,
+    )
+    return _image_id(conn, reference, node)
 
 
 def _image_id(conn, reference: str, node: Node) -> str:
