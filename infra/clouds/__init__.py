@@ -59,6 +59,9 @@ CAPABILITIES = frozenset(
         "ssh_mesh",
         "park",  # its GPU nodes can be stopped with their disks kept, and billing for them stops
         "self_teardown",  # a GPU node that powers itself off stops billing (the dead-man switch relies on it)
+        # A powered-off GPU node keeps billing, so the dead-man switch cancels the servers through the
+        # cloud's API instead, with a credential of their own (Cloud.switch_cancel).
+        "cancel_from_cluster",
     }
 )
 
@@ -69,6 +72,16 @@ class Findings:
 
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CancelPlan:
+    """How the dead-man switch cancels a cluster's GPU servers from the cluster: `config` goes into its
+    config file (on the shared storage, readable by the nodes: no secret in it), `credential` into a
+    root-only file on the switch's node, never onto the shared storage or a command line."""
+
+    config: dict[str, Any]
+    credential: str = field(repr=False)
 
 
 class ClusterRequest(Strict):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -10,8 +11,10 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, SecretStr, model_validator
 
+from infra.clouds import CancelPlan
 from infra.config import ConfigError, MachineStack, secret
 from infra.errors import TrainrigError
+from infra.inventory import Inventory
 
 # The SAN disk sizes IBM Cloud classic sells for a virtual server's second to fifth disk, in GB: the
 # catalog items GUEST_DISK_<size>_GB_SAN of the virtual server package, as terraform-provider-ibm
@@ -40,6 +43,10 @@ SAN_DISK_SIZES_GB = (
     1500,
     2000,
 )
+# The dead-man switch's own IBM classic API user (README: "IBM: the dead-man switch's credential"):
+# from the environment, else from the stack's secret config.
+CANCEL_ENV = ("TRAINRIG_IBM_CANCEL_USERNAME", "TRAINRIG_IBM_CANCEL_API_KEY")
+SOFTLAYER_API = "https://api.softlayer.com/rest/v3.1/"
 # IBM Cloud tags (cloud.ibm.com/docs/account?topic=account-tag): up to 128 characters of letters,
 # digits, spaces, '_', '-', '.' and ':'. A comma would split one tag into two (set_tags takes a list).
 TAG = re.compile(r"^[A-Za-z0-9 _.:-]{1,128}$")
@@ -50,7 +57,7 @@ class IbmConfig(MachineStack):
         **MachineStack.hints,
         "datacenter": "set trainrig:datacenter to an IBM Cloud classic datacenter, e.g. dal10",
     }
-    secret_keys: ClassVar[tuple[str, ...]] = ("sl_api_key", "sl_username")
+    secret_keys: ClassVar[tuple[str, ...]] = ("sl_api_key", "sl_username", "cancel_username", "cancel_api_key")
 
     cloud: Literal["ibm"]
     image: str | None = Field(default=None, description="OS code, or a private image by number or GUID")
@@ -61,6 +68,10 @@ class IbmConfig(MachineStack):
     domain: str = Field(default="trainrig.example", pattern=r"^[a-z0-9.-]+\.[a-z]{2,}$")
     sl_username: SecretStr | None = None
     sl_api_key: SecretStr | None = None
+    cancel_username: SecretStr | None = Field(
+        default=None, description="the dead-man switch's API user: Cancel Server only, on this cluster's servers"
+    )
+    cancel_api_key: SecretStr | None = None
 
     @model_validator(mode="after")
     def _nic_offered(self) -> IbmConfig:
@@ -113,7 +124,9 @@ class IbmConfig(MachineStack):
 class IbmCloud:
     name = "ibm"
     Config = IbmConfig
-    capabilities = frozenset({"pulumi_stack", "gpu", "memlock", "data_disk", "shared_storage", "ssh_mesh"})
+    capabilities = frozenset(
+        {"pulumi_stack", "gpu", "memlock", "data_disk", "shared_storage", "ssh_mesh", "cancel_from_cluster"}
+    )
 
     def build(self, parent, name, cfg, blueprint):
         from infra.clouds.ibm import program
@@ -133,6 +146,32 @@ class IbmCloud:
         raise TrainrigError(
             f"IBM Cloud classic keeps billing a powered-off GPU server: cluster {cluster!r} cannot be parked, "
             "use fab down (storage kept)"
+        )
+
+    def switch_cancel(self, inv: Inventory, environ: Mapping[str, str] = os.environ) -> CancelPlan:
+        """The GPU servers' guest ids and the switch's own cancel-only API user (never the operator's)."""
+        missing = [n.name for n in inv.gpu_nodes if not n.cloud_id]
+        if missing:
+            raise TrainrigError(
+                f"the inventory of {inv.cluster!r} holds no IBM server id for {', '.join(missing)}, so the dead-man "
+                f"switch could not cancel them: run pulumi up --refresh --stack {inv.stack or 'NAME'} to record them"
+            )
+        username, api_key = environ.get(CANCEL_ENV[0]), environ.get(CANCEL_ENV[1])
+        if not (username and api_key) and inv.stack:
+            from infra import automation
+
+            cfg = automation.stack_config(automation.select(inv.stack, "reading the dead-man switch's credential"))
+            username, api_key = secret(cfg.cancel_username), secret(cfg.cancel_api_key)
+        if not (username and api_key):
+            raise TrainrigError(
+                f"on IBM Cloud classic the dead-man switch cancels {inv.cluster!r}'s GPU servers with an API user of "
+                f"its own, which is not set: export {CANCEL_ENV[0]} and {CANCEL_ENV[1]} (or pulumi config set "
+                "--secret cancel_username / cancel_api_key); README: IBM: the dead-man switch's credential"
+            )
+        servers = {n.name: int(n.cloud_id) for n in inv.gpu_nodes if n.cloud_id}
+        return CancelPlan(
+            config={"softlayer": {"api": SOFTLAYER_API, "servers": servers}},
+            credential=json.dumps({"username": username, "api_key": api_key}),
         )
 
     def capture(self, cluster: str, cfg: IbmConfig, node: str, name: str, transport=None) -> str:

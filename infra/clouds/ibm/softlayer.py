@@ -307,11 +307,15 @@ class VirtualServerProvider(_Credentials, ResourceProvider):
     def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
         vs = SoftLayer.VSManager(self.client())
         try:
-            guest = vs.get_instance(int(id_), mask=READY_MASK)
+            guest = vs.get_instance(int(id_), mask=READY_MASK.replace(",status]", ",status,billingItem[id]]"))
         except SoftLayer.SoftLayerAPIError as exc:
             if _not_found(exc):
                 return ReadResult(None, {})  # gone: Pulumi drops it from state
             raise _api_error(f"read server {id_}", exc) from None
+        if not guest.get("billingItem"):
+            # Cancelled (by the dead-man switch, or by hand) and not yet reclaimed: gone for Pulumi too,
+            # so the next update does not cancel it again.
+            return ReadResult(None, {})
         return ReadResult(id_, _outputs(props, guest))
 
     def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
