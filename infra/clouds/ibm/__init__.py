@@ -72,6 +72,10 @@ class IbmConfig(MachineStack):
         default=None, description="the dead-man switch's API user: Cancel Server only, on this cluster's servers"
     )
     cancel_api_key: SecretStr | None = None
+    park_flavor: str | None = Field(
+        default=None,
+        description="the CPU flavor `fab park` changes the GPU servers to (default: B1_2X4X<first disk of flavor>)",
+    )
 
     @model_validator(mode="after")
     def _nic_offered(self) -> IbmConfig:
@@ -95,6 +99,32 @@ class IbmConfig(MachineStack):
                     "keys not starting with trainrig-)",
                 )
         return self
+
+    @model_validator(mode="after")
+    def _park_flavor_fits(self) -> IbmConfig:
+        known = self.prices.machines
+        machine = known.get(self.park_machine)
+        if machine is None or machine.gpus:
+            cpu = sorted(k for k, m in known.items() if not m.gpus and _first_disk(k) == _first_disk(self.flavor))
+            raise ConfigError(
+                "park_flavor",
+                f"{self.park_machine} is not a CPU flavor in infra/clouds/ibm/prices.yaml",
+                f"choose one of {', '.join(cpu)}",
+            )
+        if _first_disk(self.park_machine) != _first_disk(self.flavor):
+            # An in-place flavor change keeps the boot disk: a flavor with another first disk cannot take it.
+            raise ConfigError(
+                "park_flavor",
+                f"{self.park_machine} has a {_first_disk(self.park_machine)} GB first disk, {self.flavor} one of "
+                f"{_first_disk(self.flavor)} GB",
+                "choose a CPU flavor ending in X" + _first_disk(self.flavor),
+            )
+        return self
+
+    @property
+    def park_machine(self) -> str:
+        """The flavor a parked GPU server runs as: the smallest balanced one with the same first disk."""
+        return self.park_flavor or f"B1_2X4X{_first_disk(self.flavor)}"
 
     @property
     def where(self) -> str:
@@ -121,11 +151,16 @@ class IbmConfig(MachineStack):
             )
 
 
+def _first_disk(flavor: str) -> str:
+    """The first (boot) disk's GB in a flavor's key name: AC1_8X60X100 -> 100."""
+    return flavor.rsplit("X", 1)[-1]
+
+
 class IbmCloud:
     name = "ibm"
     Config = IbmConfig
     capabilities = frozenset(
-        {"pulumi_stack", "gpu", "memlock", "data_disk", "shared_storage", "ssh_mesh", "cancel_from_cluster"}
+        {"pulumi_stack", "gpu", "memlock", "data_disk", "shared_storage", "ssh_mesh", "cancel_from_cluster", "park"}
     )
 
     def build(self, parent, name, cfg, blueprint):
@@ -141,12 +176,48 @@ class IbmCloud:
 
         return StackBackend(self, stack)
 
-    def power(self, cluster: str, cfg: IbmConfig, on: bool) -> dict[str, str]:
-        # Not "park" in its capabilities, so this is reached only by mistake; say why all the same.
-        raise TrainrigError(
-            f"IBM Cloud classic keeps billing a powered-off GPU server: cluster {cluster!r} cannot be parked, "
-            "use fab down (storage kept)"
+    def power(
+        self, inv: Inventory, cfg: IbmConfig, on: bool, transport=None, timeout: float = 3600, interval: float = 15
+    ) -> dict[str, str]:
+        """Park: change each GPU server's flavor in place to cfg.park_machine, a small CPU one; resume: back to
+        the flavor the inventory recorded. Disks, addresses and everything installed stay.
+
+        Why not power-off: IBM's suspend billing (billing stops while powered off through the API)
+        covers the balanced, compute, memory and variable-compute families only; a powered-off GPU
+        flavor (AC1/AC2) bills in full. A parked server bills its park flavor and its disks instead
+        (prices.yaml). A park that IBM refuses for one server changes the ones already parked back,
+        so the cluster is never left half parked."""
+        from infra.clouds.ibm.softlayer import VirtualServerProvider
+
+        unknown = [n.name for n in inv.gpu_nodes if not (n.cloud_id and n.flavor)]
+        if unknown:
+            raise TrainrigError(
+                f"the inventory of {inv.cluster!r} holds no IBM server id or flavor for {', '.join(unknown)}: "
+                f"run pulumi up --refresh --stack {inv.stack or 'NAME'} to record them"
+            )
+        if not inv.gpu_nodes:
+            raise TrainrigError(f"cluster {inv.cluster!r} has no GPU servers to {'resume' if on else 'park'}")
+        servers = VirtualServerProvider(
+            ready_timeout_s=timeout, poll_interval_s=interval, transport=transport, credentials=cfg.stack_credentials
         )
+        addresses: dict[str, str] = {}
+        done = []
+        for node in inv.gpu_nodes:
+            target = node.flavor if on else cfg.park_machine
+            assert target is not None and node.cloud_id is not None
+            try:
+                guest = servers.change_flavor(int(node.cloud_id), node.name, target)
+            except TrainrigError as exc:
+                if on or not done:
+                    raise
+                for parked in done:  # back as they were; their failure would be a second one to report
+                    assert parked.cloud_id is not None and parked.flavor is not None
+                    servers.change_flavor(int(parked.cloud_id), parked.name, parked.flavor)
+                names = ", ".join(n.name for n in done)
+                raise TrainrigError(f"{exc}; {names} changed back to their GPU flavor, nothing is parked") from None
+            done.append(node)
+            addresses[node.name] = guest.get("primaryIpAddress") or node.public_address
+        return addresses if on else {}
 
     def switch_cancel(self, inv: Inventory, environ: Mapping[str, str] = os.environ) -> CancelPlan:
         """The GPU servers' guest ids and the switch's own cancel-only API user (never the operator's)."""
