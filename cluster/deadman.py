@@ -18,6 +18,7 @@ from pathlib import Path
 from cluster import launch, transfer
 from cluster.runs import FINAL_STATES
 from infra import clouds, ssh, state
+from infra import inventory as inventory_mod
 from infra.errors import TrainrigError
 from infra.inventory import Inventory, Node
 from infra.models import Strict
@@ -150,6 +151,7 @@ def arm(inv: Inventory, settings: Settings, every: float = CHECK_EVERY) -> Setti
             "every": every,
             "armed_at": now,
             "up_since": now - uptime,
+            "action": inv.on_idle,  # down: the nodes end themselves; park: they stop, disks kept
             **settings.model_dump(),
         }
         ssh.run(conn, ["systemctl", "stop", UNIT], check=False, timeout=60)
@@ -198,6 +200,37 @@ def with_limits(inv: Inventory, idle: float | None, stall: float | None, hard_li
     return Settings(idle=idle, stall=stall, hard_limit=hard_limit, after_run=after)
 
 
+def summary(inv: Inventory, settings: Settings) -> str:
+    """One line on what the armed switch watches for, and what it does to the GPU nodes when it fires."""
+    text = f"dead-man switch on {host_of(inv).name}: {settings.describe()}"
+    if settings.armed:
+        text += "; it parks the GPU nodes (disks kept)" if inv.on_idle == "park" else "; it ends the GPU nodes"
+    return text
+
+
+def settle(inv: Inventory) -> Inventory:
+    """The inventory marked parked when the switch parked its GPU nodes (trainrig:on_idle: park), so every
+    command sees what `fab park` would have left: `fab up` resumes it, `fab cost` bills the parked price,
+    `fab train` says to bring it back. A record older than the inventory belongs to compute made since."""
+    if inv.on_idle != "park" or inv.parked_at or not inv.running:
+        return inv
+    record = teardown_record(inv)
+    if record is None or not parked_by_switch(record) or not record.get("compute_gone_at"):
+        return inv
+    if record["at"] < inv.updated_at.timestamp():
+        return inv
+    parked = inv.model_copy(update={"parked_at": datetime.fromtimestamp(record["compute_gone_at"], UTC)})
+    inventory_mod.save(parked)
+    return parked
+
+
+def rearm_after_park(inv: Inventory) -> Settings:
+    """After `fab up` brought back what the switch parked: the switch again, with its limits (a --down-after
+    run that ended is dropped); arming also moves the old record aside, so the cluster no longer reads as parked."""
+    saved_settings = saved(inv.cluster)
+    return arm(inv, with_limits(inv, saved_settings.idle, saved_settings.stall, saved_settings.hard_limit))
+
+
 def teardown_record(inv: Inventory) -> dict | None:
     """What the switch last did (teardown.json on the shared storage), read through a node that answers."""
     if inv.storage is None:
@@ -214,11 +247,17 @@ def teardown_record(inv: Inventory) -> dict | None:
     return None
 
 
+def parked_by_switch(record: dict | None) -> bool:
+    return record is not None and record.get("action") == "park"
+
+
 def describe_record(record: dict) -> str:
     when = datetime.fromtimestamp(record["at"], UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    text = f"compute torn down by {record['by']} at {when} ({record['trigger']}): {record['reason']}"
+    done = "parked" if parked_by_switch(record) else "torn down"
+    text = f"compute {done} by {record['by']} at {when} ({record['trigger']}): {record['reason']}"
     if record.get("compute_gone_at"):
-        text += f"; every GPU node gone {record['compute_gone_at'] - record['at']:.0f}s later"
+        gone = "stopped, disks kept," if parked_by_switch(record) else "gone"
+        text += f"; every GPU node {gone} {record['compute_gone_at'] - record['at']:.0f}s later"
     elif record.get("still_up"):
         text += f"; still answering: {', '.join(record['still_up'])} (run fab down)"
     return text

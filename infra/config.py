@@ -21,7 +21,7 @@ from pydantic import Field, SecretStr, ValidationError, model_validator
 
 from infra import catalog, clouds
 from infra.errors import TrainrigError
-from infra.inventory import gpu_node_names
+from infra.inventory import OnIdle, gpu_node_names
 from infra.models import Strict
 from infra.state import CLUSTER_NAME
 
@@ -50,6 +50,7 @@ class StackBase(Strict):
         "cluster": "set trainrig:cluster to 1-31 lowercase letters, digits or '-', starting with a letter",
         "gpu_nodes": "set trainrig:gpu_nodes to the number of GPU nodes (0 keeps only storage)",
         "data_disk_gb": "set trainrig:data_disk_gb to the data disk size of each GPU node in GB",
+        "on_idle": "set trainrig:on_idle to down (the dead-man switch ends the GPU nodes) or park (it stops them)",
     }
     # Keys whose values must be Pulumi secrets in a stack file.
     secret_keys: ClassVar[tuple[str, ...]] = ()
@@ -59,6 +60,20 @@ class StackBase(Strict):
     gpu_nodes: int = Field(ge=0, le=64)
     data_disk_gb: int = Field(default=100, ge=1, le=16000)
     tags: dict[str, str] = {}
+    on_idle: OnIdle = Field(
+        default="down",
+        description="what the dead-man switch does to the GPU nodes: end them (storage kept) or park them (disks kept)",
+    )
+
+    @model_validator(mode="after")
+    def _can_park(self) -> StackBase:
+        if self.on_idle == "park" and "park" not in clouds.get(self.cloud).capabilities:
+            raise ConfigError(
+                "on_idle",
+                f"{self.cloud} GPU nodes cannot be parked (a stopped one keeps billing)",
+                "set trainrig:on_idle: down",
+            )
+        return self
 
     # -- what the rest of trainrig asks of any cloud's config -----------------------------
     @property

@@ -10,6 +10,8 @@ Then it writes teardown.json on the shared storage (who, when, why), asks every 
 power off over the cluster's SSH mesh, and waits until none answers. Each cloud turns a node's
 own power-off into the end of its billing: AWS instances are made with instance-initiated
 shutdown = terminate, and the local cloud's host watcher removes a node container that stopped.
+With action "park" (trainrig:on_idle: park) the same power-off parks them instead: AWS instances
+are made to stop, and the host watcher leaves the stopped containers for `fab up` to resume.
 Stdlib only: it runs with the node's own python3.
 """
 
@@ -124,6 +126,7 @@ def teardown(cfg, record_path, trigger, reason):
         "reason": reason,
         "at": time.time(),
         "hosts": hosts,
+        "action": cfg.get("action", "down"),  # park: the cloud keeps the stopped nodes and their disks
         "compute_gone_at": None,
         "still_up": [],
     }
