@@ -15,8 +15,9 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from cluster import launch, transfer
-from cluster.runs import FINAL_STATES
+from cluster import launch, runs, transfer
+from cluster.jobs import LoadedJob
+from cluster.runs import FINAL_STATES, RunRecord
 from infra import clouds, ssh, state
 from infra import inventory as inventory_mod
 from infra.errors import TrainrigError
@@ -178,6 +179,20 @@ def arm(inv: Inventory, settings: Settings, every: float = CHECK_EVERY) -> Setti
             )
     state.write_atomic(settings_path(inv.cluster), settings.model_dump_json(indent=2))
     return settings
+
+
+def launch_run(
+    inv: Inventory, job: LoadedJob, resume: RunRecord | None = None, down_after: float | None = None
+) -> tuple[RunRecord, Settings | None]:
+    """Start a run (runs.launch); with `down_after` (the grace, in seconds) the switch is first checked able
+    to tear the compute down, before anything starts, then armed to do it once the run ends. The one path of
+    `fab train --down-after` and `fab demo --down-after`."""
+    if down_after is not None:
+        preflight(inv)
+    record = runs.launch(inv, job, resume=resume)
+    if down_after is None:
+        return record, None
+    return record, arm(inv, with_run(inv, record.id, record.run_dir, down_after))
 
 
 def with_run(inv: Inventory, run_id: str, run_dir: str, grace: float) -> Settings:

@@ -94,6 +94,13 @@ def _seconds(value, flag: str) -> float | None:
     return seconds
 
 
+def _grace(down_after: bool, grace) -> float | None:
+    """--down-after's grace in seconds (None: no --down-after), refused in one line before anything starts."""
+    if grace is not None and not down_after:
+        raise TrainrigError("--grace goes with --down-after")
+    return deadman_mod.parse_duration(grace or "0s", "--grace") if down_after else None
+
+
 def _ask(prompt: str) -> str:
     try:
         return ui.console.input(escape(prompt))
@@ -199,16 +206,12 @@ def provision(
 def train(c, job, name=None, follow=False, inventory=None, resume=None, down_after=False, grace=None):
     """Launch a training job across the cluster, detached; prints the run id."""
     spec = jobs.load(job)
-    if grace is not None and not down_after:
-        raise TrainrigError("--grace goes with --down-after")
-    grace_s = deadman_mod.parse_duration(grace or "0s", "--grace")
+    grace_s = _grace(down_after, grace)
     inv = inventory_mod.require_running(deadman_mod.settle(_inventory(c, name, inventory)))
-    if down_after:
-        deadman_mod.preflight(inv)
-    record = runs.launch(inv, spec, resume=runs.find(inv.cluster, resume) if resume else None)
+    earlier = runs.find(inv.cluster, resume) if resume else None
+    record, armed = deadman_mod.launch_run(inv, spec, resume=earlier, down_after=grace_s)
     ui.console.print(f"started run [bold]{record.id}[/] ({record.ranks} ranks) in {record.run_dir}")
-    if down_after:
-        armed = deadman_mod.arm(inv, deadman_mod.with_run(inv, record.id, record.run_dir, grace_s))
+    if armed:
         ui.console.print(escape(deadman_mod.summary(inv, armed)))
     if follow:
         _follow(inv, record)
@@ -513,12 +516,23 @@ def plan(c, stack=None, verify=False):
         "nodes": "GPU-role nodes (default 2)",
         "job": "job spec (default training_jobs/dp-mlp.yaml)",
         "keep": "leave the cluster up afterwards",
+        "down_after": "the cluster's dead-man switch powers the GPU nodes off when the run ends; storage stays",
+        "grace": "with --down-after: wait this long after the run ends first (90s, 5m, 2h; default 0s)",
     }
 )
 @friendly
-def demo(c, name="demo", nodes=None, job=None, keep=False):
+def demo(c, name="demo", nodes=None, job=None, keep=False, down_after=False, grace=None):
     """Up, provision, train, monitor, fetch and down in one command, with a summary."""
-    demo_mod.demo(_name(c, name), _count(nodes, "--nodes", 2), Path(job) if job else demo_mod.DEFAULT_JOB, keep=keep)
+    grace_s = _grace(down_after, grace)
+    if keep and down_after:
+        raise TrainrigError("--keep leaves the cluster up and --down-after tears its compute down: give one")
+    demo_mod.demo(
+        _name(c, name),
+        _count(nodes, "--nodes", 2),
+        Path(job) if job else demo_mod.DEFAULT_JOB,
+        keep=keep,
+        down_after=grace_s,
+    )
 
 
 namespace = Collection(
