@@ -18,7 +18,7 @@ from pathlib import Path
 from cluster import launch, runs, transfer
 from cluster.jobs import LoadedJob
 from cluster.runs import FINAL_STATES, RunRecord
-from infra import clouds, ssh, state
+from infra import clouds, config, ssh, state
 from infra import inventory as inventory_mod
 from infra.errors import TrainrigError
 from infra.inventory import Inventory, Node
@@ -96,6 +96,7 @@ def require_verifiable(inv: Inventory) -> None:
             f"cluster {inv.cluster!r} lives in a Pulumi stack, and without the Pulumi CLI its teardown cannot be "
             "checked (pulumi refresh): install it from https://www.pulumi.com/docs/install/"
         )
+    config.check_cluster_credentials(inv)  # the cloud must answer to show the compute gone (or parked)
     if inv.storage is None:
         raise TrainrigError(f"cluster {inv.cluster!r} has no shared storage for the dead-man switch to watch")
     if not inv.gpu_nodes:

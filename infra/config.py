@@ -21,7 +21,7 @@ from pydantic import Field, SecretStr, ValidationError, model_validator
 
 from infra import catalog, clouds
 from infra.errors import TrainrigError
-from infra.inventory import OnIdle, gpu_node_names
+from infra.inventory import Inventory, OnIdle, gpu_node_names
 from infra.models import Strict
 from infra.state import CLUSTER_NAME
 
@@ -294,6 +294,19 @@ def load_named(stack: str | None, root: Path = ROOT, environ: Mapping[str, str] 
     cfg = load_stack_file(stack_file(stack, root))
     cfg.check_credentials(environ)
     return cfg
+
+
+def check_cluster_credentials(inv: Inventory, root: Path = ROOT, environ: Mapping[str, str] = os.environ) -> None:
+    """The credentials of the cloud a cluster lives on, checked as for `pulumi up`: with its stack file's
+    settings when there is one (IBM may keep its key among the stack's secrets), else the environment alone
+    (no setting then counts: the model is built unvalidated, with its defaults, for the check only)."""
+    path = stack_file(inv.stack, root) if inv.stack else None
+    if path is not None and path.is_file():
+        cfg = load_stack_file(path)
+    else:
+        model = clouds.get(inv.cloud).Config
+        cfg = model.model_construct(cloud=inv.cloud, cluster=inv.cluster, gpu_nodes=len(inv.gpu_nodes))
+    cfg.check_credentials(environ)
 
 
 def from_pulumi_config(values: Mapping[str, Any]) -> StackConfig:

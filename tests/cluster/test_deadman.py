@@ -121,7 +121,15 @@ def test_ibm_is_refused_in_one_line(tmp_path):
         deadman.require_verifiable(inventory("ibm", tmp_path))
 
 
+def without_aws_credentials(monkeypatch, tmp_path):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "nobody"))
+
+
 def test_a_stack_cluster_without_the_pulumi_cli_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "example")
     monkeypatch.setattr(deadman.shutil, "which", lambda name: None)
     with pytest.raises(TrainrigError, match="without the Pulumi CLI its teardown cannot be checked"):
         deadman.require_verifiable(inventory("aws", tmp_path))
@@ -129,6 +137,21 @@ def test_a_stack_cluster_without_the_pulumi_cli_is_refused(tmp_path, monkeypatch
     deadman.require_verifiable(inventory("aws", tmp_path))
     with pytest.raises(TrainrigError, match="no shared storage"):
         deadman.require_verifiable(inventory("aws", tmp_path, storage=False))
+
+
+@pytest.mark.parametrize("stack", [None, "aws-16-gpu"])
+def test_a_cluster_whose_cloud_credentials_are_missing_is_refused(tmp_path, monkeypatch, stack):
+    """Without them nothing can show the compute gone (pulumi refresh, fab down, fab audit)."""
+    without_aws_credentials(monkeypatch, tmp_path)
+    monkeypatch.setattr(deadman.shutil, "which", lambda name: "/usr/bin/pulumi")
+    inv = inventory("aws", tmp_path).model_copy(update={"stack": stack})
+    with pytest.raises(
+        TrainrigError, match=r"^AWS_ACCESS_KEY_ID: AWS credentials are missing; export AWS_ACCESS_KEY_ID"
+    ):
+        deadman.require_verifiable(inv)
+    monkeypatch.setenv("AWS_PROFILE", "training")
+    deadman.require_verifiable(inv)
+    deadman.require_verifiable(inventory("local", tmp_path))  # a local cluster needs none
 
 
 def test_a_gpu_node_the_switch_cannot_reach_is_refused_before_any_run(ssh_cluster):
