@@ -160,11 +160,7 @@ def arm(inv: Inventory, settings: Settings, every: float = CHECK_EVERY) -> Setti
         ssh.run(conn, ["systemctl", "reset-failed", UNIT], check=False)
         ssh.run(conn, ["mkdir", "-p", base], what=f"{home.name}: the switch's folder")
         # A teardown record belongs to the compute it tore down: a fresh arming keeps it as history.
-        ssh.run(
-            conn,
-            ["sh", "-c", 'test ! -f "$1" || mv "$1" "$1.$(date +%s)"', "keep", record],
-            check=False,
-        )
+        _keep_as_history(conn, record)
         sftp = conn.sftp()
         sftp.put(str(SCRIPT), f"{base}/deadman.py")
         transfer.put_text(sftp, f"{base}/config.json", json.dumps(config, indent=2))
@@ -194,6 +190,10 @@ def launch_run(
     if down_after is None:
         return record, None
     return record, arm(inv, with_run(inv, record.id, record.run_dir, down_after))
+
+
+def _keep_as_history(conn, record: str) -> None:
+    ssh.run(conn, ["sh", "-c", 'test ! -f "$1" || mv "$1" "$1.$(date +%s)"', "keep", record], check=False)
 
 
 def with_run(inv: Inventory, run_id: str, run_dir: str, grace: float) -> Settings:
@@ -244,7 +244,13 @@ def rearm_after_park(inv: Inventory) -> Settings:
     """After `fab up` brought back what the switch parked: the switch again, with its limits (a --down-after
     run that ended is dropped); arming also moves the old record aside, so the cluster no longer reads as parked."""
     saved_settings = saved(inv.cluster)
-    return arm(inv, with_limits(inv, saved_settings.idle, saved_settings.stall, saved_settings.hard_limit))
+    try:
+        return arm(inv, with_limits(inv, saved_settings.idle, saved_settings.stall, saved_settings.hard_limit))
+    except TrainrigError:
+        # Not armed, but the compute is back all the same: its old record must not make it read as parked.
+        with ssh.open_checked(inv, host_of(inv)) as conn:
+            _keep_as_history(conn, paths(inv)[1])
+        raise
 
 
 def teardown_record(inv: Inventory) -> dict | None:

@@ -36,6 +36,11 @@ def up(
     with state.cluster_lock(name, "up"):
         earlier = inventory_mod.load(name) if inventory_mod.path_for(name).is_file() else None
         if earlier is not None and on_idle and earlier.on_idle != on_idle:
+            if earlier.stack:  # its nodes were made for the stack's choice (AWS: terminate or stop)
+                raise TrainrigError(
+                    f"cluster {name!r} is made by stack {earlier.stack}: set trainrig:on_idle: {on_idle} there, "
+                    f"then pulumi up --stack {earlier.stack}"
+                )
             earlier = earlier.model_copy(update={"on_idle": on_idle})
             inventory_mod.save(earlier)
         if earlier is not None:
