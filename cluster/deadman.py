@@ -281,5 +281,8 @@ def describe_record(record: dict) -> str:
         gone = "stopped, disks kept," if parked_by_switch(record) else "gone"
         text += f"; every GPU node {gone} {record['compute_gone_at'] - record['at']:.0f}s later"
     elif record.get("still_up"):
-        text += f"; still answering: {', '.join(record['still_up'])} (run fab down)"
+        verb = "still billing" if record.get("cancelled") is not None else "still answering"
+        text += f"; {verb}: {', '.join(record['still_up'])} (run fab down)"
+        errors = record.get("errors") or {}
+        text += "".join(f"; {host}: {why}" for host, why in errors.items())
     return text

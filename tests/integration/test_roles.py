@@ -297,7 +297,7 @@ def test_gpu_facts_find_no_gpu_on_the_local_nodes(cluster, provisioned, tmp_path
             facts["gpu_facts_nvswitch_present"],
         ) == ([], False, False)
         [(event, _)] = task_results(
-            tmp_path, name, "Install the driver branch (and the fabric manager on NVSwitch hosts)"
+            tmp_path, name, "Install the headers, dkms and the driver branch (and the NVSwitch fabric manager)"
         )
         assert event == "runner_on_skipped"
 
