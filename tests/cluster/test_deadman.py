@@ -208,3 +208,17 @@ def test_re_arming_keeps_a_down_after_run_only_while_it_runs(ssh_cluster):
     (run / "status.json").write_text(json.dumps({"state": "succeeded", "ended_at": time.time()}))
     # That run is over (its compute may be gone already): re-arming must not fire on it at once.
     assert deadman.with_limits(cluster.inv, idle=600, stall=None, hard_limit=None).after_run is None
+
+
+def test_fab_down_removes_the_switch_credential_from_the_storage_node(ssh_cluster, monkeypatch):
+    cluster = ssh_cluster(1)
+    secret = cluster.share.parent / "etc" / "deadman-credential.json"
+    secret.parent.mkdir()
+    secret.write_text("{}")
+    monkeypatch.setattr(deadman, "CREDENTIAL", str(secret))
+    cluster.add_program("systemctl", "exit 0")
+    deadman.forget_credential(cluster.inv)  # local: no credential of its own, nothing touched
+    assert secret.exists()
+    deadman.forget_credential(ibm_inventory(cluster.inv))
+    assert not secret.exists()
+    assert any(c.startswith("systemctl stop trainrig-deadman") for c in cluster.servers["storage"].commands)
