@@ -15,9 +15,11 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from cluster import launch, transfer
-from cluster.runs import FINAL_STATES
-from infra import clouds, ssh, state
+from cluster import launch, runs, transfer
+from cluster.jobs import LoadedJob
+from cluster.runs import FINAL_STATES, RunRecord
+from infra import clouds, config, ssh, state
+from infra import inventory as inventory_mod
 from infra.errors import TrainrigError
 from infra.inventory import Inventory, Node
 from infra.models import Strict
@@ -103,6 +105,7 @@ def require_verifiable(inv: Inventory) -> clouds.CancelPlan | None:
             f"cluster {inv.cluster!r} lives in a Pulumi stack, and without the Pulumi CLI its teardown cannot be "
             "checked (pulumi refresh): install it from https://www.pulumi.com/docs/install/"
         )
+    config.check_cluster_credentials(inv)  # the cloud must answer to show the compute gone (or parked)
     if inv.storage is None:
         raise TrainrigError(f"cluster {inv.cluster!r} has no shared storage for the dead-man switch to watch")
     if not inv.gpu_nodes:
@@ -165,17 +168,14 @@ def arm(inv: Inventory, settings: Settings, every: float = CHECK_EVERY) -> Setti
             "every": every,
             "armed_at": now,
             "up_since": now - uptime,
+            "action": inv.on_idle,  # down: the nodes end themselves; park: they stop, disks kept
             **settings.model_dump(),
         }
         ssh.run(conn, ["systemctl", "stop", UNIT], check=False, timeout=60)
         ssh.run(conn, ["systemctl", "reset-failed", UNIT], check=False)
         ssh.run(conn, ["mkdir", "-p", base], what=f"{home.name}: the switch's folder")
         # A teardown record belongs to the compute it tore down: a fresh arming keeps it as history.
-        ssh.run(
-            conn,
-            ["sh", "-c", 'test ! -f "$1" || mv "$1" "$1.$(date +%s)"', "keep", record],
-            check=False,
-        )
+        _keep_as_history(conn, record)
         sftp = conn.sftp()
         if plan is not None:
             # Over SFTP, private from its first byte: never on a command line, in a log or on the shared storage.
@@ -198,6 +198,24 @@ def arm(inv: Inventory, settings: Settings, every: float = CHECK_EVERY) -> Setti
             )
     state.write_atomic(settings_path(inv.cluster), settings.model_dump_json(indent=2))
     return settings
+
+
+def launch_run(
+    inv: Inventory, job: LoadedJob, resume: RunRecord | None = None, down_after: float | None = None
+) -> tuple[RunRecord, Settings | None]:
+    """Start a run (runs.launch); with `down_after` (the grace, in seconds) the switch is first checked able
+    to tear the compute down, before anything starts, then armed to do it once the run ends. The one path of
+    `fab train --down-after` and `fab demo --down-after`."""
+    if down_after is not None:
+        preflight(inv)
+    record = runs.launch(inv, job, resume=resume)
+    if down_after is None:
+        return record, None
+    return record, arm(inv, with_run(inv, record.id, record.run_dir, down_after))
+
+
+def _keep_as_history(conn, record: str) -> None:
+    ssh.run(conn, ["sh", "-c", 'test ! -f "$1" || mv "$1" "$1.$(date +%s)"', "keep", record], check=False)
 
 
 def with_run(inv: Inventory, run_id: str, run_dir: str, grace: float) -> Settings:
@@ -233,6 +251,43 @@ def forget_credential(inv: Inventory) -> None:
         pass
 
 
+def summary(inv: Inventory, settings: Settings) -> str:
+    """One line on what the armed switch watches for, and what it does to the GPU nodes when it fires."""
+    text = f"dead-man switch on {host_of(inv).name}: {settings.describe()}"
+    if settings.armed:
+        text += "; it parks the GPU nodes (disks kept)" if inv.on_idle == "park" else "; it ends the GPU nodes"
+    return text
+
+
+def settle(inv: Inventory) -> Inventory:
+    """The inventory marked parked when the switch parked its GPU nodes (trainrig:on_idle: park), so every
+    command sees what `fab park` would have left: `fab up` resumes it, `fab cost` bills the parked price,
+    `fab train` says to bring it back. A record older than the inventory belongs to compute made since."""
+    if inv.on_idle != "park" or inv.parked_at or not inv.running:
+        return inv
+    record = teardown_record(inv)
+    if record is None or not parked_by_switch(record) or not record.get("compute_gone_at"):
+        return inv
+    if record["at"] < inv.updated_at.timestamp():
+        return inv
+    parked = inv.model_copy(update={"parked_at": datetime.fromtimestamp(record["compute_gone_at"], UTC)})
+    inventory_mod.save(parked)
+    return parked
+
+
+def rearm_after_park(inv: Inventory) -> Settings:
+    """After `fab up` brought back what the switch parked: the switch again, with its limits (a --down-after
+    run that ended is dropped); arming also moves the old record aside, so the cluster no longer reads as parked."""
+    saved_settings = saved(inv.cluster)
+    try:
+        return arm(inv, with_limits(inv, saved_settings.idle, saved_settings.stall, saved_settings.hard_limit))
+    except TrainrigError:
+        # Not armed, but the compute is back all the same: its old record must not make it read as parked.
+        with ssh.open_checked(inv, host_of(inv)) as conn:
+            _keep_as_history(conn, paths(inv)[1])
+        raise
+
+
 def teardown_record(inv: Inventory) -> dict | None:
     """What the switch last did (teardown.json on the shared storage), read through a node that answers."""
     if inv.storage is None:
@@ -249,11 +304,17 @@ def teardown_record(inv: Inventory) -> dict | None:
     return None
 
 
+def parked_by_switch(record: dict | None) -> bool:
+    return record is not None and record.get("action") == "park"
+
+
 def describe_record(record: dict) -> str:
     when = datetime.fromtimestamp(record["at"], UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    text = f"compute torn down by {record['by']} at {when} ({record['trigger']}): {record['reason']}"
+    done = "parked" if parked_by_switch(record) else "torn down"
+    text = f"compute {done} by {record['by']} at {when} ({record['trigger']}): {record['reason']}"
     if record.get("compute_gone_at"):
-        text += f"; every GPU node gone {record['compute_gone_at'] - record['at']:.0f}s later"
+        gone = "stopped, disks kept," if parked_by_switch(record) else "gone"
+        text += f"; every GPU node {gone} {record['compute_gone_at'] - record['at']:.0f}s later"
     elif record.get("still_up"):
         verb = "still billing" if record.get("cancelled") is not None else "still answering"
         text += f"; {verb}: {', '.join(record['still_up'])} (run fab down)"

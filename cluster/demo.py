@@ -5,17 +5,26 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 
-from cluster import jobs, lifecycle, monitor, plot, provision, results, runs
+from cluster import deadman, jobs, lifecycle, monitor, plot, provision, results
 from infra import clouds, ui
 from infra import inventory as inventory_mod
+from infra.commands import wait_until
 from infra.errors import TrainrigError
 
 DEFAULT_JOB = Path(__file__).resolve().parent.parent / "training_jobs" / "dp-mlp.yaml"
+# After the grace: the switch's polling, the nodes' power-off and its own wait for them (remote/deadman.py).
+TEARDOWN_TIMEOUT = 360
 
 
-def demo(name: str, gpu_nodes: int, job_path: Path = DEFAULT_JOB, keep: bool = False) -> Path:
+def demo(
+    name: str, gpu_nodes: int, job_path: Path = DEFAULT_JOB, keep: bool = False, down_after: float | None = None
+) -> Path:
+    """The whole flow on a new local cluster, which is purged at the end unless `keep`. With `down_after`
+    (a grace in seconds) the cluster's dead-man switch tears the compute down once the run ends, as
+    `fab train --down-after` does, and the demo waits for that; the storage and the results on it stay."""
     job = jobs.load(job_path)
     timings: dict[str, float] = {}
     started = time.monotonic()
@@ -29,14 +38,17 @@ def demo(name: str, gpu_nodes: int, job_path: Path = DEFAULT_JOB, keep: bool = F
         ui.console.print(f"removing the earlier {name!r} cluster first")
         lifecycle.down(earlier, purge=True)
     inv = None
+    armed = None
     try:
         with ui.timed("up", timings):
             inv = lifecycle.up(name, gpu_nodes, data_disk_gb=2)
         with ui.timed("provision", timings):
             provision.provision(inv)
         with ui.timed("launch", timings):
-            record = runs.launch(inv, job)
+            record, armed = deadman.launch_run(inv, job, down_after=down_after)
             ui.console.print(f"run {record.id}: {record.ranks} ranks on {job.spec.nodes} nodes")
+            if armed:
+                ui.console.print(escape(deadman.summary(inv, armed)))
         with ui.timed("train", timings):
             view = monitor.monitor(inv, record)
         if view.state != "succeeded":
@@ -45,12 +57,37 @@ def demo(name: str, gpu_nodes: int, job_path: Path = DEFAULT_JOB, keep: bool = F
             dest = results.fetch(inv, record)
             curves = plot.plot_run(dest, f"{job.spec.name}: {record.ranks} ranks on {job.spec.nodes} nodes")
             plot.plot_telemetry(dest, f"{job.spec.name}: load per node")
+        if armed:
+            with ui.timed("down (by the cluster)", timings):
+                teardown = _torn_down(inv, down_after or 0.0)
     finally:
-        if inv is not None and not keep:
+        # Once armed, the switch tears the compute down when the run ends, however the demo ends.
+        if inv is not None and not keep and not armed:
             with ui.timed("down", timings):
-                lifecycle.down(inv, purge=True)
+                lifecycle.down(inv, purge=down_after is None)
     _summary(inv, job, view, dest, curves, timings, time.monotonic() - started)
+    if armed:
+        ui.console.print(escape(deadman.describe_record(teardown)))
+        ui.console.print(f"storage and results kept; remove them with: fab down --name {name} --purge")
     return dest
+
+
+def _torn_down(inv, grace: float) -> dict:
+    """The switch's teardown record once every GPU node has gone (within the grace and the switch's own bound)."""
+
+    def complete() -> dict | None:
+        record = deadman.teardown_record(inv)
+        return record if record and (record.get("compute_gone_at") or record.get("still_up")) else None
+
+    record = wait_until(
+        complete,
+        timeout=grace + TEARDOWN_TIMEOUT,
+        interval=deadman.CHECK_EVERY,
+        what=f"the dead-man switch to tear down the compute of {inv.cluster} (then: fab down --name {inv.cluster})",
+    )
+    if record.get("still_up"):
+        raise TrainrigError(f"{deadman.describe_record(record)}")
+    return record
 
 
 def _summary(inv, job, view, dest: Path, curves: Path, timings: dict[str, float], total: float) -> None:

@@ -7,24 +7,46 @@ from collections.abc import Callable
 
 from pydantic import ValidationError
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 
+from cluster import deadman
 from infra import clouds, ssh, state, ui
 from infra import inventory as inventory_mod
 from infra.clouds import ClusterRequest
 from infra.errors import TrainrigError
-from infra.inventory import STORAGE_NODE, Inventory, gpu_node_names
+from infra.inventory import STORAGE_NODE, Inventory, OnIdle, gpu_node_names
 
 
 def up(
-    name: str, gpu_nodes: int, data_disk_gb: int, cloud: str = clouds.DEFAULT, image: str | None = None
+    name: str,
+    gpu_nodes: int,
+    data_disk_gb: int,
+    cloud: str = clouds.DEFAULT,
+    image: str | None = None,
+    on_idle: OnIdle | None = None,
 ) -> Inventory:
-    """Create a cluster (GPU nodes from `image` when given: a baked node), or bring an existing one back."""
-    request = _request(name=name, cloud=cloud, gpu_nodes=gpu_nodes, data_disk_gb=data_disk_gb, image=image)
+    """Create a cluster (GPU nodes from `image` when given: a baked node), or bring an existing one back.
+
+    `on_idle` is what its dead-man switch will do (down, the default, or park); given for a cluster
+    that exists, it replaces the cluster's choice from the next arming on."""
+    request = _request(
+        name=name, cloud=cloud, gpu_nodes=gpu_nodes, data_disk_gb=data_disk_gb, image=image, on_idle=on_idle or "down"
+    )
     with state.cluster_lock(name, "up"):
         earlier = inventory_mod.load(name) if inventory_mod.path_for(name).is_file() else None
+        if earlier is not None and on_idle and earlier.on_idle != on_idle:
+            if earlier.stack:  # its nodes were made for the stack's choice (AWS: terminate or stop)
+                raise TrainrigError(
+                    f"cluster {name!r} is made by stack {earlier.stack}: set trainrig:on_idle: {on_idle} there, "
+                    f"then pulumi up --stack {earlier.stack}"
+                )
+            earlier = earlier.model_copy(update={"on_idle": on_idle})
+            inventory_mod.save(earlier)
+        if earlier is not None:
+            earlier = deadman.settle(earlier)  # the switch may have parked it
         if earlier is not None and earlier.parked_at:
-            return resume(earlier)
+            return _resume_and_rearm(earlier)
         provider = clouds.get(cloud)
         clouds.require(provider, "create", "be created by fab up: make them with pulumi up --stack NAME")
         backend = provider.backend()
@@ -76,7 +98,13 @@ def running_gpu_nodes(name: str) -> int | None:
     return len(inv.gpu_nodes) if inv.running else None
 
 
-FLAGS = {"name": "--name", "gpu_nodes": "--nodes", "data_disk_gb": "--disk-gb", "cloud": "cloud"}
+FLAGS = {
+    "name": "--name",
+    "gpu_nodes": "--nodes",
+    "data_disk_gb": "--disk-gb",
+    "cloud": "cloud",
+    "on_idle": "--on-idle",
+}
 
 
 def _request(**fields) -> ClusterRequest:
@@ -97,6 +125,17 @@ def park(inv: Inventory, stack: str | None = None) -> Inventory:
         raise TrainrigError(f"cluster {inv.cluster!r} has no GPU nodes to park")
     with state.cluster_lock(inv.cluster, "park"):
         return provider.backend(stack).park(inv)
+
+
+def _resume_and_rearm(inv: Inventory) -> Inventory:
+    """A parked cluster back; if the dead-man switch parked it, the switch is armed again with its limits."""
+    resumed = resume(inv)
+    if deadman.parked_by_switch(deadman.teardown_record(resumed)):
+        try:
+            ui.console.print(escape(deadman.summary(resumed, deadman.rearm_after_park(resumed))))
+        except TrainrigError as exc:
+            ui.console.print(escape(f"the dead-man switch is not armed again ({exc}); arm it with fab deadman"))
+    return resumed
 
 
 def resume(inv: Inventory, stack: str | None = None) -> Inventory:

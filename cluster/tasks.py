@@ -94,6 +94,13 @@ def _seconds(value, flag: str) -> float | None:
     return seconds
 
 
+def _grace(down_after: bool, grace) -> float | None:
+    """--down-after's grace in seconds (None: no --down-after), refused in one line before anything starts."""
+    if grace is not None and not down_after:
+        raise TrainrigError("--grace goes with --down-after")
+    return deadman_mod.parse_duration(grace or "0s", "--grace") if down_after else None
+
+
 def _ask(prompt: str) -> str:
     try:
         return ui.console.input(escape(prompt))
@@ -114,10 +121,11 @@ def _inventory(c, name: str | None, inventory: str | None = None):
         "nodes": "number of GPU-role nodes (default 2)",
         "disk_gb": "data disk size per node, GB",
         "image": "start the GPU nodes from this baked node image (fab bake)",
+        "on_idle": "what the dead-man switch does to the GPU nodes: down (default: removes them) or park (stops them)",
     }
 )
 @friendly
-def up(c, name=None, nodes=None, disk_gb=None, image=None):
+def up(c, name=None, nodes=None, disk_gb=None, image=None, on_idle=None):
     """Create a local cluster (N GPU-role nodes and a storage node as Docker "VMs"); bring back a parked one, or
     the stopped or restarted nodes of one that is up."""
     cfg = c.config.trainrig
@@ -125,7 +133,7 @@ def up(c, name=None, nodes=None, disk_gb=None, image=None):
     count = _count(nodes, "--nodes", cfg.nodes)
     if nodes is None:  # a cluster that is up keeps its size; --nodes that differs is refused
         count = lifecycle.running_gpu_nodes(cluster) or count
-    inv = lifecycle.up(cluster, count, _count(disk_gb, "--disk-gb", cfg.data_disk_gb), image=image)
+    inv = lifecycle.up(cluster, count, _count(disk_gb, "--disk-gb", cfg.data_disk_gb), image=image, on_idle=on_idle)
     ui.console.print(lifecycle.status_table(inv))
     ui.console.print(f"inventory: {inventory_mod.path_for(inv.cluster)}")
 
@@ -134,23 +142,25 @@ def up(c, name=None, nodes=None, disk_gb=None, image=None):
 @friendly
 def status(c, name=None, inventory=None):
     """Show the cluster's nodes, addresses and whether each answers SSH."""
-    inv = _inventory(c, name, inventory)
+    inv = deadman_mod.settle(_inventory(c, name, inventory))
     ui.console.print(lifecycle.status_table(inv))
     if not inv.running:
         ui.console.print(f"no nodes running; start them with: fab up --name {inv.cluster}")
         return
+    record = deadman_mod.teardown_record(inv)
     if inv.parked_at:
         ui.console.print(
             f"parked since {inv.parked_at:%Y-%m-%d %H:%M:%S} UTC: GPU nodes stopped, disks kept; "
             f"bring it back with: fab up --name {inv.cluster}"
         )
+        if deadman_mod.parked_by_switch(record):
+            ui.console.print(escape(deadman_mod.describe_record(record)))
         return
-    record = deadman_mod.teardown_record(inv)
     if record:
-        ui.console.print(deadman_mod.describe_record(record))
+        ui.console.print(escape(deadman_mod.describe_record(record)))
     armed = deadman_mod.saved(inv.cluster)
     if armed.armed and not record:
-        ui.console.print(f"dead-man switch on {deadman_mod.host_of(inv).name}: {armed.describe()}")
+        ui.console.print(escape(deadman_mod.summary(inv, armed)))
 
 
 @task(
@@ -197,17 +207,13 @@ def provision(
 def train(c, job, name=None, follow=False, inventory=None, resume=None, down_after=False, grace=None):
     """Launch a training job across the cluster, detached; prints the run id."""
     spec = jobs.load(job)
-    if grace is not None and not down_after:
-        raise TrainrigError("--grace goes with --down-after")
-    grace_s = deadman_mod.parse_duration(grace or "0s", "--grace")
-    inv = inventory_mod.require_running(_inventory(c, name, inventory))
-    if down_after:
-        deadman_mod.preflight(inv)
-    record = runs.launch(inv, spec, resume=runs.find(inv.cluster, resume) if resume else None)
+    grace_s = _grace(down_after, grace)
+    inv = inventory_mod.require_running(deadman_mod.settle(_inventory(c, name, inventory)))
+    earlier = runs.find(inv.cluster, resume) if resume else None
+    record, armed = deadman_mod.launch_run(inv, spec, resume=earlier, down_after=grace_s)
     ui.console.print(f"started run [bold]{record.id}[/] ({record.ranks} ranks) in {record.run_dir}")
-    if down_after:
-        armed = deadman_mod.arm(inv, deadman_mod.with_run(inv, record.id, record.run_dir, grace_s))
-        ui.console.print(f"dead-man switch on {deadman_mod.host_of(inv).name}: {armed.describe()}")
+    if armed:
+        ui.console.print(escape(deadman_mod.summary(inv, armed)))
     if follow:
         _follow(inv, record)
     else:
@@ -401,10 +407,10 @@ def deadman(c, name=None, idle=None, stall=None, hard_limit=None, off=False, inv
         raise TrainrigError("--off disarms the switch: give it alone")
     if not off and all(v is None for v in limits.values()):
         raise TrainrigError("give at least one of --idle, --stall, --hard-limit (or --off)")
-    inv = inventory_mod.require_running(_inventory(c, name, inventory))
+    inv = inventory_mod.require_running(deadman_mod.settle(_inventory(c, name, inventory)))
     settings = deadman_mod.Settings() if off else deadman_mod.with_limits(inv, **limits)
     armed = deadman_mod.arm(inv, settings)
-    ui.console.print(f"dead-man switch on {deadman_mod.host_of(inv).name}: {armed.describe()}")
+    ui.console.print(escape(deadman_mod.summary(inv, armed)))
 
 
 @task(help={"all": "every cloud, and clusters whose local state was lost (found by their tags)"})
@@ -436,7 +442,7 @@ def cost(c, name=None, all=False):
         inv = inventory_mod.load(cluster)
         if not inv.running:
             continue
-        bill = cost_mod.bill(inv)
+        bill = cost_mod.bill(deadman_mod.settle(inv))  # parked by the switch: billed at the parked price
         ui.console.print(cost_mod.bill_table(bill))
         if bill.runs:
             ui.console.print(cost_mod.runs_table(bill))
@@ -511,12 +517,23 @@ def plan(c, stack=None, verify=False):
         "nodes": "GPU-role nodes (default 2)",
         "job": "job spec (default training_jobs/dp-mlp.yaml)",
         "keep": "leave the cluster up afterwards",
+        "down_after": "the cluster's dead-man switch powers the GPU nodes off when the run ends; storage stays",
+        "grace": "with --down-after: wait this long after the run ends first (90s, 5m, 2h; default 0s)",
     }
 )
 @friendly
-def demo(c, name="demo", nodes=None, job=None, keep=False):
+def demo(c, name="demo", nodes=None, job=None, keep=False, down_after=False, grace=None):
     """Up, provision, train, monitor, fetch and down in one command, with a summary."""
-    demo_mod.demo(_name(c, name), _count(nodes, "--nodes", 2), Path(job) if job else demo_mod.DEFAULT_JOB, keep=keep)
+    grace_s = _grace(down_after, grace)
+    if keep and down_after:
+        raise TrainrigError("--keep leaves the cluster up and --down-after tears its compute down: give one")
+    demo_mod.demo(
+        _name(c, name),
+        _count(nodes, "--nodes", 2),
+        Path(job) if job else demo_mod.DEFAULT_JOB,
+        keep=keep,
+        down_after=grace_s,
+    )
 
 
 namespace = Collection(

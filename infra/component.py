@@ -28,12 +28,13 @@ class GpuCluster(pulumi.ComponentResource):
         bp = blueprint(cfg)
         built = clouds.get(cfg.cloud).build(self, name, cfg, bp)
         stack = pulumi.get_stack()
-        self.inventory = built.apply(lambda data: _validated({**data, "stack": stack}))
+        self.inventory = built.apply(lambda data: _validated({**data, "stack": stack, "on_idle": cfg.on_idle}))
         self.hourly_cost_usd = pulumi.Output.from_input(bp.hourly_cost())
         self.register_outputs({"inventory": self.inventory, "hourly_cost_usd": self.hourly_cost_usd})
 
 
 def _validated(data: dict) -> dict:
-    """The inventory as cluster/ will read it, naming the stack that made it: validated before it is exported."""
+    """The inventory as cluster/ will read it, naming the stack that made it (and what its dead-man switch
+    does): validated before it is exported."""
     inv: Inventory = parse(json.dumps(data), "stack output 'inventory'")
     return json.loads(inv.model_dump_json(exclude={"updated_at"}))

@@ -21,7 +21,7 @@ from pydantic import Field, SecretStr, ValidationError, model_validator
 
 from infra import catalog, clouds
 from infra.errors import TrainrigError
-from infra.inventory import gpu_node_names
+from infra.inventory import Inventory, OnIdle, gpu_node_names
 from infra.models import Strict
 from infra.state import CLUSTER_NAME
 
@@ -50,6 +50,7 @@ class StackBase(Strict):
         "cluster": "set trainrig:cluster to 1-31 lowercase letters, digits or '-', starting with a letter",
         "gpu_nodes": "set trainrig:gpu_nodes to the number of GPU nodes (0 keeps only storage)",
         "data_disk_gb": "set trainrig:data_disk_gb to the data disk size of each GPU node in GB",
+        "on_idle": "set trainrig:on_idle to down (the dead-man switch ends the GPU nodes) or park (it stops them)",
     }
     # Keys whose values must be Pulumi secrets in a stack file.
     secret_keys: ClassVar[tuple[str, ...]] = ()
@@ -59,6 +60,20 @@ class StackBase(Strict):
     gpu_nodes: int = Field(ge=0, le=64)
     data_disk_gb: int = Field(default=100, ge=1, le=16000)
     tags: dict[str, str] = {}
+    on_idle: OnIdle = Field(
+        default="down",
+        description="what the dead-man switch does to the GPU nodes: end them (storage kept) or park them (disks kept)",
+    )
+
+    @model_validator(mode="after")
+    def _can_park(self) -> StackBase:
+        if self.on_idle == "park" and "park" not in clouds.get(self.cloud).capabilities:
+            raise ConfigError(
+                "on_idle",
+                f"{self.cloud} GPU nodes cannot be parked (a stopped one keeps billing)",
+                "set trainrig:on_idle: down",
+            )
+        return self
 
     # -- what the rest of trainrig asks of any cloud's config -----------------------------
     @property
@@ -279,6 +294,19 @@ def load_named(stack: str | None, root: Path = ROOT, environ: Mapping[str, str] 
     cfg = load_stack_file(stack_file(stack, root))
     cfg.check_credentials(environ)
     return cfg
+
+
+def check_cluster_credentials(inv: Inventory, root: Path = ROOT, environ: Mapping[str, str] = os.environ) -> None:
+    """The credentials of the cloud a cluster lives on, checked as for `pulumi up`: with its stack file's
+    settings when there is one (IBM may keep its key among the stack's secrets), else the environment alone
+    (no setting then counts: the model is built unvalidated, with its defaults, for the check only)."""
+    path = stack_file(inv.stack, root) if inv.stack else None
+    if path is not None and path.is_file():
+        cfg = load_stack_file(path)
+    else:
+        model = clouds.get(inv.cloud).Config
+        cfg = model.model_construct(cloud=inv.cloud, cluster=inv.cluster, gpu_nodes=len(inv.gpu_nodes))
+    cfg.check_credentials(environ)
 
 
 def from_pulumi_config(values: Mapping[str, Any]) -> StackConfig:

@@ -19,6 +19,9 @@ from infra.models import Strict, first_error
 SCHEMA_VERSION: Literal[1] = 1
 HOSTNAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 STORAGE_NODE = "storage"
+# What the dead-man switch does to the GPU nodes when it fires: end them (storage kept), or park them
+# (stopped, their disks and set-up kept, as `fab park` does) on clouds that can.
+OnIdle = Literal["down", "park"]
 
 
 def gpu_node_names(count: int) -> list[str]:
@@ -108,6 +111,9 @@ class Inventory(Strict):
     retained: list[Retained] = []
     admin_cidr: IPv4Network | None = Field(
         default=None, description="where SSH is let in from, on clouds whose nodes run their own firewall"
+    )
+    on_idle: OnIdle = Field(
+        default="down", description="what the dead-man switch does to the GPU nodes: down (ends them) or park"
     )
     parked_at: datetime | None = Field(
         default=None, description="when `fab park` stopped the GPU nodes (disks and set-up kept); `fab up` resumes"

@@ -13,6 +13,8 @@ shutdown = terminate, and the local cloud's host watcher removes a node containe
 IBM Cloud classic bills a powered-off GPU server in full, so there (config key "softlayer") the
 switch cancels the GPU servers through the SoftLayer REST API instead, with a cancel-only
 credential kept root-only on this node, and waits until the API lists none of them as billing.
+With action "park" (trainrig:on_idle: park) the same power-off parks them instead: AWS instances
+are made to stop, and the host watcher leaves the stopped containers for `fab up` to resume.
 Stdlib only: it runs with the node's own python3.
 """
 
@@ -233,6 +235,7 @@ def teardown(cfg, record_path, trigger, reason):
         "reason": reason,
         "at": time.time(),
         "hosts": hosts,
+        "action": cfg.get("action", "down"),  # park: the cloud keeps the stopped nodes and their disks
         "compute_gone_at": None,
         "still_up": [],
     }

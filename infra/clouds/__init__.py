@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pydantic import Field
 
 from infra.errors import TrainrigError
-from infra.inventory import Inventory, Node
+from infra.inventory import Inventory, Node, OnIdle
 from infra.models import Strict
 from infra.state import CLUSTER_NAME
 
@@ -93,6 +93,7 @@ class ClusterRequest(Strict):
     gpu_nodes: int = Field(ge=1, le=16)
     data_disk_gb: int = Field(default=2, ge=1, le=64)
     image: str | None = Field(default=None, description="a baked node image for the GPU nodes (fab bake)")
+    on_idle: OnIdle = Field(default="down", description="what the dead-man switch does to the GPU nodes")
 
 
 class Billable(Strict):

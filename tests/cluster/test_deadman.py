@@ -145,7 +145,7 @@ def test_ibm_without_the_switch_credential_is_refused_in_one_line(tmp_path, monk
 def test_arming_on_ibm_writes_the_credential_root_only_and_the_ids_to_the_config(ssh_cluster, monkeypatch, tmp_path):
     cluster = ssh_cluster(2)
     inv = ibm_inventory(cluster.inv)
-    for name, value in CANCEL.items():
+    for name, value in {**CANCEL, "SL_USERNAME": "operator", "SL_API_KEY": "operator-key"}.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(deadman.shutil, "which", lambda name: "/usr/bin/pulumi")
     secret = cluster.share.parent / "etc" / "trainrig" / "deadman-credential.json"
@@ -166,12 +166,21 @@ def test_arming_on_ibm_writes_the_credential_root_only_and_the_ids_to_the_config
     seen = "\n".join(c for server in cluster.servers.values() for c in server.commands)
     shared = "".join(p.read_text() for p in (cluster.share / "trainrig").rglob("*.json"))
     assert "sekrit-key" not in seen and "sekrit-key" not in shared and f"{base}/config.json" in seen
+    assert "operator-key" not in secret.read_text() + shared + seen  # the operator's own key never goes
     # Disarming removes it from the node.
     deadman.arm(inv, deadman.Settings())
     assert not secret.exists()
 
 
+def without_aws_credentials(monkeypatch, tmp_path):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "nobody"))
+
+
 def test_a_stack_cluster_without_the_pulumi_cli_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "example")
     monkeypatch.setattr(deadman.shutil, "which", lambda name: None)
     with pytest.raises(TrainrigError, match="without the Pulumi CLI its teardown cannot be checked"):
         deadman.require_verifiable(inventory("aws", tmp_path))
@@ -179,6 +188,21 @@ def test_a_stack_cluster_without_the_pulumi_cli_is_refused(tmp_path, monkeypatch
     deadman.require_verifiable(inventory("aws", tmp_path))
     with pytest.raises(TrainrigError, match="no shared storage"):
         deadman.require_verifiable(inventory("aws", tmp_path, storage=False))
+
+
+@pytest.mark.parametrize("stack", [None, "aws-16-gpu"])
+def test_a_cluster_whose_cloud_credentials_are_missing_is_refused(tmp_path, monkeypatch, stack):
+    """Without them nothing can show the compute gone (pulumi refresh, fab down, fab audit)."""
+    without_aws_credentials(monkeypatch, tmp_path)
+    monkeypatch.setattr(deadman.shutil, "which", lambda name: "/usr/bin/pulumi")
+    inv = inventory("aws", tmp_path).model_copy(update={"stack": stack})
+    with pytest.raises(
+        TrainrigError, match=r"^AWS_ACCESS_KEY_ID: AWS credentials are missing; export AWS_ACCESS_KEY_ID"
+    ):
+        deadman.require_verifiable(inv)
+    monkeypatch.setenv("AWS_PROFILE", "training")
+    deadman.require_verifiable(inv)
+    deadman.require_verifiable(inventory("local", tmp_path))  # a local cluster needs none
 
 
 def test_a_gpu_node_the_switch_cannot_reach_is_refused_before_any_run(ssh_cluster):
@@ -222,3 +246,73 @@ def test_fab_down_removes_the_switch_credential_from_the_storage_node(ssh_cluste
     deadman.forget_credential(ibm_inventory(cluster.inv))
     assert not secret.exists()
     assert any(c.startswith("systemctl stop trainrig-deadman") for c in cluster.servers["storage"].commands)
+
+
+# -- parking instead of tearing down (trainrig:on_idle: park) -----------------------------------
+
+
+def record(**fields):
+    now = time.time()
+    return {
+        "by": "the dead-man switch on storage",
+        "trigger": "idle",
+        "reason": "no run going since 2026-01-01 10:00:00 UTC, the idle time is 10m",
+        "at": now,
+        "hosts": ["node0"],
+        "compute_gone_at": now + 4,
+        "still_up": [],
+        **fields,
+    }
+
+
+def test_the_record_says_parked_or_torn_down():
+    down = deadman.describe_record(record(action="down"))
+    assert down.startswith("compute torn down by the dead-man switch on storage at ")
+    assert down.endswith(
+        "(idle): no run going since 2026-01-01 10:00:00 UTC, the idle time is 10m; every GPU node gone 4s later"
+    )
+    parked = deadman.describe_record(record(action="park"))
+    assert parked.startswith("compute parked by the dead-man switch on storage at ")
+    assert parked.endswith("; every GPU node stopped, disks kept, 4s later")
+    # A record written before the switch knew of parking is a teardown.
+    assert deadman.describe_record(record()).startswith("compute torn down by")
+
+
+@pytest.mark.parametrize(("action", "expected"), [({"action": "park"}, "park"), ({}, "down")])
+def test_the_switch_writes_its_action_into_the_record(tmp_path, action, expected):
+    cfg = config(tmp_path, hosts=[], **action)  # no node to power off: the record alone
+    path = tmp_path / "teardown.json"
+    assert remote.teardown(cfg, str(path), "idle", "quiet") == 0
+    written = json.loads(path.read_text())
+    assert written["action"] == expected and written["compute_gone_at"] is not None
+
+
+def test_the_summary_says_what_the_switch_does(tmp_path):
+    inv = inventory("local", tmp_path)
+    settings = deadman.Settings(idle=600)
+    assert deadman.summary(inv, settings) == "dead-man switch on node0: idle 10m; it ends the GPU nodes"
+    parks = inv.model_copy(update={"on_idle": "park"})
+    assert deadman.summary(parks, settings) == "dead-man switch on node0: idle 10m; it parks the GPU nodes (disks kept)"
+    assert deadman.summary(parks, deadman.Settings()) == "dead-man switch on node0: disarmed"
+
+
+def test_a_cluster_the_switch_parked_reads_as_parked(ssh_cluster):
+    cluster = ssh_cluster(1)
+    inv = cluster.inv.model_copy(update={"on_idle": "park"})
+    deadman.inventory_mod.save(inv)
+    (cluster.share / "trainrig").mkdir()
+    teardown = cluster.share / "trainrig" / "teardown.json"
+    teardown.write_text(json.dumps(record(action="park", compute_gone_at=None)))
+    assert deadman.settle(inv).parked_at is None  # not every node has stopped yet
+    teardown.write_text(json.dumps(record(action="park")))
+    parked = deadman.settle(inv)
+    assert parked.parked_at is not None
+    assert deadman.inventory_mod.load(inv.cluster).parked_at == parked.parked_at  # every later command sees it
+    # A record from before the inventory (compute made since, on the kept storage) says nothing of it.
+    older = inv.model_copy(update={"updated_at": inv.updated_at.fromtimestamp(time.time() + 60, inv.updated_at.tzinfo)})
+    assert deadman.settle(older).parked_at is None
+    # A teardown is not a park, and a cluster that tears down never reads the record.
+    teardown.write_text(json.dumps(record(action="down")))
+    assert deadman.settle(inv).parked_at is None
+    cluster.servers["storage"].stop()
+    assert deadman.settle(inv.model_copy(update={"on_idle": "down"})).parked_at is None

@@ -57,6 +57,12 @@ class FakeBackend:
         kept = [n for n in inv.nodes if n.role == "storage"]
         return inv.model_copy(update={"nodes": kept})
 
+    def resume(self, inv: Inventory, board) -> Inventory:
+        self.calls.append(("resume", inv.cluster))
+        resumed = inv.model_copy(update={"parked_at": None})
+        inventory.save(resumed)
+        return resumed
+
     def billable(self, cluster: str) -> list[str]:
         return []
 
@@ -234,3 +240,53 @@ def test_up_of_a_cluster_that_is_up_with_another_size_is_refused(cloud):
     with pytest.raises(TrainrigError, match=r"^cluster 'alpha' is up with 2 GPU nodes, not 3; use it as it is, or"):
         lifecycle.up("alpha", gpu_nodes=3, data_disk_gb=2)
     assert cloud.backend_.calls == []
+
+
+# -- what the dead-man switch does: down or park ------------------------------------------------
+
+
+def test_up_records_what_the_switch_does(cloud, monkeypatch):
+    from cluster import deadman
+
+    monkeypatch.setattr(deadman, "teardown_record", lambda inv: None)
+    lifecycle.up("alpha", gpu_nodes=1, data_disk_gb=2, on_idle="park")
+    assert cloud.backend_.calls[0][1].on_idle == "park"
+    # Given again for a cluster that is up, it replaces the choice (the next arming uses it).
+    inventory.save(make_inventory(gpu_nodes=1, cluster="beta"))
+    inv = lifecycle.up("beta", gpu_nodes=1, data_disk_gb=2, on_idle="park")
+    assert inv.on_idle == "park" and inventory.load("beta").on_idle == "park"
+    assert cloud.backend_.verbs() == ["create", "wait_ready", "reconcile"]
+
+
+def test_up_resumes_what_the_switch_parked_and_arms_it_again(cloud, monkeypatch):
+    import time
+
+    from cluster import deadman
+
+    inventory.save(make_inventory(gpu_nodes=1, cluster="alpha").model_copy(update={"on_idle": "park"}))
+    now = time.time()
+    parked = {
+        "by": "the dead-man switch on storage",
+        "trigger": "idle",
+        "reason": "quiet",
+        "at": now + 1,
+        "hosts": ["node0"],
+        "action": "park",
+        "compute_gone_at": now + 3,
+        "still_up": [],
+    }
+    monkeypatch.setattr(deadman, "teardown_record", lambda inv: parked)
+    armed = []
+    monkeypatch.setattr(
+        deadman, "rearm_after_park", lambda inv: armed.append(inv.cluster) or deadman.Settings(idle=600)
+    )
+    inv = lifecycle.up("alpha", gpu_nodes=1, data_disk_gb=2)
+    assert cloud.backend_.verbs() == ["resume"], "parked nodes are started, not made anew"
+    assert inv.parked_at is None and armed == ["alpha"]
+
+
+def test_up_does_not_change_what_a_stack_cluster_does(cloud):
+    inventory.save(make_inventory(gpu_nodes=1, cluster="alpha").model_copy(update={"stack": "aws-16-gpu"}))
+    with pytest.raises(TrainrigError, match=r"^cluster 'alpha' is made by stack aws-16-gpu: set trainrig:on_idle"):
+        lifecycle.up("alpha", gpu_nodes=1, data_disk_gb=2, on_idle="park")
+    assert inventory.load("alpha").on_idle == "down" and cloud.backend_.calls == []

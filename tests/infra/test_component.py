@@ -135,6 +135,25 @@ def test_aws_graph(mocks, path):
         assert {"name": "availability-zone", "values": [wanted]} in filters
 
 
+def test_aws_on_idle_park_makes_gpu_nodes_that_stop_and_says_so_in_the_inventory(mocks):
+    """trainrig:on_idle: park: a GPU node that powers itself off stops (disks kept) rather than ending."""
+    path = next(p for p in CLOUD_STACKS if p.stem == "Pulumi.aws-16-gpu")
+    cfg, cluster = build(path, on_idle="park", gpu_nodes=2)
+
+    seen = []
+
+    @pulumi.runtime.test
+    def check():
+        return cluster.inventory.apply(lambda inv: seen.append(Inventory.model_validate_json(json.dumps(inv)).on_idle))
+
+    check()
+    assert seen == ["park"]  # recorded in the inventory: the switch is armed with it
+    instances = mocks.of_type("aws:ec2/instance:Instance")
+    gpu = [i for i in instances if i.inputs["tags"]["trainrig:role"] == "gpu"]
+    assert len(gpu) == 2
+    assert all(i.inputs["instanceInitiatedShutdownBehavior"] == "stop" for i in gpu)
+
+
 @pytest.mark.parametrize("path", [p for p in CLOUD_STACKS if "aws" in p.name], ids=lambda p: p.stem)
 @pytest.mark.parametrize("nodes", [1, 2])
 def test_aws_placement_group_does_not_depend_on_the_node_count(mocks, path, nodes):

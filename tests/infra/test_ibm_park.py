@@ -157,3 +157,10 @@ def test_the_parked_price_is_the_park_flavor_and_the_disks():
 def test_a_park_flavor_that_cannot_take_the_boot_disk_is_refused(flavor, error):
     with pytest.raises(ConfigError, match=error):
         ibm_config(**{"trainrig:park_flavor": flavor})
+
+
+def test_the_switch_cannot_park_ibm_servers():
+    with pytest.raises(ConfigError, match="on_idle: the dead-man switch cannot park IBM servers"):
+        ibm_config(**{"trainrig:on_idle": "park"})
+    with pytest.raises(TrainrigError, match="the dead-man switch cannot park 'nmt''s IBM servers"):
+        IBM.switch_cancel(inventory().model_copy(update={"on_idle": "park"}), {})

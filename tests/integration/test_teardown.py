@@ -195,3 +195,83 @@ def test_a_parked_cluster_comes_back_with_its_disk_images_and_mesh_and_trains(ho
         assert monitor.monitor(inv, second, timeout=600).state == "succeeded"
     finally:
         lifecycle.down(inventory.load(PARK), purge=True)
+
+
+# -- the switch parks instead (on_idle: park) --------------------------------------------------
+
+PARKED_BY_SWITCH = f"{CLUSTER}-dp"[:31]
+
+
+def test_the_switch_parks_on_idle_and_fab_up_brings_the_node_back_with_its_disk(home):
+    """With on_idle park the switch's power-off stops the GPU node: the host watcher keeps the container and
+    its disk, status says who parked it, cost bills it parked, and fab up resumes it with the disk's data."""
+    name = PARKED_BY_SWITCH
+    remove_leftovers(name)
+    inv = lifecycle.up(name, gpu_nodes=1, data_disk_gb=1, on_idle="park")
+    try:
+        assert inv.on_idle == "park"
+        provision.provision(inv, tags="common,data_disk,ssh_mesh")
+
+        def on(node, *argv):
+            with ssh.open_checked(inv, inv.node(node)) as conn:
+                return ssh.run(conn, list(argv), timeout=60).stdout.strip()
+
+        on("node0", "sh", "-c", "echo on-the-disk > /data1/park-check")
+
+        def gpu_state():
+            return subprocess.run(
+                [
+                    "docker",
+                    "ps",
+                    "-a",
+                    "--filter",
+                    f"label=trainrig.cluster={name}",
+                    "--filter",
+                    "label=trainrig.role=gpu",
+                    "--format",
+                    "{{.Names}} {{.State}}",
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.split("\n")[:-1]
+
+        deadman.arm(inv, deadman.Settings(idle=3), every=0.5)
+        wait_until(
+            lambda: gpu_state() == [f"trainrig-{name}-node0 exited"], timeout=180, interval=0.5, what="node0 to stop"
+        )
+
+        def complete_record():
+            record = deadman.teardown_record(inv)
+            return record if record and record.get("compute_gone_at") else None
+
+        record = wait_until(complete_record, timeout=120, interval=1, what="the switch to see node0 gone")
+        assert (record["trigger"], record["action"]) == ("idle", "park")
+        log = reaper.log_path(name)
+        wait_until(lambda: "parked by the dead-man switch" in log.read_text(), timeout=60, interval=0.5, what="watcher")
+        assert gpu_state() == [f"trainrig-{name}-node0 exited"], "a parked node is kept, not removed"
+
+        status = fab("status", "--name", name)
+        assert status.returncode == 0, status.stderr
+        assert "compute parked by the dead-man switch on storage" in status.stdout
+        assert "(idle)" in status.stdout and "parked since" in status.stdout
+        assert inventory.load(name).parked_at is not None
+        cost = fab("cost", "--name", name)
+        assert cost.returncode == 0, cost.stderr
+        assert any(line.split()[:3] == ["node0", "gpu", "parked"] for line in cost.stdout.splitlines()), cost.stdout
+        refused = fab("train", "--job", "training_jobs/dp-mlp.yaml", "--name", name)
+        assert "is parked; bring it back with: fab up" in refused.stderr
+
+        # fab up arms the switch again with its saved limits: a longer idle time than the 3 s above, so the
+        # node stays up while it is checked (a user's would be minutes).
+        deadman.state.write_atomic(deadman.settings_path(name), deadman.Settings(idle=600).model_dump_json())
+        up = fab("up", "--name", name)
+        assert up.returncode == 0, up.stderr
+        assert "dead-man switch on storage: idle 10m; it parks the GPU nodes" in up.stdout
+        inv = inventory.load(name)
+        assert inv.parked_at is None
+        assert gpu_state() == [f"trainrig-{name}-node0 running"]
+        assert on("node0", "cat", "/data1/park-check") == "on-the-disk"
+        assert deadman.teardown_record(inv) is None  # the old record is history now
+    finally:
+        lifecycle.down(inventory.load(name), purge=True)

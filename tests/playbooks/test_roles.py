@@ -48,17 +48,16 @@ def _task_names(tasks: list[dict]) -> list[str]:
 
 
 def test_the_driver_is_installed_in_nvidia_s_order():
-    """Secure Boot refused first, headers before the DKMS build, nouveau out of the way, the
-    repository's keyring before its packages, the packages held, then the check and the daemons."""
+    """Secure Boot refused first, nouveau out of the way, the repository's keyring before its
+    packages (the headers and dkms in the same install), the packages held, then the check and the daemons."""
     tasks = yaml.safe_load((PLAYBOOKS / "roles" / "nvidia_driver" / "tasks" / "main.yml").read_text())
     names = _task_names(tasks)
     order = [
         "Look for a driver that is already loaded",
         "Refuse a host with Secure Boot on (the DKMS-built module is unsigned and would not load)",
-        "Install the kernel headers the driver builds against",
         "Keep nouveau from binding the GPUs",
         "Install NVIDIA's cuda-keyring (the CUDA repository's key and apt source)",
-        "Install the driver branch (and the fabric manager on NVSwitch hosts)",
+        "Install the headers, dkms and the driver branch (and the NVSwitch fabric manager)",
         "Hold the driver (and fabric manager) packages at the installed version",
         "Verify the driver with nvidia-smi",
         "Run the NVIDIA persistence daemon and start it at boot",
@@ -67,6 +66,32 @@ def test_the_driver_is_installed_in_nvidia_s_order():
     assert [names.index(n) for n in order] == sorted(names.index(n) for n in order)
     defaults = yaml.safe_load((PLAYBOOKS / "roles" / "nvidia_driver" / "defaults" / "main.yml").read_text())
     assert defaults["nvidia_driver_branch"] == "580" and defaults["nvidia_driver_keep_existing"] is True
+
+
+def _apt_tasks(tasks: list[dict]) -> list[dict]:
+    found = []
+    for task in tasks:
+        if "ansible.builtin.apt" in task:
+            found.append(task["ansible.builtin.apt"])
+        found += _apt_tasks(task.get("block", []))
+    return found
+
+
+@pytest.mark.parametrize("role", sorted(p.name for p in (PLAYBOOKS / "roles").iterdir() if p.is_dir()))
+def test_one_package_install_per_role(role):
+    """Each apt run costs a dpkg lock, a cache read and a task: a role installs its packages in one.
+    The only other one is NVIDIA's keyring .deb, which must come before the repository's packages."""
+    installs = [
+        args
+        for path in sorted((PLAYBOOKS / "roles" / role / "tasks").glob("*.yml"))
+        for args in _apt_tasks(yaml.safe_load(path.read_text()) or [])
+    ]
+    assert len([args for args in installs if "name" in args]) <= 1
+    assert [args for args in installs if "name" not in args] == (
+        [{"deb": "{{ nvidia_driver_repo_base }}/{{ nvidia_driver_keyring_package }}", "state": "present"}]
+        if role == "nvidia_driver"
+        else []
+    )
 
 
 def test_docker_waits_for_the_data_disk_and_keeps_containers_across_restarts():

@@ -56,6 +56,12 @@ class AwsConfig(MachineStack):
         refused = images.refusal(self.flavor, self.machine.gpus)
         if refused:
             raise ConfigError("flavor", refused)
+        if self.on_idle == "park" and self.spot:
+            raise ConfigError(
+                "on_idle",
+                "spot instances cannot be stopped, only terminated",
+                "set trainrig:on_idle: down, or remove trainrig:spot",
+            )
         return self
 
     @property

@@ -31,6 +31,8 @@ METADATA_OPTIONS = {"http_endpoint": "enabled", "http_tokens": "required", "http
 # release neither replaces the protected storage instance nor the GPU nodes and their data disks.
 # `fab plan --verify` says when a newer image exists.
 KEEP_IMAGE = ["ami"]
+# What a GPU instance does when the node powers itself off, by trainrig:on_idle.
+SHUTDOWN_BEHAVIOR = {"down": "terminate", "park": "stop"}
 
 
 def data_device(instance_type: str, volume_id) -> pulumi.Output[str]:
@@ -125,8 +127,9 @@ def build(parent: pulumi.ComponentResource, name: str, cfg: AwsConfig, blueprint
             key_name=key.key_name,
             placement_group=placement.name if placement else None,
             instance_market_options=market,
-            # A GPU node that powers itself off (the dead-man switch) ends its billing: EBS data goes, NFS stays.
-            instance_initiated_shutdown_behavior="terminate",
+            # A GPU node that powers itself off (the dead-man switch) ends its billing: terminated, its EBS
+            # data goes and NFS stays; or, with trainrig:on_idle: park, stopped with its disks kept (fab up).
+            instance_initiated_shutdown_behavior=SHUTDOWN_BEHAVIOR[cfg.on_idle],
             root_block_device={"volume_size": ROOT_DISK_GB, "volume_type": "gp3", "encrypted": True},
             ebs_block_devices=[
                 {

@@ -101,6 +101,18 @@ class IbmConfig(MachineStack):
         return self
 
     @model_validator(mode="after")
+    def _switch_cannot_park(self) -> IbmConfig:
+        if self.on_idle == "park":
+            # Parking is a flavor change (an upgrade order): the switch's credential may cancel, nothing more.
+            raise ConfigError(
+                "on_idle",
+                "the dead-man switch cannot park IBM servers: its credential may only cancel them "
+                "(fab park does, from the operator's side)",
+                "set trainrig:on_idle: down",
+            )
+        return self
+
+    @model_validator(mode="after")
     def _park_flavor_fits(self) -> IbmConfig:
         known = self.prices.machines
         machine = known.get(self.park_machine)
@@ -226,6 +238,11 @@ class IbmCloud:
             raise TrainrigError(
                 f"the inventory of {inv.cluster!r} holds no IBM server id for {', '.join(missing)}, so the dead-man "
                 f"switch could not cancel them: run pulumi up --refresh --stack {inv.stack or 'NAME'} to record them"
+            )
+        if inv.on_idle == "park":
+            raise TrainrigError(
+                f"the dead-man switch cannot park {inv.cluster!r}'s IBM servers (its credential may only cancel "
+                "them): set trainrig:on_idle: down, then pulumi up"
             )
         username, api_key = environ.get(CANCEL_ENV[0]), environ.get(CANCEL_ENV[1])
         if not (username and api_key) and inv.stack:

@@ -158,6 +158,7 @@ class LocalBackend:
             nodes=[nodes[n] for n in names],
             storage=SharedStorage(server=STORAGE_NODE, export=SHARED_MOUNT, mount_point=SHARED_MOUNT),
             network=Network(name=network_name(cluster), cidr=cidr),
+            on_idle=request.on_idle,
         )
         inventory_mod.save(inv)
         reaper.start(cluster)
@@ -175,7 +176,9 @@ class LocalBackend:
         engine.ensure()
         if inv.gpu_nodes and not self._listing("container", inv.cluster, role="gpu"):
             disk_gb = max((d.size_gb for n in inv.gpu_nodes for d in n.data_disks), default=2)
-            request = ClusterRequest(name=inv.cluster, gpu_nodes=len(inv.gpu_nodes), data_disk_gb=disk_gb)
+            request = ClusterRequest(
+                name=inv.cluster, gpu_nodes=len(inv.gpu_nodes), data_disk_gb=disk_gb, on_idle=inv.on_idle
+            )
             fresh = self.create(request, board)
             self.wait_ready(fresh, board)
             return fresh, [f"its {len(inv.gpu_nodes)} GPU nodes were torn down: made anew, storage kept"]

@@ -33,6 +33,7 @@ class LocalClusterProvider(ResourceProvider):
             cloud="local",
             gpu_nodes=int(props["gpu_nodes"]),
             data_disk_gb=int(props["data_disk_gb"]),
+            on_idle=props.get("on_idle", "down"),
         )
         board = _QuietBoard()
         inv = BACKEND.create(request, board)
@@ -74,7 +75,7 @@ def build(parent: pulumi.ComponentResource, name: str, cfg: LocalConfig, bluepri
         )
     nodes = LocalCluster(
         f"{name}-nodes",
-        {"cluster": cfg.cluster, "gpu_nodes": cfg.gpu_nodes, "data_disk_gb": cfg.data_disk_gb},
+        {"cluster": cfg.cluster, "gpu_nodes": cfg.gpu_nodes, "data_disk_gb": cfg.data_disk_gb, "on_idle": cfg.on_idle},
         opts=pulumi.ResourceOptions(parent=parent),
     )
     return nodes.inventory

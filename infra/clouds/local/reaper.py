@@ -7,7 +7,9 @@ shared storage is newer than the node's last start, and names it), the watcher r
 container and detaches its data disk's loop device, as AWS terminates an instance that shut
 itself down; the shared volume and the disk files stay. A node that stops for any other reason
 (a restart of Docker or of the host, `docker restart`, a crash) is left for `fab up` to bring
-back, as a rebooted VM would be. `fab park` and `fab down` stop the watcher first.
+back, as a rebooted VM would be; so is a node the switch parked (trainrig:on_idle: park, `fab up
+--on-idle park`), kept stopped with its loop device as `fab park` leaves it. `fab park` and
+`fab down` stop the watcher first.
 """
 
 from __future__ import annotations
@@ -79,8 +81,8 @@ def _say(text: str) -> None:
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC {text}", flush=True)
 
 
-def powered_off_by_the_switch(cluster: str, container: str) -> bool:
-    """The dead-man switch's teardown record names this node and was written after it last started."""
+def powered_off_by_the_switch(cluster: str, container: str) -> dict | None:
+    """The dead-man switch's teardown record, when it names this node and was written after it last started."""
     from datetime import datetime
 
     from infra.clouds.local import instance
@@ -89,14 +91,14 @@ def powered_off_by_the_switch(cluster: str, container: str) -> bool:
     mount = run(["docker", "volume", "inspect", "-f", "{{.Mountpoint}}", instance.volume_name(cluster)], check=False)
     started = run(["docker", "inspect", "-f", "{{.State.StartedAt}}", container], check=False)
     if mount.returncode != 0 or started.returncode != 0:
-        return False
+        return None
     try:
         record = json.loads((Path(mount.stdout.strip()) / "trainrig" / "teardown.json").read_text())
         # Docker prints nanoseconds (2026-01-01T10:00:00.123456789Z): seconds are enough here.
         began = datetime.fromisoformat(started.stdout.strip()[:19] + "+00:00").timestamp()
     except (OSError, ValueError):
-        return False
-    return node in record.get("hosts", []) and float(record.get("at", 0)) >= began
+        return None
+    return record if node in record.get("hosts", []) and float(record.get("at", 0)) >= began else None
 
 
 def reap(cluster: str, container: str) -> None:
@@ -135,7 +137,11 @@ def main(cluster: str) -> int:
     assert events.stdout is not None
     for line in events.stdout:
         name, _, role = line.strip().partition(" ")
-        if role == "gpu" and powered_off_by_the_switch(cluster, name):
+        record = powered_off_by_the_switch(cluster, name) if role == "gpu" else None
+        if record and record.get("action") == "park":
+            # Parked, as AWS stops an instance made with on_idle park: container and loop device stay.
+            _say(f"{name} parked by the dead-man switch: kept stopped, with its disk, for fab up to resume")
+        elif record:
             reap(cluster, name)
         elif role == "gpu":
             _say(f"{name} stopped, not by the dead-man switch: left for fab up to bring back")
