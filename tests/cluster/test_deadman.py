@@ -145,7 +145,7 @@ def test_ibm_without_the_switch_credential_is_refused_in_one_line(tmp_path, monk
 def test_arming_on_ibm_writes_the_credential_root_only_and_the_ids_to_the_config(ssh_cluster, monkeypatch, tmp_path):
     cluster = ssh_cluster(2)
     inv = ibm_inventory(cluster.inv)
-    for name, value in CANCEL.items():
+    for name, value in {**CANCEL, "SL_USERNAME": "operator", "SL_API_KEY": "operator-key"}.items():
         monkeypatch.setenv(name, value)
     # The operator's own credentials: checked (they show the compute gone afterwards), never sent to the node.
     monkeypatch.setenv("SL_USERNAME", "operator")
@@ -171,6 +171,7 @@ def test_arming_on_ibm_writes_the_credential_root_only_and_the_ids_to_the_config
     seen = "\n".join(c for server in cluster.servers.values() for c in server.commands)
     shared = "".join(p.read_text() for p in (cluster.share / "trainrig").rglob("*.json"))
     assert "sekrit-key" not in seen and "sekrit-key" not in shared and f"{base}/config.json" in seen
+    assert "operator-key" not in secret.read_text() + shared + seen  # the operator's own key never goes
     # Disarming removes it from the node.
     deadman.arm(inv, deadman.Settings())
     assert not secret.exists()
@@ -236,6 +237,20 @@ def test_re_arming_keeps_a_down_after_run_only_while_it_runs(ssh_cluster):
     (run / "status.json").write_text(json.dumps({"state": "succeeded", "ended_at": time.time()}))
     # That run is over (its compute may be gone already): re-arming must not fire on it at once.
     assert deadman.with_limits(cluster.inv, idle=600, stall=None, hard_limit=None).after_run is None
+
+
+def test_fab_down_removes_the_switch_credential_from_the_storage_node(ssh_cluster, monkeypatch):
+    cluster = ssh_cluster(1)
+    secret = cluster.share.parent / "etc" / "deadman-credential.json"
+    secret.parent.mkdir()
+    secret.write_text("{}")
+    monkeypatch.setattr(deadman, "CREDENTIAL", str(secret))
+    cluster.add_program("systemctl", "exit 0")
+    deadman.forget_credential(cluster.inv)  # local: no credential of its own, nothing touched
+    assert secret.exists()
+    deadman.forget_credential(ibm_inventory(cluster.inv))
+    assert not secret.exists()
+    assert any(c.startswith("systemctl stop trainrig-deadman") for c in cluster.servers["storage"].commands)
 
 
 # -- parking instead of tearing down (trainrig:on_idle: park) -----------------------------------

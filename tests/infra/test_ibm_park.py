@@ -17,15 +17,16 @@ from tests.helpers import make_inventory
 
 IBM = ibm.CLOUD
 PRESETS = {"AC1_8X60X100": 901, "B1_2X4X100": 902}
+SIZES = {"AC1_8X60X100": (8, 60 * 1024), "B1_2X4X100": (2, 4 * 1024)}  # maxCpu, maxMemory (MB)
 
 
 class Servers:
     """Guests 101 and 102 whose flavor follows the upgrade orders placed: a transaction runs after each
     order (one busy look), then the guest is ready with the flavor the order named."""
 
-    def __init__(self, transport, refuse: int | None = None):
+    def __init__(self, transport, refuse: int | None = None, flavor: str = "AC1_8X60X100"):
         self.transport = transport
-        self.flavor = {101: "AC1_8X60X100", 102: "AC1_8X60X100"}
+        self.flavor = {101: flavor, 102: flavor}
         self.busy: dict[int, int] = {}
         self.refuse = refuse  # a guest id whose order IBM refuses
         transport.set_mock("SoftLayer_Virtual_Guest", "getObject").side_effect = self.guest
@@ -58,7 +59,8 @@ class Servers:
             "primaryBackendIpAddress": f"10.9.0.{ident - 90}",
             "billingItem": {"id": 1, "package": {"keyName": "PUBLIC_CLOUD_SERVER"}},
             "lastTransaction": {"id": 5},
-            "flavor": self.flavor[ident],
+            "maxCpu": SIZES[self.flavor[ident]][0],
+            "maxMemory": SIZES[self.flavor[ident]][1],
         }
         if self.busy.get(ident):
             self.busy[ident] -= 1
@@ -95,12 +97,12 @@ def test_park_changes_each_gpu_server_to_the_park_flavor_and_resume_restores_the
     servers = Servers(transport)
     inv = inventory()
     assert IBM.power(inv, CFG, False, transport=transport, timeout=5, interval=0.01) == {}
-    assert orders(transport) == [(101, 902), (102, 902)]
+    assert sorted(orders(transport)) == [(101, 902), (102, 902)]
     assert servers.flavor == {101: "B1_2X4X100", 102: "B1_2X4X100"} and not any(servers.busy.values())
     # The inventory keeps the flavor each server was ordered as: resume goes back to it.
     assert [n.flavor for n in inv.gpu_nodes] == ["AC1_8X60X100", "AC1_8X60X100"]
     started = IBM.power(inv, CFG, True, transport=transport, timeout=5, interval=0.01)
-    assert orders(transport)[2:] == [(101, 901), (102, 901)]
+    assert sorted(orders(transport)[2:]) == [(101, 901), (102, 901)]
     assert servers.flavor == {101: "AC1_8X60X100", 102: "AC1_8X60X100"}
     assert started == {"node0": "169.45.0.1", "node1": "169.45.0.2"}
 
@@ -113,8 +115,20 @@ def test_a_refused_park_changes_the_servers_already_parked_back(transport):
         "IBM Cloud classic refused to change server node1 (id 102) to flavor B1_2X4X100: This upgrade is not "
         "available. (SoftLayer_Exception_Public); node0 changed back to their GPU flavor, nothing is parked"
     )
-    assert orders(transport) == [(101, 902), (102, 902), (101, 901)]  # 102 refused, 101 back
+    placed = orders(transport)
+    assert sorted(placed[:2]) == [(101, 902), (102, 902)] and placed[2:] == [(101, 901)]  # 102 refused, 101 back
     assert servers.flavor == {101: "AC1_8X60X100", 102: "AC1_8X60X100"}
+
+
+def test_a_resume_that_went_half_way_orders_only_what_is_still_parked(transport):
+    servers = Servers(transport, flavor="B1_2X4X100", refuse=102)
+    with pytest.raises(TrainrigError, match=r"This upgrade is not available.*; run fab up --name nmt again$"):
+        IBM.power(inventory(), CFG, True, transport=transport, timeout=5, interval=0.01)
+    assert servers.flavor == {101: "AC1_8X60X100", 102: "B1_2X4X100"}
+    servers.refuse = None
+    started = IBM.power(inventory(), CFG, True, transport=transport, timeout=5, interval=0.01)
+    assert sorted(orders(transport)) == [(101, 901), (102, 901), (102, 901)]  # 101 was back: no second order
+    assert servers.flavor == {101: "AC1_8X60X100", 102: "AC1_8X60X100"} and set(started) == {"node0", "node1"}
 
 
 def test_a_park_flavor_ibm_does_not_offer_is_refused_in_one_line(transport):
@@ -157,3 +171,10 @@ def test_the_parked_price_is_the_park_flavor_and_the_disks():
 def test_a_park_flavor_that_cannot_take_the_boot_disk_is_refused(flavor, error):
     with pytest.raises(ConfigError, match=error):
         ibm_config(**{"trainrig:park_flavor": flavor})
+
+
+def test_the_switch_cannot_park_ibm_servers():
+    with pytest.raises(ConfigError, match="on_idle: the dead-man switch cannot park ibm GPU nodes"):
+        ibm_config(**{"trainrig:on_idle": "park"})
+    with pytest.raises(TrainrigError, match="the dead-man switch cannot park 'nmt''s IBM servers"):
+        IBM.switch_cancel(inventory().model_copy(update={"on_idle": "park"}), {})

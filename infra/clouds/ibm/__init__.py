@@ -185,8 +185,9 @@ class IbmCloud:
         Why not power-off: IBM's suspend billing (billing stops while powered off through the API)
         covers the balanced, compute, memory and variable-compute families only; a powered-off GPU
         flavor (AC1/AC2) bills in full. A parked server bills its park flavor and its disks instead
-        (prices.yaml). A park that IBM refuses for one server changes the ones already parked back,
-        so the cluster is never left half parked."""
+        (prices.yaml). The servers change all at once. A park that IBM refuses for one server changes
+        the others back, so the cluster is not left half parked; a resume that fails half-way is run
+        again by the next `fab up`, and a server already at its flavor gets no second order."""
         from infra.clouds.ibm.softlayer import VirtualServerProvider
 
         unknown = [n.name for n in inv.gpu_nodes if not (n.cloud_id and n.flavor)]
@@ -197,27 +198,48 @@ class IbmCloud:
             )
         if not inv.gpu_nodes:
             raise TrainrigError(f"cluster {inv.cluster!r} has no GPU servers to {'resume' if on else 'park'}")
+        from infra import catalog, ssh
+
+        sizes = {k: (m.cpus, m.memory_gb) for k, m in catalog.load("ibm").machines.items()}
         servers = VirtualServerProvider(
-            ready_timeout_s=timeout, poll_interval_s=interval, transport=transport, credentials=cfg.stack_credentials
+            ready_timeout_s=timeout,
+            poll_interval_s=interval,
+            flavor_sizes=sizes,
+            transport=transport,
+            credentials=cfg.stack_credentials,
         )
-        addresses: dict[str, str] = {}
-        done = []
-        for node in inv.gpu_nodes:
-            target = node.flavor if on else cfg.park_machine
-            assert target is not None and node.cloud_id is not None
-            try:
-                guest = servers.change_flavor(int(node.cloud_id), node.name, target)
-            except TrainrigError as exc:
-                if on or not done:
-                    raise
-                for parked in done:  # back as they were; their failure would be a second one to report
-                    assert parked.cloud_id is not None and parked.flavor is not None
-                    servers.change_flavor(int(parked.cloud_id), parked.name, parked.flavor)
-                names = ", ".join(n.name for n in done)
-                raise TrainrigError(f"{exc}; {names} changed back to their GPU flavor, nothing is parked") from None
-            done.append(node)
-            addresses[node.name] = guest.get("primaryIpAddress") or node.public_address
-        return addresses if on else {}
+
+        def change(nodes, flavor_of) -> tuple[dict[str, dict], dict[str, TrainrigError]]:
+            """Every server at once (each change reboots it: minutes); what became of each."""
+
+            def one(node):
+                try:
+                    return servers.change_flavor(int(node.cloud_id), node.name, flavor_of(node)), None
+                except TrainrigError as exc:
+                    return None, exc
+
+            results = ssh.on_nodes(nodes, one)
+            return (
+                {name: guest for name, (guest, _) in results.items() if guest is not None},
+                {name: exc for name, (_, exc) in results.items() if exc is not None},
+            )
+
+        changed, failed = change(inv.gpu_nodes, (lambda n: n.flavor) if on else (lambda n: cfg.park_machine))
+        if failed:
+            why = "; ".join(str(exc) for exc in failed.values())
+            if on:  # still parked: fab up again resumes the rest (a server already back is not ordered again)
+                raise TrainrigError(f"{why}; run fab up --name {inv.cluster} again")
+            if not changed:
+                raise TrainrigError(why)
+            _, stuck = change([n for n in inv.gpu_nodes if n.name in changed], lambda n: n.flavor)
+            back = [name for name in changed if name not in stuck]
+            tail = f"{', '.join(back)} changed back to their GPU flavor" if back else ""
+            if stuck:
+                tail += ("; " if tail else "") + "; ".join(f"{n} stays parked: {e}" for n, e in stuck.items())
+            raise TrainrigError(f"{why}; {tail}" if stuck else f"{why}; {tail}, nothing is parked")
+        return (
+            {n.name: changed[n.name].get("primaryIpAddress") or n.public_address for n in inv.gpu_nodes} if on else {}
+        )
 
     def switch_cancel(self, inv: Inventory, environ: Mapping[str, str] = os.environ) -> CancelPlan:
         """The GPU servers' guest ids and the switch's own cancel-only API user (never the operator's)."""
@@ -226,6 +248,11 @@ class IbmCloud:
             raise TrainrigError(
                 f"the inventory of {inv.cluster!r} holds no IBM server id for {', '.join(missing)}, so the dead-man "
                 f"switch could not cancel them: run pulumi up --refresh --stack {inv.stack or 'NAME'} to record them"
+            )
+        if inv.on_idle == "park":
+            raise TrainrigError(
+                f"the dead-man switch cannot park {inv.cluster!r}'s IBM servers (its credential may only cancel "
+                "them): set trainrig:on_idle: down, then pulumi up"
             )
         username, api_key = environ.get(CANCEL_ENV[0]), environ.get(CANCEL_ENV[1])
         if not (username and api_key) and inv.stack:

@@ -270,6 +270,13 @@ class VirtualServerProvider(_Credentials, ResourceProvider):
         ready again; its disks and addresses stay. The ready server."""
         vs = SoftLayer.VSManager(self.client())
         try:
+            if flavor in self.flavor_sizes:
+                # Already that size (a park or resume that went half-way and runs again): no order, which
+                # IBM would refuse as no change, only the wait.
+                cpus, memory_gb = self.flavor_sizes[flavor]
+                size = self._poll(vs, guest_id, "mask[id,maxCpu,maxMemory]") or {}
+                if (size.get("maxCpu"), size.get("maxMemory")) == (cpus, memory_gb * 1024):
+                    return self._wait_ready(vs, guest_id, name, pending=True)
             return self._upgrade(vs, guest_id, name, preset=flavor)
         except SoftLayer.SoftLayerAPIError as exc:
             raise _api_error(f"change server {name} (id {guest_id}) to flavor {flavor}", exc) from None
