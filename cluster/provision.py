@@ -465,6 +465,8 @@ def _run(
             for host, rec in recap.hosts.items():
                 if rec.succeeded:
                     board.update(host, f"[green]done[/] ok={rec.ok} changed={rec.changed}")
+        if interrupted.is_set():
+            _stop_leftovers(private_dir)
         # Read while ansible-runner's files still exist.
         blameless = runner.status != "successful" and not recap.failed_hosts and not interrupted.is_set()
         return runner.status, _runner_error(runner) if blameless else ""
@@ -515,6 +517,37 @@ def _interrupts() -> Iterator[threading.Event]:
         yield asked
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _stop_leftovers(private_dir: str) -> None:
+    """End what ansible-playbook left running when it was stopped: its workers and their tasks.
+
+    ansible-runner kills ansible-playbook's process group, but each worker Ansible forks (and
+    Mitogen's multiplexer) starts a session of its own, so they would go on running their task,
+    and a local command of it, after the user said stop. They are found by the run's own
+    inventory path on their command line and ended with their process group.
+    """
+    marker = os.path.join(private_dir, "inventory")
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if entry.stat().st_uid != os.getuid():
+                continue
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue  # gone already, or not ours to read
+        if not any(arg.startswith(marker) for arg in argv):
+            continue
+        pid = int(entry.name)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, signal.SIGKILL)  # the worker and the task it started
+            else:
+                os.kill(pid, signal.SIGKILL)
 
 
 def _forget_environment(status: dict, runner_config) -> None:

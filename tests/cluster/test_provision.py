@@ -11,6 +11,7 @@ import pytest
 
 from cluster import provision
 from infra import state
+from infra.commands import wait_until
 from infra.errors import TrainrigError
 from infra.inventory import SharedStorage
 from tests.helpers import make_inventory
@@ -250,6 +251,39 @@ def test_ctrl_c_stops_ansible_and_leaves_every_unfinished_host_for_retry(tmp_pat
     assert time.monotonic() - started < 30, "the playbook was stopped, not waited for"
     assert json.loads(provision.failed_hosts_path("unit").read_text()) == ["node0", "node1", "storage"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is Ctrl-C again
+
+
+def _running(needle: str) -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").replace("\0", " ")
+        except OSError:
+            continue
+        if entry.name.isdigit() and needle in argv:
+            found.append(argv)
+    return found
+
+
+@pytest.mark.parametrize("strategy", ["mitogen_linear", "linear"])
+def test_ctrl_c_leaves_no_task_and_no_ansible_worker_running(tmp_path, monkeypatch, strategy):
+    monkeypatch.setenv(provision.STRATEGY_ENV, strategy)
+    task = f"sleep 97.{os.getpid()}"  # a command only this test runs
+    playbook = local_playbook(tmp_path, monkeypatch, f"    - ansible.builtin.command: {task}")
+    timer = threading.Timer(6, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(TrainrigError, match=r"^provisioning interrupted: "):
+            provision.provision(make_inventory(gpu_nodes=1), playbook=playbook)
+    finally:
+        timer.cancel()
+    # Ansible's workers start sessions of their own; none of them, nor the command, goes on.
+    wait_until(
+        lambda: not _running(task) and not _running(str(tmp_path / playbook)),
+        timeout=10,
+        interval=0.2,
+        what="the interrupted run's processes to end",
+    )
 
 
 def test_a_second_provision_of_a_busy_cluster_is_refused_at_once():

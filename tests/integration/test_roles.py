@@ -6,7 +6,7 @@ import json
 import pytest
 
 from cluster import provision
-from infra import ssh
+from infra import keys, ssh
 from infra.commands import wait_until
 from infra.inventory import SharedStorage
 from tests.integration.conftest import CLUSTER, REGISTRY, REGISTRY_USER, node_exec
@@ -221,6 +221,19 @@ def test_unreachable_host_then_retry_failed(cluster, provisioned):
     assert list(retried.hosts) == ["node1"] and retried.failed_hosts == []
     for src, dst in (("node0", "node1"), ("node1", "node0"), ("node1", "storage")):
         assert on(cluster, src, "ssh", "-o", "BatchMode=yes", dst, "hostname").stdout.strip() == dst
+
+
+def test_provisioning_refuses_a_node_whose_host_key_changed(cluster, provisioned):
+    # Mitogen starts ssh itself: it must still check the node's key against the pinned one.
+    impostor = keys.bare(keys.generate().public_openssh)
+    nodes = [n.model_copy(update={"host_key": impostor}) if n.name == "node0" else n for n in cluster.nodes]
+    tampered = cluster.model_copy(update={"nodes": nodes})
+    assert provision.ansible_env(tampered)["ANSIBLE_STRATEGY"] == "mitogen_linear"
+    with pytest.raises(provision.ProvisionFailed) as failed:
+        provision.provision(tampered, tags="common", check=True)
+    recap = failed.value.recap
+    assert recap.failed_hosts == ["node0"] and recap.hosts["node0"].unreachable
+    assert recap.hosts["node1"].succeeded and recap.hosts["storage"].succeeded
 
 
 # -- a login that is not root: every task through sudo ------------------------------------------
