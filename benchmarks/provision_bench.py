@@ -1,5 +1,6 @@
-"""Provisioning time at several cluster sizes, trainrig's settings against Ansible's defaults (and
-Mitogen when it is installed), measured side by side in one run. A script, not a test.
+"""Provisioning time at several cluster sizes, trainrig's settings (Mitogen's linear strategy)
+against Ansible's defaults and against trainrig's settings on Ansible's own linear strategy,
+measured side by side in one run. A script, not a test.
 
     .venv/bin/python -m benchmarks.provision_bench [--sizes 1,4,8,16] [--compare-at 8] [--prefix bench]
 
@@ -7,7 +8,7 @@ Each case stands up its own local cluster (N GPU-role nodes + the storage node) 
 it three times:
   first     site.yml on fresh nodes;
   no-change a second `fab provision`: trainrig reads each node's phase records and runs nothing
-            that has not changed (Ansible's defaults and Mitogen have no records: every task runs);
+            that has not changed (the other two are run without records: every task runs);
   forced    every task again (`--force`): what a no-change run costs without the records;
   baked     (trainrig only) a new cluster of the same size whose GPU nodes start from this
             one's node0, baked with `fab bake`: its first provisioning.
@@ -26,7 +27,6 @@ the way the real time grows with N.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import resource
 import subprocess
@@ -40,12 +40,13 @@ from infra import inventory
 from infra.clouds.local.instance import container_name
 
 
-# Ansible's own defaults where ours differ: 5 forks, no pipelining, facts gathered by every play,
-# ssh_args "-C -o ControlMaster=auto -o ControlPersist=60s" (plus our pinned known_hosts file),
-# no fact cache.
+# Ansible's own defaults where ours differ: its linear strategy, 5 forks, no pipelining, facts
+# gathered by every play, ssh_args "-C -o ControlMaster=auto -o ControlPersist=60s" (plus our
+# pinned known_hosts file), no fact cache.
 def ansible_defaults(inv) -> dict[str, str]:
     pinned = provision.ansible_env(inv)["ANSIBLE_SSH_ARGS"].split("-o ControlPersist=120s")[1]
     return {
+        "ANSIBLE_STRATEGY": "linear",
         "ANSIBLE_FORKS": "5",
         "ANSIBLE_PIPELINING": "False",
         "ANSIBLE_GATHERING": "implicit",
@@ -54,15 +55,10 @@ def ansible_defaults(inv) -> dict[str, str]:
     }
 
 
-def mitogen() -> dict[str, str] | None:
-    """trainrig's settings with Mitogen's linear strategy, when the mitogen package is installed."""
-    spec = importlib.util.find_spec("ansible_mitogen")
-    if spec is None or spec.origin is None:
-        return None
-    return {
-        "ANSIBLE_STRATEGY_PLUGINS": str(Path(spec.origin).parent / "plugins" / "strategy"),
-        "ANSIBLE_STRATEGY": "mitogen_linear",
-    }
+# trainrig's settings before Mitogen became the default: the same, on Ansible's linear strategy
+# (what TRAINRIG_ANSIBLE_STRATEGY=linear gives).
+def linear() -> dict[str, str]:
+    return provision.strategy_env("linear")
 
 
 @dataclass
@@ -112,7 +108,7 @@ def measured(inv, settings, force) -> Measure:
 def case(name: str, nodes: int, kind: str | None) -> dict[str, Measure]:
     inv = lifecycle.up(name, gpu_nodes=nodes, data_disk_gb=1)
     try:
-        settings = ansible_defaults(inv) if kind == "defaults" else mitogen() if kind == "mitogen" else None
+        settings = ansible_defaults(inv) if kind == "defaults" else linear() if kind == "linear" else None
         runs = {"first": measured(inv, settings, force=True)}
         # Only trainrig keeps phase records; the others run every task every time.
         runs["no-change"] = measured(inv, settings, force=kind is not None)
@@ -140,19 +136,16 @@ def on_a_baked_image(inv, nodes: int) -> Measure:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1,4,8,16", help="GPU-role node counts with trainrig's settings")
-    parser.add_argument("--compare-at", type=int, default=8, help="the size at which defaults and Mitogen run")
+    parser.add_argument("--compare-at", type=int, default=8, help="the size at which the other settings run")
     parser.add_argument("--controller-cores", type=int, default=4, help="cores of the operator's machine")
     parser.add_argument("--prefix", default="bench", help="cluster name prefix (lowercase)")
     args = parser.parse_args()
     os.environ.setdefault("TRAINRIG_HOME", tempfile.mkdtemp(prefix="trainrig-bench-"))
     cases = [(n, "trainrig", None) for n in (int(s) for s in args.sizes.split(","))]
     cases.append((args.compare_at, "ansible defaults", "defaults"))
-    cases.append((args.compare_at, "mitogen", "mitogen"))
+    cases.append((args.compare_at, "trainrig, linear", "linear"))
     results: dict[tuple[int, str], dict[str, Measure]] = {}
     for n, label, kind in cases:
-        if kind == "mitogen" and mitogen() is None:
-            print("mitogen: not installed (pip install mitogen); left out", flush=True)
-            continue
         results[(n, label)] = runs = case(f"{args.prefix}{n}{kind[0] if kind else ''}", n, kind)
         for run, m in runs.items():
             print(
@@ -188,7 +181,7 @@ def report(results: dict[tuple[int, str], dict[str, Measure]], cores: int, compa
         small, large = min(ours), max(ours)
         ratio = ours[large]["first"].projected(cores) / ours[small]["first"].projected(cores)
         print(f"projected t({large})/t({small}), first run = {ratio:.2f} (goal <= 1.3)")
-    for label in ("ansible defaults", "mitogen"):
+    for label in ("ansible defaults", "trainrig, linear"):
         other = results.get((compare_at, label))
         if other and compare_at in ours:
             for run in ("first", "no-change"):

@@ -26,6 +26,9 @@ from infra.models import Strict
 
 SCRIPT = Path(__file__).parent / "remote" / "deadman.py"
 UNIT = "trainrig-deadman"
+# Where a cloud's cancel credential (clouds.CancelPlan) lives on the switch's node: root-only, and
+# outside the shared storage, which every node mounts.
+CREDENTIAL = "/etc/trainrig/deadman-credential.json"
 DURATION = re.compile(r"^(\d+)(s|m|h)$")
 UNITS = {"s": 1, "m": 60, "h": 3600}
 CHECK_EVERY = 2.0  # seconds between the switch's looks at the runs: idle time after a run is at most this
@@ -82,15 +85,21 @@ def saved(cluster: str) -> Settings:
     return Settings.model_validate_json(path.read_text()) if path.is_file() else Settings()
 
 
-def require_verifiable(inv: Inventory) -> None:
-    """Refuse, before a run starts, a cluster whose compute cannot end itself in a way we can check."""
+def require_verifiable(inv: Inventory) -> clouds.CancelPlan | None:
+    """Refuse, before a run starts, a cluster whose compute cannot end itself in a way we can check.
+
+    Returns how the switch cancels the GPU servers through the cloud's API, on clouds where a node's
+    own power-off does not end its bill (None: powering off is enough)."""
     cloud = clouds.get(inv.cloud)
-    clouds.require(
-        cloud,
-        "self_teardown",
-        "tear their compute down from the cluster yet (a powered-off IBM GPU server keeps billing): "
-        f"run fab down --name {inv.cluster} when the run ends",
-    )
+    plan = None
+    if "cancel_from_cluster" in cloud.capabilities:
+        plan = cloud.switch_cancel(inv)  # type: ignore[attr-defined]
+    else:
+        clouds.require(
+            cloud,
+            "self_teardown",
+            f"tear their compute down from the cluster yet: run fab down --name {inv.cluster} when the run ends",
+        )
     if "pulumi_stack" in cloud.capabilities and shutil.which("pulumi") is None:
         raise TrainrigError(
             f"cluster {inv.cluster!r} lives in a Pulumi stack, and without the Pulumi CLI its teardown cannot be "
@@ -101,6 +110,7 @@ def require_verifiable(inv: Inventory) -> None:
         raise TrainrigError(f"cluster {inv.cluster!r} has no shared storage for the dead-man switch to watch")
     if not inv.gpu_nodes:
         raise TrainrigError(f"cluster {inv.cluster!r} has no GPU nodes to tear down")
+    return plan
 
 
 def host_of(inv: Inventory) -> Node:
@@ -117,10 +127,13 @@ def paths(inv: Inventory) -> tuple[str, str]:
 MESH_PROBE = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=5"]
 
 
-def preflight(inv: Inventory) -> None:
+def preflight(inv: Inventory) -> clouds.CancelPlan | None:
     """Everything `arm` needs, checked before a run starts: a cloud whose nodes end their own
-    billing, and every GPU node reachable from the switch's node (it stops them over the mesh)."""
-    require_verifiable(inv)
+    billing (or the switch's credential to cancel them), and every GPU node reachable from the
+    switch's node (it stops them over the mesh)."""
+    plan = require_verifiable(inv)
+    if plan is not None:
+        return plan  # the servers are cancelled through the cloud's API, not over the mesh
     home = host_of(inv)
     with ssh.open_checked(inv, home) as conn:
         for node in inv.gpu_nodes:
@@ -132,11 +145,13 @@ def preflight(inv: Inventory) -> None:
                     f"{home.name} cannot reach {node.name} over the cluster's SSH mesh, so it could not stop it: "
                     f"run fab provision --name {inv.cluster} --tags ssh_mesh"
                 )
+    return None
 
 
 def arm(inv: Inventory, settings: Settings, every: float = CHECK_EVERY) -> Settings:
-    """Start (or restart) the switch with these settings, after the checks of `preflight`."""
-    preflight(inv)
+    """Start (or restart) the switch with these settings, after the checks of `preflight`; disarming
+    needs no checks, and removes the switch's credential from its node."""
+    plan = preflight(inv) if settings.armed else None
     assert inv.storage is not None
     home = host_of(inv)
     base, record = paths(inv)
@@ -162,6 +177,13 @@ def arm(inv: Inventory, settings: Settings, every: float = CHECK_EVERY) -> Setti
         # A teardown record belongs to the compute it tore down: a fresh arming keeps it as history.
         _keep_as_history(conn, record)
         sftp = conn.sftp()
+        if plan is not None:
+            # Over SFTP, private from its first byte: never on a command line, in a log or on the shared storage.
+            ssh.run(conn, ["install", "-d", "-m", "0700", posixpath.dirname(CREDENTIAL)], what=f"{home.name}: /etc")
+            transfer.put_private(sftp, CREDENTIAL, plan.credential)
+            config.update(plan.config, credential=CREDENTIAL)
+        else:
+            ssh.run(conn, ["rm", "-f", CREDENTIAL], check=False)
         sftp.put(str(SCRIPT), f"{base}/deadman.py")
         transfer.put_text(sftp, f"{base}/config.json", json.dumps(config, indent=2))
         if settings.armed:
@@ -214,6 +236,19 @@ def with_limits(inv: Inventory, idle: float | None, stall: float | None, hard_li
         if over:
             after = None
     return Settings(idle=idle, stall=stall, hard_limit=hard_limit, after_run=after)
+
+
+def forget_credential(inv: Inventory) -> None:
+    """After `fab down`: the switch's cancel credential has nothing left to cancel; remove it from the
+    storage node, if it answers (best effort: the credential can cancel only this cluster's servers)."""
+    if "cancel_from_cluster" not in clouds.get(inv.cloud).capabilities or inv.storage_node is None:
+        return
+    try:
+        with ssh.open_checked(inv, inv.storage_node, timeout=10) as conn:
+            ssh.run(conn, ["systemctl", "stop", UNIT], check=False, timeout=60)
+            ssh.run(conn, ["rm", "-f", CREDENTIAL], check=False, timeout=30)
+    except (TrainrigError, OSError):
+        pass
 
 
 def summary(inv: Inventory, settings: Settings) -> str:

@@ -175,6 +175,10 @@ def down(inv: Inventory, purge: bool, stack: str | None = None) -> Inventory | N
         remaining = backend.destroy(inv, purge)
         if entry:
             cost.record_bill({**entry, "purge": purge})
+        if remaining is not None:
+            from cluster import deadman
+
+            deadman.forget_credential(remaining)
         if purge:
             shutil.rmtree(state.cluster_dir(inv.cluster), ignore_errors=True)
     return remaining

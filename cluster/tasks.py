@@ -198,7 +198,8 @@ def provision(
         "follow": "monitor the run until it ends (exit status = the run's)",
         "inventory": INVENTORY_HELP,
         "resume": "continue from the last checkpoint of this run (id or prefix), as a new run that records it",
-        "down_after": "when the run ends, however it ends, the cluster powers its GPU nodes off; storage stays",
+        "down_after": "when the run ends, however it ends, the cluster ends its GPU nodes (IBM: cancels them); "
+        "storage stays",
         "grace": "with --down-after: wait this long after the run ends first (90s, 5m, 2h; default 0s)",
     }
 )
@@ -396,7 +397,7 @@ def down(c, name=None, purge=False, stack=None, yes=False):
 )
 @friendly
 def deadman(c, name=None, idle=None, stall=None, hard_limit=None, off=False, inventory=None):
-    """Arm the cluster's dead-man switch: it powers the GPU nodes off on its own, storage stays."""
+    """Arm the cluster's dead-man switch: it ends the GPU nodes on its own (IBM: cancels them), storage stays."""
     limits = {
         "idle": deadman_mod.parse_duration(idle, "--idle") if idle is not None else None,
         "stall": deadman_mod.parse_duration(stall, "--stall") if stall is not None else None,
@@ -455,9 +456,9 @@ def cost(c, name=None, all=False):
 @task(help={"name": NAME_HELP, "stack": "Pulumi stack of a cluster that a stack made (default: its inventory's)"})
 @friendly
 def park(c, name=None, stack=None):
-    """Stop the GPU nodes, keeping their disks and set-up: compute billing ends; fab up resumes."""
+    """Stop the GPU nodes (IBM: a small CPU flavor), disks and set-up kept: GPU billing ends; fab up resumes."""
     inv = lifecycle.park(inventory_mod.load(_name(c, name)), stack=stack or c.config.trainrig.stack)
-    ui.console.print(f"cluster {inv.cluster!r} parked ({len(inv.gpu_nodes)} GPU nodes stopped, disks kept)")
+    ui.console.print(f"cluster {inv.cluster!r} parked ({len(inv.gpu_nodes)} GPU nodes, disks kept)")
     ui.console.print(f"bring it back with: fab up --name {inv.cluster}")
 
 

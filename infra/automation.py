@@ -131,7 +131,7 @@ class StackBackend:
         from infra import clouds
 
         clouds.require(self.cloud, "park", "park their GPU nodes: fab down removes them, storage kept")
-        self.cloud.power(inv.cluster, stack_config(self._stack_for(inv)), False)
+        self.cloud.power(inv, stack_config(self._stack_for(inv)), False)
         parked = inv.model_copy(update={"parked_at": datetime.now(UTC)})
         inventory.save(parked)
         return parked
@@ -145,8 +145,9 @@ class StackBackend:
         return self.cloud.capture(inv.cluster, stack_config(self._stack_for(inv)), node.name, name), True
 
     def resume(self, inv: Inventory, board: Progress) -> Inventory:
-        started = self.cloud.power(inv.cluster, stack_config(self._stack_for(inv)), True)
-        # A stopped instance comes back with a new public address (unless it has an elastic IP).
+        started = self.cloud.power(inv, stack_config(self._stack_for(inv)), True)
+        # A stopped instance comes back with a new public address (unless it has an elastic IP); an IBM
+        # server whose flavor changed keeps its own.
         nodes = [n.model_copy(update={"public_address": started.get(n.name, n.public_address)}) for n in inv.nodes]
         for name in started:
             board.update(name, "[green]running[/]")

@@ -23,6 +23,7 @@ class PlannedNode:
     machine_usd_per_hour: float
     disk_usd_per_hour: float  # the data disk and the root volume
     can_park: bool = False
+    parked_machine_usd_per_hour: float = 0.0  # what a parked node's machine still bills (IBM: its park flavor)
     spot: bool = False  # its price is the on-demand one, the most a spot instance can cost
 
     @property
@@ -31,8 +32,8 @@ class PlannedNode:
 
     @property
     def parked_usd_per_hour(self) -> float | None:
-        """Stopped: the disks bill, the machine does not (None where a stopped node bills in full)."""
-        return self.disk_usd_per_hour if self.can_park else None
+        """Parked: the disks bill, and the machine it parks as, if any (None where a stopped node bills in full)."""
+        return self.disk_usd_per_hour + self.parked_machine_usd_per_hour if self.can_park else None
 
 
 @dataclass(frozen=True)
@@ -106,8 +107,16 @@ def _node(
         machine_usd_per_hour=cfg.prices.machine_usd_per_hour(flavor, cfg.where) if machine and flavor else 0.0,
         disk_usd_per_hour=cfg.prices.disk_usd_per_hour(disk_gb + cfg.prices.root_disk_gb),
         can_park=cfg.prices.can_park and not (role == "gpu" and getattr(cfg, "spot", False)),
+        parked_machine_usd_per_hour=_parked_machine(cfg) if role == "gpu" else 0.0,
         spot=role == "gpu" and getattr(cfg, "spot", False),
     )
+
+
+def _parked_machine(cfg: StackConfig) -> float:
+    """$/hour of the machine a parked GPU node runs as: IBM parks by a flavor change; elsewhere a stopped
+    machine bills nothing."""
+    park = getattr(cfg, "park_machine", None)
+    return cfg.prices.machine_usd_per_hour(park, cfg.where) if park else 0.0
 
 
 def table(bp: Blueprint):

@@ -51,6 +51,12 @@ class Node(Strict):
         default=None, ge=0, description="what the node bills while stopped (its disks); None: it cannot be parked"
     )
     spot: bool = Field(default=False, description="a spot instance: hourly_price_usd is the most it can cost")
+    cloud_id: str | None = Field(
+        default=None, description="the cloud's own id of the node's server (IBM: its virtual guest id)"
+    )
+    flavor: str | None = Field(
+        default=None, description="the machine type it was ordered as: what `fab up` restores after `fab park`"
+    )
 
     @field_validator("host_key")
     @classmethod

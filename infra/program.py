@@ -86,13 +86,13 @@ def cloud_init(host_key: HostKey, cfg: MachineStack, firewall: bool) -> pulumi.O
     )
 
 
-def node_record(planned: PlannedNode, public_ip, private_ip, host_key, device) -> pulumi.Output[dict]:
+def node_record(planned: PlannedNode, public_ip, private_ip, host_key, device, cloud_id=None) -> pulumi.Output[dict]:
     """One inventory node, once the cloud has given it addresses (and its data disk a device path)."""
 
     parked = planned.parked_usd_per_hour
 
     def record(values) -> dict:
-        public, private, key, device = values
+        public, private, key, device, ident = values
         return {
             "name": planned.name,
             "role": planned.role,
@@ -107,9 +107,11 @@ def node_record(planned: PlannedNode, public_ip, private_ip, host_key, device) -
             "hourly_price_usd": round(planned.usd_per_hour, 4),
             "parked_hourly_price_usd": None if parked is None else round(parked, 4),
             "spot": planned.spot,
+            "cloud_id": None if ident is None else str(int(ident) if isinstance(ident, float) else ident),
+            "flavor": planned.flavor,
         }
 
-    return pulumi.Output.all(public_ip, private_ip, host_key, device).apply(record)
+    return pulumi.Output.all(public_ip, private_ip, host_key, device, cloud_id).apply(record)
 
 
 def inventory(

@@ -67,6 +67,12 @@ class _Handle(SFTPHandle):
     def stat(self):
         return SFTPAttributes.from_stat(os.fstat(self.readfile.fileno()))
 
+    def chattr(self, attr):
+        """A mode set on an open file (transfer.put_private makes a file private before writing it)."""
+        if attr.st_mode is not None:
+            os.fchmod(self.readfile.fileno(), attr.st_mode & 0o7777)
+        return paramiko.SFTP_OK
+
 
 class LocalSftp(SFTPServerInterface):
     """SFTP on the local filesystem: remote paths are local paths; reading and writing refused outside `root`."""

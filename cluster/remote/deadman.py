@@ -185,10 +185,10 @@ def cancel(cfg, record, record_path):
     deadline = time.time() + sl.get("timeout", GONE_TIMEOUT)
     poll = sl.get("poll", 5)
     errors = record["errors"]
-    credentials = read_json(sl["credentials"])
+    credentials = read_json(cfg["credential"])
     if not credentials or not credentials.get("username") or not credentials.get("api_key"):
         for host in servers:
-            errors[host] = f"no cancel credential in {sl['credentials']}: arm the switch again (fab deadman)"
+            errors[host] = f"no cancel credential in {cfg['credential']}: arm the switch again (fab deadman)"
         return sorted(servers)
     pending = dict(servers)
     refused = set()

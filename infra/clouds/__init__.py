@@ -8,9 +8,10 @@ A cloud is a package infra/clouds/<name>/ whose __init__ defines CLOUD, with:
                     its part of the Pulumi program: storage (protected) and compute, children of
                     `parent` named f"{name}-...", returning the inventory once the cloud has answered
     backend(stack)  the runtime verbs on its clusters (the Backend protocol below)
-    power(cluster, cfg, on) -> dict[str, str]
-                    stop (on=False) or start its clusters' GPU nodes, disks kept; returns each started
-                    node's public address (clouds without "park" refuse in one line)
+    power(inv, cfg, on) -> dict[str, str]
+                    park (on=False) or resume its cluster's GPU nodes, disks and set-up kept: stop and
+                    start them, or (IBM) change their flavor in place; returns each resumed node's public
+                    address (clouds without "park" refuse in one line)
     billable(cluster, cfg) -> list[str]
                     what the cloud's own listing still holds for a cluster (teardown is checked with it)
     audit(known, everything) -> list[Billable]
@@ -59,6 +60,9 @@ CAPABILITIES = frozenset(
         "ssh_mesh",
         "park",  # its GPU nodes can be stopped with their disks kept, and billing for them stops
         "self_teardown",  # a GPU node that powers itself off stops billing (the dead-man switch relies on it)
+        # A powered-off GPU node keeps billing, so the dead-man switch cancels the servers through the
+        # cloud's API instead, with a credential of their own (Cloud.switch_cancel).
+        "cancel_from_cluster",
     }
 )
 
@@ -69,6 +73,16 @@ class Findings:
 
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CancelPlan:
+    """How the dead-man switch cancels a cluster's GPU servers from the cluster: `config` goes into its
+    config file (on the shared storage, readable by the nodes: no secret in it), `credential` into a
+    root-only file on the switch's node, never onto the shared storage or a command line."""
+
+    config: dict[str, Any]
+    credential: str = field(repr=False)
 
 
 class ClusterRequest(Strict):
@@ -136,7 +150,7 @@ class Cloud(Protocol):
     def build(self, parent: pulumi.ComponentResource, name: str, cfg: Any, blueprint: Blueprint) -> pulumi.Output: ...
     def backend(self, stack: str | None = None) -> Backend: ...
     def billable(self, cluster: str, cfg: Any) -> list[str]: ...
-    def power(self, cluster: str, cfg: Any, on: bool) -> dict[str, str]: ...
+    def power(self, inv: Inventory, cfg: Any, on: bool) -> dict[str, str]: ...
     def audit(self, known: dict[str, Inventory], everything: bool) -> list[Billable]: ...
     # A node's disks as a machine image, for StackBackend.bake (a local backend bakes a container itself).
     def capture(self, cluster: str, cfg: Any, node: str, name: str) -> str: ...

@@ -116,9 +116,65 @@ def inventory(cloud, tmp_path, storage=True):
     return Inventory.model_validate(data)
 
 
-def test_ibm_is_refused_in_one_line(tmp_path):
-    with pytest.raises(TrainrigError, match=r"^ibm clusters cannot tear their compute down from the cluster yet"):
-        deadman.require_verifiable(inventory("ibm", tmp_path))
+CANCEL = {"TRAINRIG_IBM_CANCEL_USERNAME": "trainrig-cancel-c", "TRAINRIG_IBM_CANCEL_API_KEY": "sekrit-key"}
+
+
+def ibm_inventory(inv: Inventory, ids=(4101, 4102)) -> Inventory:
+    nodes = [n.model_copy(update={"cloud_id": str(ids[i])}) if n.role == "gpu" else n for i, n in enumerate(inv.nodes)]
+    return inv.model_copy(update={"cloud": "ibm", "nodes": nodes})
+
+
+def test_ibm_without_the_switch_credential_is_refused_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(deadman.shutil, "which", lambda name: "/usr/bin/pulumi")
+    for name in CANCEL:
+        monkeypatch.delenv(name, raising=False)
+    inv = ibm_inventory(inventory("ibm", tmp_path, storage=False))
+    with pytest.raises(TrainrigError) as exc:
+        deadman.require_verifiable(inv)
+    assert str(exc.value) == (
+        "on IBM Cloud classic the dead-man switch cancels 'c''s GPU servers with an API user of its own, which is "
+        "not set: export TRAINRIG_IBM_CANCEL_USERNAME and TRAINRIG_IBM_CANCEL_API_KEY (or pulumi config set "
+        "--secret cancel_username / cancel_api_key); README: IBM: the dead-man switch's credential"
+    )
+    monkeypatch.setenv("TRAINRIG_IBM_CANCEL_USERNAME", "u")
+    monkeypatch.setenv("TRAINRIG_IBM_CANCEL_API_KEY", "k")
+    with pytest.raises(TrainrigError, match="holds no IBM server id for node0"):
+        deadman.require_verifiable(inventory("ibm", tmp_path, storage=False))
+
+
+def test_arming_on_ibm_writes_the_credential_root_only_and_the_ids_to_the_config(ssh_cluster, monkeypatch, tmp_path):
+    cluster = ssh_cluster(2)
+    inv = ibm_inventory(cluster.inv)
+    for name, value in {**CANCEL, "SL_USERNAME": "operator", "SL_API_KEY": "operator-key"}.items():
+        monkeypatch.setenv(name, value)
+    # The operator's own credentials: checked (they show the compute gone afterwards), never sent to the node.
+    monkeypatch.setenv("SL_USERNAME", "operator")
+    monkeypatch.setenv("SL_API_KEY", "operator-own-key")
+    monkeypatch.setattr(deadman.shutil, "which", lambda name: "/usr/bin/pulumi")
+    secret = cluster.share.parent / "etc" / "trainrig" / "deadman-credential.json"
+    monkeypatch.setattr(deadman, "CREDENTIAL", str(secret))
+    cluster.add_program("systemd-run", "exit 0")
+    cluster.add_program("systemctl", "exit 0")
+    cluster.add_program("ssh", "echo 'no mesh on IBM: the API cancels' >&2; exit 99")
+    deadman.arm(inv, deadman.Settings(idle=600))
+    assert secret.stat().st_mode & 0o777 == 0o600 and secret.parent.stat().st_mode & 0o777 == 0o700
+    assert json.loads(secret.read_text()) == {"username": "trainrig-cancel-c", "api_key": "sekrit-key"}
+    base, _ = deadman.paths(inv)
+    config = json.loads((cluster.share / "trainrig" / "deadman" / "config.json").read_text())
+    assert config["softlayer"] == {
+        "api": "https://api.softlayer.com/rest/v3.1/",
+        "servers": {"node0": 4101, "node1": 4102},
+    }
+    assert config["credential"] == str(secret) and config["hosts"] == ["node0", "node1"]
+    sent = secret.read_text() + json.dumps(config)
+    assert "operator-own-key" not in sent and "sekrit-key" not in json.dumps(config)
+    seen = "\n".join(c for server in cluster.servers.values() for c in server.commands)
+    shared = "".join(p.read_text() for p in (cluster.share / "trainrig").rglob("*.json"))
+    assert "sekrit-key" not in seen and "sekrit-key" not in shared and f"{base}/config.json" in seen
+    assert "operator-key" not in secret.read_text() + shared + seen  # the operator's own key never goes
+    # Disarming removes it from the node.
+    deadman.arm(inv, deadman.Settings())
+    assert not secret.exists()
 
 
 def without_aws_credentials(monkeypatch, tmp_path):
@@ -181,6 +237,20 @@ def test_re_arming_keeps_a_down_after_run_only_while_it_runs(ssh_cluster):
     (run / "status.json").write_text(json.dumps({"state": "succeeded", "ended_at": time.time()}))
     # That run is over (its compute may be gone already): re-arming must not fire on it at once.
     assert deadman.with_limits(cluster.inv, idle=600, stall=None, hard_limit=None).after_run is None
+
+
+def test_fab_down_removes_the_switch_credential_from_the_storage_node(ssh_cluster, monkeypatch):
+    cluster = ssh_cluster(1)
+    secret = cluster.share.parent / "etc" / "deadman-credential.json"
+    secret.parent.mkdir()
+    secret.write_text("{}")
+    monkeypatch.setattr(deadman, "CREDENTIAL", str(secret))
+    cluster.add_program("systemctl", "exit 0")
+    deadman.forget_credential(cluster.inv)  # local: no credential of its own, nothing touched
+    assert secret.exists()
+    deadman.forget_credential(ibm_inventory(cluster.inv))
+    assert not secret.exists()
+    assert any(c.startswith("systemctl stop trainrig-deadman") for c in cluster.servers["storage"].commands)
 
 
 # -- parking instead of tearing down (trainrig:on_idle: park) -----------------------------------

@@ -102,9 +102,9 @@ def configure(tmp_path, url, credentials=None, timeout=5):
     cfg = {
         "shared": str(shared),
         "hosts": ["node0", "node1"],
+        "credential": str(secret),
         "softlayer": {
             "api": url,
-            "credentials": str(secret),
             "servers": {"node0": 101, "node1": 102},
             "timeout": timeout,
             "poll": 0.05,

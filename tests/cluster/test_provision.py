@@ -59,6 +59,33 @@ def test_host_keys_stay_pinned_and_settings_are_fast():
     assert Path(known_hosts).read_text().count("ssh-ed25519") == len(inv.nodes)
 
 
+def test_mitogen_linear_is_the_default_strategy(monkeypatch):
+    monkeypatch.delenv(provision.STRATEGY_ENV, raising=False)
+    env = provision.ansible_env(make_inventory(gpu_nodes=2))
+    assert env["ANSIBLE_STRATEGY"] == "mitogen_linear"
+    # The folder Ansible loads the strategy from is Mitogen's, installed with trainrig.
+    assert (Path(env["ANSIBLE_STRATEGY_PLUGINS"]) / "mitogen_linear.py").is_file()
+    # Mitogen reaches the nodes with the same pinned settings.
+    assert env["ANSIBLE_HOST_KEY_CHECKING"] == "True" and "StrictHostKeyChecking=yes" in env["ANSIBLE_SSH_ARGS"]
+
+
+@pytest.mark.parametrize("name", ["linear", "free"])
+def test_ansibles_own_strategy_is_one_setting_away(monkeypatch, name):
+    monkeypatch.setenv(provision.STRATEGY_ENV, name)
+    env = provision.ansible_env(make_inventory(gpu_nodes=2))
+    assert env["ANSIBLE_STRATEGY"] == name
+    assert "ANSIBLE_STRATEGY_PLUGINS" not in env
+
+
+def test_mitogen_free_and_an_unknown_strategy(monkeypatch):
+    monkeypatch.setenv(provision.STRATEGY_ENV, "mitogen_free")
+    env = provision.ansible_env(make_inventory())
+    assert (Path(env["ANSIBLE_STRATEGY_PLUGINS"]) / "mitogen_free.py").is_file()
+    monkeypatch.setenv(provision.STRATEGY_ENV, "fast")
+    with pytest.raises(TrainrigError, match="TRAINRIG_ANSIBLE_STRATEGY='fast' is not a strategy trainrig runs"):
+        provision.ansible_env(make_inventory())
+
+
 def test_recap_failed_hosts():
     recap = provision.Recap(
         hosts={

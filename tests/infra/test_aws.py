@@ -77,18 +77,20 @@ def test_park_stops_the_gpu_instances_and_up_starts_them_with_their_disks(aws):
 
     volumes_before = {v["VolumeId"] for v in ec2.describe_volumes()["Volumes"]}
     cfg = SimpleNamespace(region="us-east-1", spot=False)
-    assert AWS.power("imagenet", cfg, False, endpoint_url=aws, timeout=60) == {}
+    assert AWS.power(SimpleNamespace(cluster="imagenet"), cfg, False, endpoint_url=aws, timeout=60) == {}
     assert states() == {gpu[0]: "stopped", gpu[1]: "stopped", storage: "running", other: "running"}
     assert {v["VolumeId"] for v in ec2.describe_volumes()["Volumes"]} == volumes_before  # EBS kept
 
-    started = AWS.power("imagenet", cfg, True, endpoint_url=aws, timeout=60)
+    started = AWS.power(SimpleNamespace(cluster="imagenet"), cfg, True, endpoint_url=aws, timeout=60)
     assert set(started) == {"node0", "node1"} and all(started.values())
     assert set(states().values()) == {"running"}
 
 
 def test_spot_instances_cannot_be_parked(aws):
     with pytest.raises(TrainrigError, match="spot instances, which AWS cannot stop"):
-        AWS.power("imagenet", SimpleNamespace(region="us-east-1", spot=True), False, endpoint_url=aws)
+        AWS.power(
+            SimpleNamespace(cluster="imagenet"), SimpleNamespace(region="us-east-1", spot=True), False, endpoint_url=aws
+        )
 
 
 def test_audit_finds_what_no_inventory_accounts_for_and_nothing_after_a_clean_teardown(aws):

@@ -51,6 +51,12 @@ def test_outputs_are_an_inventory_and_a_price(mocks, path):
                     else r"^/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol0[0-9a-f]{16}$"
                 )
                 assert all(re.match(want, n.data_disks[0].device) for n in inv.gpu_nodes), inv.gpu_nodes[0].data_disks
+            if cfg.cloud == "ibm":
+                # What the dead-man switch cancels and what `fab up` restores after `fab park`.
+                assert all(n.cloud_id and n.cloud_id.isdigit() and n.flavor == cfg.flavor for n in inv.gpu_nodes)
+                park = cfg.prices.machine_usd_per_hour(cfg.park_machine)
+                disk = cfg.prices.disk_usd_per_hour(cfg.data_disk_gb)
+                assert inv.gpu_nodes[0].parked_hourly_price_usd == pytest.approx(park + disk, abs=1e-4)
             if cfg.shared_fs:
                 # Mounted from the mount target's address, inside the cluster's network; no server.
                 assert inv.storage.kind == "efs" and inv.storage_node is None and inv.storage.export == "/"

@@ -274,7 +274,14 @@ def test_never_ready_within_the_deadline_cancels_and_confirms_gone(transport):
 def test_read_returns_addresses_and_notices_a_server_that_is_gone(transport):
     transport.set_mock("SoftLayer_Virtual_Guest", "getObject").return_value = READY
     assert provider(transport).read("100", dict(PROPS)).outs["private_ip"] == "10.45.19.37"
+    assert "billingItem[id]" in calls(transport, "getObject")[-1].mask
     transport.set_mock("SoftLayer_Virtual_Guest", "getObject").side_effect = GONE
+    assert provider(transport).read("100", dict(PROPS)).id is None
+
+
+def test_read_counts_a_cancelled_server_not_yet_reclaimed_as_gone(transport):
+    # What the dead-man switch leaves: the guest still listed a while, its billing item gone.
+    transport.set_mock("SoftLayer_Virtual_Guest", "getObject").return_value = {**READY, "billingItem": None}
     assert provider(transport).read("100", dict(PROPS)).id is None
 
 

@@ -83,6 +83,9 @@ def test_a_different_host_key_is_refused(cluster):
 
 
 def test_provision_succeeds_then_changes_nothing(cluster, provisioned):
+    # Under the default strategy, Mitogen's: the session's provisioning ran with it too.
+    assert os.environ.get(provision.STRATEGY_ENV) is None
+    assert provision.ansible_env(cluster)["ANSIBLE_STRATEGY"] == "mitogen_linear"
     assert provisioned.failed_hosts == []
     assert all(r.ok > 0 for r in provisioned.hosts.values())
     # Every task again, for real: the roles change nothing the second time.
@@ -92,6 +95,14 @@ def test_provision_succeeds_then_changes_nothing(cluster, provisioned):
     # Without --force no phase's inputs changed, so no task runs anywhere.
     again = provision.provision(cluster)
     assert all(r.ok == 0 and r.message.startswith("up to date") for r in again.hosts.values())
+
+
+def test_ansibles_own_linear_strategy_changes_nothing_either(cluster, provisioned, monkeypatch):
+    # The way back from Mitogen (TRAINRIG_ANSIBLE_STRATEGY=linear) runs the same roles to the same end.
+    monkeypatch.setenv(provision.STRATEGY_ENV, "linear")
+    forced = provision.provision(cluster, force=True)
+    assert {h: r.changed for h, r in forced.hosts.items()} == {"node0": 0, "node1": 0, "storage": 0}
+    assert all(r.ok > 0 for r in forced.hosts.values())
 
 
 def test_gpu_nodes_fetch_packages_through_the_storage_nodes_cache(cluster, provisioned):

@@ -223,6 +223,40 @@ def test_unreachable_host_then_retry_failed(cluster, provisioned):
         assert on(cluster, src, "ssh", "-o", "BatchMode=yes", dst, "hostname").stdout.strip() == dst
 
 
+# -- a login that is not root: every task through sudo ------------------------------------------
+
+LOGIN = "trainrig-login"
+ADD_LOGIN = f"""id {LOGIN} >/dev/null 2>&1 || useradd -m -s /bin/bash {LOGIN}
+install -d -m 0700 -o {LOGIN} -g {LOGIN} /home/{LOGIN}/.ssh
+install -m 0600 -o {LOGIN} -g {LOGIN} /root/.ssh/authorized_keys /home/{LOGIN}/.ssh/authorized_keys
+echo '{LOGIN} ALL=(ALL) NOPASSWD:ALL' > /etc/sudoers.d/{LOGIN} && chmod 0440 /etc/sudoers.d/{LOGIN}"""
+
+
+def sudo_log(name):
+    return node_exec(CLUSTER, name, "journalctl", "-q", "--no-pager", "_COMM=sudo").stdout
+
+
+def test_a_login_that_is_not_root_provisions_through_sudo(cluster, provisioned):
+    # A cloud image's login (ubuntu, admin) is not root: trainrig sets ansible_become, and the
+    # default strategy (Mitogen's, with its own sudo) must run every task as root through it.
+    assert provision.ansible_env(cluster)["ANSIBLE_STRATEGY"] == "mitogen_linear"
+    names = [n.name for n in cluster.nodes]
+    for name in names:
+        node_exec(CLUSTER, name, "sh", "-c", ADD_LOGIN)
+    # Nothing else on a node uses sudo (trainrig logs in as root): new sessions are provisioning's.
+    opened = "session opened for user root(uid=0)"
+    before = {name: sudo_log(name).count(opened) for name in names}
+    try:
+        recap = provision.provision(cluster.model_copy(update={"ssh_user": LOGIN}), tags="common")
+        assert {h: (r.succeeded, r.changed) for h, r in recap.hosts.items()} == {n: (True, 0) for n in names}
+        for name in names:
+            log = sudo_log(name)
+            assert log.count(opened) > before[name], log[-1000:]
+    finally:
+        for name in names:
+            node_exec(CLUSTER, name, "sh", "-c", f"rm -f /etc/sudoers.d/{LOGIN}; userdel -r {LOGIN} 2>/dev/null; true")
+
+
 # -- GPU, NFS and RAID in check mode: the files they would write --------------------------------
 
 
@@ -245,7 +279,16 @@ def test_gpu_host_in_check_mode(cluster, provisioned):
     drop_in = on(cluster, "node0", "cat", "/etc/systemd/system/docker.service.d/trainrig-data-root.conf").stdout
     assert "RequiresMountsFor=/data1/docker" in drop_in
     assert "blacklist nouveau" in written(recap, "node0", "/etc/modprobe.d/blacklist-nouveau.conf")
-    assert "libnvidia-container" in written(recap, "node0", "/etc/apt/sources.list.d/nvidia-container-toolkit.list")
+    # NVIDIA's HTTPS repository through the storage node's package cache first, directly second.
+    mirror_list = "/etc/apt/mirrors/nvidia-container-toolkit.list"
+    assert written(recap, "node0", "/etc/apt/sources.list.d/nvidia-container-toolkit.list") == (
+        f"deb [signed-by=/etc/apt/keyrings/nvidia-container-toolkit.asc] mirror+file:{mirror_list} /\n"
+    )
+    mirrors = [line.split("\t")[0] for line in written(recap, "node0", mirror_list).splitlines()[1:]]
+    assert mirrors == [
+        "http://HTTPS///nvidia.github.io/libnvidia-container/stable/deb/amd64",
+        "https://nvidia.github.io/libnvidia-container/stable/deb/amd64",
+    ]
     rule = written(recap, "node0", "/etc/udev/rules.d/71-nvidia-dev-char.rules")
     assert "nvidia-ctk system create-dev-char-symlinks --create-all" in rule
     assert on(cluster, "node0", "cat", "/etc/docker/daemon.json").stdout == before  # check mode changed nothing

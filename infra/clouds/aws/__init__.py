@@ -158,12 +158,14 @@ class AwsCloud:
         return found + self._efs_billable(cluster, cfg, endpoint_url)
 
     def power(
-        self, cluster: str, cfg: AwsConfig, on: bool, endpoint_url: str | None = None, timeout: float = 600
+        self, inv, cfg: AwsConfig, on: bool, endpoint_url: str | None = None, timeout: float = 600
     ) -> dict[str, str]:
         """Stop the cluster's GPU instances (EBS kept, compute billing ends) or start them; their public IPs."""
         import boto3
 
         from infra.commands import wait_until
+
+        cluster = inv.cluster
 
         if on is False and cfg.spot:
             raise TrainrigError(

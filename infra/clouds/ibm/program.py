@@ -60,7 +60,9 @@ def build(parent: pulumi.ComponentResource, name: str, cfg: IbmConfig, blueprint
             opts=program.child(parent, protect=storage, additional_secret_outputs=["user_data"]),
         )
         records.append(
-            program.node_record(planned, server.public_ip, server.private_ip, host_key.public_key, DATA_DEVICE)
+            program.node_record(
+                planned, server.public_ip, server.private_ip, host_key.public_key, DATA_DEVICE, server.guest_id
+            )
         )
     return program.inventory(cfg, records, f"{cfg.cluster}-private", PRIVATE_NETWORK)
 

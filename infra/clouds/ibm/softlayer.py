@@ -129,8 +129,16 @@ class SshKeyProvider(_Credentials, ResourceProvider):
 class VirtualServerProvider(_Credentials, ResourceProvider):
     """A classic virtual server: ordered, waited for, upgraded in place where the API allows, cancelled."""
 
-    def __init__(self, ready_timeout_s: float = 3600, poll_interval_s: float = 15, flavor_sizes=None, transport=None):
+    def __init__(
+        self,
+        ready_timeout_s: float = 3600,
+        poll_interval_s: float = 15,
+        flavor_sizes=None,
+        transport=None,
+        credentials: tuple[str, str] | None = None,
+    ):
         super().__init__()
+        self._stack_credentials = credentials  # outside Pulumi (fab park): the stack's secret config, if there
         self.ready_timeout_s = ready_timeout_s
         self.poll_interval_s = poll_interval_s
         # {flavor: (cpus, memory_gb)}: tells an upgrade (bigger) from a change that needs a new server.
@@ -257,6 +265,26 @@ class VirtualServerProvider(_Credentials, ResourceProvider):
         )
         return self._wait_ready(vs, guest_id, name, pending=True)
 
+    def change_flavor(self, guest_id: int, name: str, flavor: str) -> dict:
+        """Change a server's flavor in place, smaller or bigger (`fab park` / `fab up`), and wait until it is
+        ready again; its disks and addresses stay. The ready server."""
+        vs = SoftLayer.VSManager(self.client())
+        try:
+            if flavor in self.flavor_sizes:
+                # Already that size (a park or resume that went half-way and runs again): no order, which
+                # IBM would refuse as no change, only the wait.
+                cpus, memory_gb = self.flavor_sizes[flavor]
+                size = self._poll(vs, guest_id, "mask[id,maxCpu,maxMemory]") or {}
+                if (size.get("maxCpu"), size.get("maxMemory")) == (cpus, memory_gb * 1024):
+                    return self._wait_ready(vs, guest_id, name, pending=True)
+            return self._upgrade(vs, guest_id, name, preset=flavor)
+        except SoftLayer.SoftLayerAPIError as exc:
+            raise _api_error(f"change server {name} (id {guest_id}) to flavor {flavor}", exc) from None
+        except SoftLayer.SoftLayerError as exc:  # the SDK's own refusal, e.g. a flavor the package does not offer
+            raise IbmError(
+                f"IBM Cloud classic refused to change server {name} (id {guest_id}) to flavor {flavor}: {exc}"
+            ) from None
+
     def _check_disk_numbers(self, vs: SoftLayer.VSManager, guest_id: int, name: str, disks: list[dict]) -> None:
         """Each new disk's category must be free: an upgrade naming a disk that exists resizes it instead."""
         guest = self._poll(vs, guest_id, DISKS_MASK) or {}
@@ -307,11 +335,15 @@ class VirtualServerProvider(_Credentials, ResourceProvider):
     def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
         vs = SoftLayer.VSManager(self.client())
         try:
-            guest = vs.get_instance(int(id_), mask=READY_MASK)
+            guest = vs.get_instance(int(id_), mask=READY_MASK.replace(",status]", ",status,billingItem[id]]"))
         except SoftLayer.SoftLayerAPIError as exc:
             if _not_found(exc):
                 return ReadResult(None, {})  # gone: Pulumi drops it from state
             raise _api_error(f"read server {id_}", exc) from None
+        if not guest.get("billingItem"):
+            # Cancelled (by the dead-man switch, or by hand) and not yet reclaimed: gone for Pulumi too,
+            # so the next update does not cancel it again.
+            return ReadResult(None, {})
         return ReadResult(id_, _outputs(props, guest))
 
     def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:

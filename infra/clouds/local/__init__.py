@@ -56,9 +56,9 @@ class LocalCloud:
         """Containers, volumes and networks by their trainrig.cluster label; loop devices by their disk file."""
         return self.backend().audit(set(known), everything)
 
-    def power(self, cluster: str, cfg=None, on: bool = True) -> dict[str, str]:
+    def power(self, inv, cfg=None, on: bool = True) -> dict[str, str]:
         """Stop or start the GPU node containers; their loop devices, volume and images stay."""
-        return self.backend().power(cluster, on)
+        return self.backend().power(inv.cluster, on)
 
     def capture(self, cluster: str, cfg, node: str, name: str) -> str:
         # Local nodes are baked by LocalBackend.bake, which generalizes the image as it builds it.
