@@ -1,14 +1,16 @@
-"""Idle billable seconds after a run: from its last step to its GPU nodes gone, for `fab train --down-after`
-and for the dead-man switch's idle trigger. A script, not a test.
+"""Idle billable seconds after a run: from its last step to its GPU nodes gone (or parked), for `fab train
+--down-after`, for the dead-man switch's idle trigger, and for that trigger with on_idle park. A script, not a test.
 
     .venv/bin/python -m benchmarks.idle_bench [--name teardown-bench] [--steps 30] [--grace 0] [--idle 10]
 
 On one local cluster (1 GPU-role node + the storage node): provision, train the demo job with
 --down-after, and time from the last step's line in metrics.jsonl to the moment Docker no longer
 lists the GPU node; then bring the node back, provision it, train again with only the dead-man
-switch armed (--idle), and time the same way. Both figures include the switch's 2 s polling,
-the node's own power-off and the host watcher's removal; the goal is at most 60 s plus the grace
-(or the idle time). The cluster is purged at the end.
+switch armed (--idle), and time the same way; then once more with the cluster set to park
+(`fab up --on-idle park`), timed to the moment Docker lists the GPU node as stopped. The figures
+include the switch's 2 s polling, the node's own power-off and the host watcher's removal (none
+when parked); the goal is at most 60 s plus the grace (or the idle time). The cluster is purged
+at the end.
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ from pathlib import Path
 from cluster import deadman, jobs, lifecycle, provision, runs
 from infra import inventory, ssh
 from infra.commands import wait_until
+from infra.inventory import OnIdle
 
 JOB = Path(__file__).resolve().parents[1] / "training_jobs" / "dp-mlp.yaml"
 
 
-def gpu_containers(name: str) -> list[str]:
-    argv = ["docker", "ps", "-a", "--filter", f"label=trainrig.cluster={name}", "--filter", "label=trainrig.role=gpu"]
+def gpu_containers(name: str, running: bool = False) -> list[str]:
+    """The cluster's GPU node containers: all of them, or those running only."""
+    every = [] if running else ["-a"]
+    argv = ["docker", "ps", *every, "--filter", f"label=trainrig.cluster={name}", "--filter", "label=trainrig.role=gpu"]
     return subprocess.run([*argv, "-q"], capture_output=True, text=True, check=True).stdout.split()
 
 
@@ -45,13 +50,14 @@ def last_step_at(inv, record) -> float:
     return status["started_at"] + last["time"]
 
 
-def one(name: str, job, arm) -> tuple[float, str]:
-    inv = lifecycle.up(name, gpu_nodes=1, data_disk_gb=2)
+def one(name: str, job, arm, on_idle: OnIdle = "down") -> tuple[float, str]:
+    inv = lifecycle.up(name, gpu_nodes=1, data_disk_gb=2, on_idle=on_idle)
     provision.provision(inv)
     record = runs.launch(inv, job)
     settings = arm(inv, record)
     deadman.arm(inv, settings)
-    wait_until(lambda: not gpu_containers(name), timeout=1800, interval=0.2, what="the GPU node to be gone")
+    running = on_idle == "park"  # a parked node is stopped, not removed
+    wait_until(lambda: not gpu_containers(name, running), timeout=1800, interval=0.2, what="the GPU node to go")
     gone = time.time()
     idle = gone - last_step_at(inv, record)
     record_ = deadman.teardown_record(inv) or {}
@@ -75,6 +81,8 @@ def main() -> None:
         # Only the switch this time: the run ends, and nothing starts within the idle time.
         idle = one(args.name, job, lambda inv, r: deadman.Settings(idle=args.idle))
         results.append((f"dead-man idle ({args.idle:.0f}s)", args.idle, *idle))
+        parked = one(args.name, job, lambda inv, r: deadman.Settings(idle=args.idle), on_idle="park")
+        results.append((f"dead-man idle, park ({args.idle:.0f}s)", args.idle, *parked))
     finally:
         lifecycle.down(inventory.load(args.name), purge=True)
     print(f"{'path':28} {'idle billable s':>16} {'over the setting':>17}  record")

@@ -372,7 +372,7 @@ def down(c, name=None, purge=False, stack=None, yes=False):
     if not inventory_mod.path_for(cluster).is_file():
         ui.console.print(f"cluster {cluster!r} does not exist: nothing to remove")
         return
-    inv = inventory_mod.load(cluster)
+    inv = deadman_mod.settle(inventory_mod.load(cluster))  # parked by the switch: the ledger bills it so
     if purge:
         lifecycle.confirm_purge(inv, yes, _ask if sys.stdin.isatty() else None)
     remaining = lifecycle.down(inv, purge=purge, stack=stack or c.config.trainrig.stack)

@@ -67,11 +67,20 @@ class StackBase(Strict):
 
     @model_validator(mode="after")
     def _can_park(self) -> StackBase:
-        if self.on_idle == "park" and "park" not in clouds.get(self.cloud).capabilities:
+        capabilities = clouds.get(self.cloud).capabilities
+        if self.on_idle == "park" and "park" not in capabilities:
             raise ConfigError(
                 "on_idle",
                 f"{self.cloud} GPU nodes cannot be parked (a stopped one keeps billing)",
                 "set trainrig:on_idle: down",
+            )
+        # The switch parks a node by powering it off; where that does not stop the bill (IBM parks by a
+        # flavor change, ordered with the operator's own credentials), only `fab park` can park.
+        if self.on_idle == "park" and "self_teardown" not in capabilities:
+            raise ConfigError(
+                "on_idle",
+                f"the dead-man switch cannot park {self.cloud} GPU nodes (a powered-off one keeps billing)",
+                "set trainrig:on_idle: down; fab park parks them from your machine",
             )
         return self
 

@@ -147,6 +147,9 @@ def test_arming_on_ibm_writes_the_credential_root_only_and_the_ids_to_the_config
     inv = ibm_inventory(cluster.inv)
     for name, value in {**CANCEL, "SL_USERNAME": "operator", "SL_API_KEY": "operator-key"}.items():
         monkeypatch.setenv(name, value)
+    # The operator's own credentials: checked (they show the compute gone afterwards), never sent to the node.
+    monkeypatch.setenv("SL_USERNAME", "operator")
+    monkeypatch.setenv("SL_API_KEY", "operator-own-key")
     monkeypatch.setattr(deadman.shutil, "which", lambda name: "/usr/bin/pulumi")
     secret = cluster.share.parent / "etc" / "trainrig" / "deadman-credential.json"
     monkeypatch.setattr(deadman, "CREDENTIAL", str(secret))
@@ -163,6 +166,8 @@ def test_arming_on_ibm_writes_the_credential_root_only_and_the_ids_to_the_config
         "servers": {"node0": 4101, "node1": 4102},
     }
     assert config["credential"] == str(secret) and config["hosts"] == ["node0", "node1"]
+    sent = secret.read_text() + json.dumps(config)
+    assert "operator-own-key" not in sent and "sekrit-key" not in json.dumps(config)
     seen = "\n".join(c for server in cluster.servers.values() for c in server.commands)
     shared = "".join(p.read_text() for p in (cluster.share / "trainrig").rglob("*.json"))
     assert "sekrit-key" not in seen and "sekrit-key" not in shared and f"{base}/config.json" in seen

@@ -174,7 +174,7 @@ def test_a_park_flavor_that_cannot_take_the_boot_disk_is_refused(flavor, error):
 
 
 def test_the_switch_cannot_park_ibm_servers():
-    with pytest.raises(ConfigError, match="on_idle: the dead-man switch cannot park IBM servers"):
+    with pytest.raises(ConfigError, match="on_idle: the dead-man switch cannot park ibm GPU nodes"):
         ibm_config(**{"trainrig:on_idle": "park"})
     with pytest.raises(TrainrigError, match="the dead-man switch cannot park 'nmt''s IBM servers"):
         IBM.switch_cancel(inventory().model_copy(update={"on_idle": "park"}), {})

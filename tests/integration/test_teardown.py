@@ -236,6 +236,7 @@ def test_the_switch_parks_on_idle_and_fab_up_brings_the_node_back_with_its_disk(
                 check=True,
             ).stdout.split("\n")[:-1]
 
+        armed_at = time.time()
         deadman.arm(inv, deadman.Settings(idle=3), every=0.5)
         wait_until(
             lambda: gpu_state() == [f"trainrig-{name}-node0 exited"], timeout=180, interval=0.5, what="node0 to stop"
@@ -247,6 +248,9 @@ def test_the_switch_parks_on_idle_and_fab_up_brings_the_node_back_with_its_disk(
 
         record = wait_until(complete_record, timeout=120, interval=1, what="the switch to see node0 gone")
         assert (record["trigger"], record["action"]) == ("idle", "park")
+        stopped_after = record["compute_gone_at"] - armed_at
+        print(f"parked {stopped_after:.1f}s after arming with idle 3s")
+        assert stopped_after < 60
         log = reaper.log_path(name)
         wait_until(lambda: "parked by the dead-man switch" in log.read_text(), timeout=60, interval=0.5, what="watcher")
         assert gpu_state() == [f"trainrig-{name}-node0 exited"], "a parked node is kept, not removed"

@@ -101,18 +101,6 @@ class IbmConfig(MachineStack):
         return self
 
     @model_validator(mode="after")
-    def _switch_cannot_park(self) -> IbmConfig:
-        if self.on_idle == "park":
-            # Parking is a flavor change (an upgrade order): the switch's credential may cancel, nothing more.
-            raise ConfigError(
-                "on_idle",
-                "the dead-man switch cannot park IBM servers: its credential may only cancel them "
-                "(fab park does, from the operator's side)",
-                "set trainrig:on_idle: down",
-            )
-        return self
-
-    @model_validator(mode="after")
     def _park_flavor_fits(self) -> IbmConfig:
         known = self.prices.machines
         machine = known.get(self.park_machine)
