@@ -172,3 +172,17 @@ def test_no_credential_on_the_node_is_recorded(tmp_path, api):
     assert remote.teardown(cfg, str(record_path), "idle", "quiet") == 1
     record = json.loads(record_path.read_text())
     assert "no cancel credential in" in record["errors"]["node0"] and not stand_in.requests
+
+
+def test_fab_status_says_what_the_api_refused(tmp_path, api):
+    from cluster.deadman import describe_record
+
+    stand_in = api()
+    cfg, record_path = configure(tmp_path, stand_in.url, {"username": USER, "api_key": "wrong"})
+    remote.teardown(cfg, str(record_path), "idle", "no run going")
+    text = describe_record(json.loads(record_path.read_text()))
+    assert text.endswith(
+        "(idle): no run going; still billing: node0, node1 (run fab down); "
+        "node0: cancelling server 101: Invalid API token. (SoftLayer_Exception_Public); "
+        "node1: cancelling server 102: Invalid API token. (SoftLayer_Exception_Public)"
+    )

@@ -178,6 +178,19 @@ def test_ibm_every_kind_of_server_is_verified_without_an_order(transport, tmp_pa
     assert not calls(transport, "placeOrder")
 
 
+def test_ibm_a_park_flavor_the_package_does_not_offer_is_a_problem(transport, tmp_path):
+    for method in ("getActivePresets", "getAccountRestrictedActivePresets"):
+        transport.set_mock("SoftLayer_Product_Package", method).return_value = []
+    _, cfg = stack("ibm-syd04-dual-v100", tmp_path)
+    problems = IBM.verify(cfg, blueprint.blueprint(cfg), transport=transport).problems
+    assert problems == [
+        "park_flavor B1_2X4X100: IBM Cloud classic offers no such flavor, so fab park would be refused; "
+        "set trainrig:park_flavor to a CPU flavor from: ibmcloud sl vs options"
+    ]
+    wanted = [c.filter for c in calls(transport, "getActivePresets")]
+    assert wanted[0]["activePresets"]["keyName"]["operation"] == "_= B1_2X4X100"
+
+
 def test_ibm_a_refused_order_is_one_line_naming_the_servers(transport, tmp_path):
     transport.set_mock("SoftLayer_Product_Order", "verifyOrder").side_effect = SoftLayer.SoftLayerAPIError(
         "SoftLayer_Exception_Public", "The item AC2_16X120X100 is not available in syd04."

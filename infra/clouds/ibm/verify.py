@@ -5,7 +5,8 @@ generateOrderTemplate makes from the order trainrig would place, then Product_Or
 on it, which prices it against the datacenter's catalog (flavor, image, disks, port speed) and
 bills nothing. Then the private network: the given VLAN must be in the datacenter; without one,
 servers may land on different private VLANs, which reach each other only with VLAN spanning or
-VRF. What no API answers before the order: whether capacity is there at that moment.
+VRF. And the flavor `fab park` would change the GPU servers to must be one the virtual server
+package offers. What no API answers before the order: whether capacity is there at that moment.
 """
 
 from __future__ import annotations
@@ -50,7 +51,20 @@ def verify(cfg: IbmConfig, bp: Blueprint, transport=None) -> Findings:
                 f"{exc.faultString} ({exc.faultCode})"
             )
     _vlans(client, cfg, len(bp.nodes), found)
+    _park_flavor(client, cfg, found)
     return found
+
+
+def _park_flavor(client: SoftLayer.BaseClient, cfg: IbmConfig, found: Findings) -> None:
+    try:
+        SoftLayer.OrderingManager(client).get_preset_by_key("PUBLIC_CLOUD_SERVER", cfg.park_machine, mask="id,keyName")
+    except SoftLayer.SoftLayerAPIError as exc:
+        found.notes.append(f"the park flavor could not be checked: {exc.faultString} ({exc.faultCode})")
+    except SoftLayer.SoftLayerError:
+        found.problems.append(
+            f"park_flavor {cfg.park_machine}: IBM Cloud classic offers no such flavor, so fab park would be refused; "
+            "set trainrig:park_flavor to a CPU flavor from: ibmcloud sl vs options"
+        )
 
 
 def _vlans(client: SoftLayer.BaseClient, cfg: IbmConfig, servers: int, found: Findings) -> None:
