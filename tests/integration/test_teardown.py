@@ -28,14 +28,15 @@ def fab(*args):
     )
 
 
-def containers(role):
+def containers(role, cluster=NAME):
+    """`name state` of the cluster's node containers of one role, stopped ones included."""
     return subprocess.run(
         [
             "docker",
             "ps",
             "-a",
             "--filter",
-            f"label=trainrig.cluster={NAME}",
+            f"label=trainrig.cluster={cluster}",
             "--filter",
             f"label=trainrig.role={role}",
             "--format",
@@ -218,28 +219,13 @@ def test_the_switch_parks_on_idle_and_fab_up_brings_the_node_back_with_its_disk(
 
         on("node0", "sh", "-c", "echo on-the-disk > /data1/park-check")
 
-        def gpu_state():
-            return subprocess.run(
-                [
-                    "docker",
-                    "ps",
-                    "-a",
-                    "--filter",
-                    f"label=trainrig.cluster={name}",
-                    "--filter",
-                    "label=trainrig.role=gpu",
-                    "--format",
-                    "{{.Names}} {{.State}}",
-                ],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout.split("\n")[:-1]
-
         armed_at = time.time()
         deadman.arm(inv, deadman.Settings(idle=3), every=0.5)
         wait_until(
-            lambda: gpu_state() == [f"trainrig-{name}-node0 exited"], timeout=180, interval=0.5, what="node0 to stop"
+            lambda: containers("gpu", name) == [f"trainrig-{name}-node0 exited"],
+            timeout=180,
+            interval=0.5,
+            what="node0 to stop",
         )
 
         def complete_record():
@@ -253,7 +239,7 @@ def test_the_switch_parks_on_idle_and_fab_up_brings_the_node_back_with_its_disk(
         assert stopped_after < 60
         log = reaper.log_path(name)
         wait_until(lambda: "parked by the dead-man switch" in log.read_text(), timeout=60, interval=0.5, what="watcher")
-        assert gpu_state() == [f"trainrig-{name}-node0 exited"], "a parked node is kept, not removed"
+        assert containers("gpu", name) == [f"trainrig-{name}-node0 exited"], "a parked node is kept, not removed"
 
         status = fab("status", "--name", name)
         assert status.returncode == 0, status.stderr
@@ -274,7 +260,7 @@ def test_the_switch_parks_on_idle_and_fab_up_brings_the_node_back_with_its_disk(
         assert "dead-man switch on storage: idle 10m; it parks the GPU nodes" in up.stdout
         inv = inventory.load(name)
         assert inv.parked_at is None
-        assert gpu_state() == [f"trainrig-{name}-node0 running"]
+        assert containers("gpu", name) == [f"trainrig-{name}-node0 running"]
         assert on("node0", "cat", "/data1/park-check") == "on-the-disk"
         assert deadman.teardown_record(inv) is None  # the old record is history now
     finally:
