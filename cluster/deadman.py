@@ -211,7 +211,15 @@ def launch_run(
     record = runs.launch(inv, job, resume=resume)
     if down_after is None:
         return record, None
-    return record, arm(inv, with_run(inv, record.id, record.run_dir, down_after))
+    try:
+        return record, arm(inv, with_run(inv, record.id, record.run_dir, down_after))
+    except (TrainrigError, OSError) as exc:
+        # The user asked for the compute to go when the run ends: a run nothing would tear down must not go on.
+        runs.cancel(inv, record)
+        raise TrainrigError(
+            f"the dead-man switch could not be armed ({exc}), so run {record.id} was cancelled: "
+            "fix that and run it again"
+        ) from exc
 
 
 def _keep_as_history(conn, record: str) -> None:

@@ -321,3 +321,31 @@ def test_a_cluster_the_switch_parked_reads_as_parked(ssh_cluster):
     assert deadman.settle(inv).parked_at is None
     cluster.servers["storage"].stop()
     assert deadman.settle(inv.model_copy(update={"on_idle": "down"})).parked_at is None
+
+
+def test_a_run_whose_switch_cannot_be_armed_is_cancelled_not_left_billing(monkeypatch):
+    """The checks passed, the run started, then arming failed (the storage node stopped answering):
+    nothing would tear the compute down, so the run is cancelled and the line says why."""
+    from cluster import runs
+    from tests.helpers import make_inventory
+
+    inv = make_inventory()
+    record = runs.RunRecord.model_construct(id="r1", run_dir="/data/trainrig/runs/r1", node="node0")
+    calls = []
+    monkeypatch.setattr(deadman, "preflight", lambda inv: calls.append("preflight"))
+    monkeypatch.setattr(deadman.runs, "launch", lambda inv, job, resume=None: calls.append("launch") or record)
+    monkeypatch.setattr(deadman, "saved", lambda cluster: deadman.Settings())
+
+    def refuse(inv, settings):
+        calls.append(f"arm {settings.after_run['id']}")
+        raise TrainrigError("storage: SSH connection refused")
+
+    monkeypatch.setattr(deadman, "arm", refuse)
+    monkeypatch.setattr(deadman.runs, "cancel", lambda inv, rec: calls.append(f"cancel {rec.id}") or {})
+    with pytest.raises(
+        TrainrigError,
+        match=r"^the dead-man switch could not be armed \(storage: SSH connection "
+        r"refused\), so run r1 was cancelled: fix that and run it again$",
+    ):
+        deadman.launch_run(inv, object(), down_after=0)
+    assert calls == ["preflight", "launch", "arm r1", "cancel r1"]
