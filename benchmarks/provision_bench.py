@@ -32,6 +32,7 @@ import resource
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,17 +110,28 @@ def measured(inv, settings, force) -> Measure:
     return Measure(wall, controller, nodes, sum(r.changed for r in recap.hosts.values()))
 
 
-def case(name: str, nodes: int, kind: str | None) -> dict[str, Measure]:
+def case(name: str, nodes: int, kind: str | None, label: str, runs: dict[str, Measure]) -> None:
+    """Measure one size and setting into `runs`, which keeps what was measured if a later run fails."""
     inv = lifecycle.up(name, gpu_nodes=nodes, data_disk_gb=1)
+
+    def run(what: str, measure: Callable[[], Measure]) -> None:
+        runs[what] = m = measure()
+        # Printed as each run ends: a later failure of this size keeps what was measured.
+        print(
+            f"{nodes:>2} nodes, {label}, {what}: {m.wall:.1f}s wall, controller {m.controller_cpu:.1f} CPU-s, "
+            f"nodes {sum(m.node_cpu.values()):.1f} CPU-s (busiest {max(m.node_cpu.values()):.1f}), "
+            f"changed {m.changed}",
+            flush=True,
+        )
+
     try:
         settings = ansible_defaults(inv) if kind == "defaults" else linear() if kind == "linear" else None
-        runs = {"first": measured(inv, settings, force=True)}
+        run("first", lambda: measured(inv, settings, force=True))
         # Only trainrig keeps phase records; the others run every task every time.
-        runs["no-change"] = measured(inv, settings, force=kind is not None)
-        runs["forced"] = measured(inv, settings, force=True)
+        run("no-change", lambda: measured(inv, settings, force=kind is not None))
+        run("forced", lambda: measured(inv, settings, force=True))
         if kind is None:
-            runs["baked"] = on_a_baked_image(inv, nodes)
-        return runs
+            run("baked", lambda: on_a_baked_image(inv, nodes))
     finally:
         lifecycle.down(inventory.load(name), purge=True)
 
@@ -154,17 +166,9 @@ def main() -> None:
     results: dict[tuple[int, str], dict[str, Measure]] = {}
     for n, label, kind in cases:
         try:
-            results[(n, label)] = runs = case(f"{args.prefix}{n}{kind[0] if kind else ''}", n, kind)
+            case(f"{args.prefix}{n}{kind[0] if kind else ''}", n, kind, label, results.setdefault((n, label), {}))
         except TrainrigError as exc:  # one size failing leaves the others' figures standing
             print(f"{n:>2} nodes, {label}: failed: {exc}", flush=True)
-            continue
-        for run, m in runs.items():
-            print(
-                f"{n:>2} nodes, {label}, {run}: {m.wall:.1f}s wall, controller {m.controller_cpu:.1f} CPU-s, "
-                f"nodes {sum(m.node_cpu.values()):.1f} CPU-s (busiest {max(m.node_cpu.values()):.1f}), "
-                f"changed {m.changed}",
-                flush=True,
-            )
     report(results, args.controller_cores, args.compare_at)
 
 
@@ -180,10 +184,11 @@ def report(results: dict[tuple[int, str], dict[str, Measure]], cores: int, compa
                 f"{sum(m.node_cpu.values()):>10.1f} {max(m.node_cpu.values()):>8.1f} "
                 f"{m.projected(cores):>11.1f} {m.changed:>7}"
             )
-    ours = {n: runs for (n, label), runs in results.items() if label == "trainrig"}
+    ours = {n: runs for (n, label), runs in results.items() if label == "trainrig" and "first" in runs}
     print()
     for n, runs in ours.items():
-        print(f"{n} nodes: no-change / first = {runs['no-change'].wall / runs['first'].wall:.1%} (goal <= 10%)")
+        if "no-change" in runs:
+            print(f"{n} nodes: no-change / first = {runs['no-change'].wall / runs['first'].wall:.1%} (goal <= 10%)")
         if "baked" in runs:
             ratio = runs["baked"].wall / runs["no-change"].wall
             print(
@@ -200,6 +205,8 @@ def report(results: dict[tuple[int, str], dict[str, Measure]], cores: int, compa
         other = results.get((compare_at, label))
         if other and compare_at in ours:
             for run in ("first", "no-change"):
+                if run not in other or run not in ours[compare_at]:
+                    continue
                 theirs, mine = other[run], ours[compare_at][run]
                 cpu = theirs.total_cpu() / mine.total_cpu()
                 print(

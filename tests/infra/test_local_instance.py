@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -163,3 +165,47 @@ def test_a_node_whose_container_is_gone_cannot_be_brought_back(engine):
     with pytest.raises(TrainrigError, match=r"^node1 of 'unit' is gone \(no container trainrig-unit-node1\); remove"):
         LocalBackend().reconcile(before, Board())
     assert inventory.load("unit") == before
+
+
+def test_the_hosts_inotify_limit_is_raised_for_many_nodes_and_left_alone_when_enough(tmp_path, capsys):
+    from infra.clouds.local import engine as engine_mod
+
+    limit = tmp_path / "max_user_instances"
+    limit.write_text("128\n")
+    engine_mod.ensure_inotify_instances(3, limit)
+    assert limit.read_text() == "128\n"  # 3 nodes fit
+    engine_mod.ensure_inotify_instances(34, limit)
+    assert int(limit.read_text()) == 34 * engine_mod.INOTIFY_PER_NODE
+    assert "raised fs.inotify.max_user_instances from 128" in capsys.readouterr().out
+
+
+def test_an_inotify_limit_that_cannot_be_raised_is_one_line_with_the_command(tmp_path):
+    from infra.clouds.local import engine as engine_mod
+
+    class ReadOnly(type(Path())):  # a limit the operator may read but not change (not root)
+        def write_text(self, *args, **kwargs):
+            raise PermissionError("read-only")
+
+    limit = ReadOnly(tmp_path / "max_user_instances")
+    Path(limit).write_text("128\n")
+    with pytest.raises(TrainrigError, match=r"34 local nodes need .* allows 128: run sysctl -w fs.inotify"):
+        engine_mod.ensure_inotify_instances(34, limit)
+
+
+def test_a_node_that_stops_as_it_boots_is_named_with_its_last_words(monkeypatch):
+    from infra.clouds.local import instance
+
+    exited = {"State": {"Status": "exited"}, "NetworkSettings": {"Ports": {}, "Networks": {}}}
+
+    def fake_run(argv, **kwargs):
+        out = json.dumps([exited]) if argv[1] == "inspect" else ""
+        err = "Failed to allocate manager object: Too many open files" if argv[1] == "logs" else ""
+        return subprocess.CompletedProcess(argv, 0, out, err)
+
+    monkeypatch.setattr(instance, "run", fake_run)
+    with pytest.raises(TrainrigError) as caught:
+        LocalBackend()._addresses("big", "node7")
+    assert str(caught.value) == (
+        "node7 did not stay up (container exited; its last words: Failed to allocate manager object: "
+        "Too many open files): see docker logs trainrig-big-node7"
+    )

@@ -122,6 +122,8 @@ class LocalBackend:
                 f"no local node image {request.image!r}; bake one from a provisioned node with fab bake --name CLUSTER"
             )
         gpu_image = request.image or node_image  # the storage node always starts from the plain node image
+        names_now = run(["docker", "ps", "--quiet"], what="listing running containers").stdout.split()
+        engine.ensure_inotify_instances(len(names_now) + request.gpu_nodes + 1)
         cdir = state.cluster_dir(cluster)
         fresh = not cdir.exists()
         login_pub = keys.ensure_login_key(cdir / "id_ed25519", f"trainrig-{cluster}")
@@ -323,10 +325,19 @@ class LocalBackend:
         return out.split()
 
     def _addresses(self, cluster: str, node: str) -> tuple[str, int]:
-        info = json.loads(run(["docker", "inspect", container_name(cluster, node)]).stdout)[0]
-        address = info["NetworkSettings"]["Networks"][network_name(cluster)]["IPAddress"]
-        binding = info["NetworkSettings"]["Ports"]["22/tcp"][0]
-        return address, int(binding["HostPort"])
+        name = container_name(cluster, node)
+        info = json.loads(run(["docker", "inspect", name]).stdout)[0]
+        bindings = (info["NetworkSettings"].get("Ports") or {}).get("22/tcp")
+        network = (info["NetworkSettings"].get("Networks") or {}).get(network_name(cluster))
+        if not bindings or not network:
+            # A node that stopped as it booted has no address and no published port.
+            status = info["State"].get("Status", "unknown")
+            logs = run(["docker", "logs", "--tail", "1", name], check=False)
+            why = (logs.stdout + logs.stderr).strip() or "no output"
+            raise TrainrigError(
+                f"{node} did not stay up (container {status}; its last words: {why}): see docker logs {name}"
+            )
+        return network["IPAddress"], int(bindings[0]["HostPort"])
 
     # -- wait, describe ------------------------------------------------------------------
     def wait_ready(self, inv: Inventory, board) -> None:
