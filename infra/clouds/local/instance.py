@@ -122,8 +122,8 @@ class LocalBackend:
                 f"no local node image {request.image!r}; bake one from a provisioned node with fab bake --name CLUSTER"
             )
         gpu_image = request.image or node_image  # the storage node always starts from the plain node image
-        names_now = run(["docker", "ps", "--quiet"], what="listing running containers").stdout.split()
-        engine.ensure_inotify_instances(len(names_now) + request.gpu_nodes + 1)
+        running = run(["docker", "ps", "--quiet"], what="listing running containers").stdout.split()
+        engine.ensure_inotify_instances(len(running) + request.gpu_nodes + 1)
         cdir = state.cluster_dir(cluster)
         fresh = not cdir.exists()
         login_pub = keys.ensure_login_key(cdir / "id_ed25519", f"trainrig-{cluster}")
