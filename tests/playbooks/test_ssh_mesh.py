@@ -15,8 +15,8 @@ NODES = [
 REFUSED = "kex_exchange_identification: Connection closed by remote host"
 
 # Logs the peer (the argument before the remote command), waits a second so that every node's
-# first attempt is logged before any second one, then answers as `refuse` says: "always" for peers
-# that never answer, "once" for peers that refuse the first attempt only.
+# first attempt is logged before any second one, then refuses the peers named in `always` every
+# time and those in `once` on their first attempt only, as a busy sshd does.
 STAND_IN_SSH = """#!/bin/sh
 for a; do [ "$a" = true ] && break; peer=$a; done
 echo "$peer" >> "{log}"
