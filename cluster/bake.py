@@ -19,7 +19,7 @@ from infra.errors import TrainrigError
 from infra.inventory import Inventory
 
 # Phases whose work is all inside the node's root disk and independent of which cluster it is in.
-PORTABLE = ("common", "apt_cache", "nvidia_driver", "docker", "nvidia_container_toolkit")
+PORTABLE = ("common", "apt_proxy", "nvidia_driver", "docker", "nvidia_container_toolkit")
 # Run in the image (local) or on the node before the capture (cloud). cloud-init clean makes a
 # new VM run cloud-init again (its own host keys, hostname and login key).
 GENERALIZE = " ; ".join(

@@ -28,9 +28,9 @@ TRANSFER_TIMEOUT = 3600
 
 
 def registry(inv: Inventory) -> str | None:
-    """host:port of the cluster's private registry: on the storage node's private address, or none (EFS)."""
+    """host:port of the cluster's private registry, as the nodes name it (the storage node), or none (EFS)."""
     node = inv.storage_node
-    return f"{node.private_address}:{REGISTRY_PORT}" if node else None
+    return f"{node.name}:{REGISTRY_PORT}" if node else None
 
 
 def ensure(inv: Inventory, job: jobs.LoadedJob, nodes: list[Node], run_id: str, run_dir: str) -> str:

@@ -95,10 +95,13 @@ def ansible_inventory(
             "mount_options": EFS_MOUNT_OPTIONS,
         }
     elif server and inv.storage:
-        # The private registry that job images travel through (the image_registry role runs it).
-        variables["trainrig_registry"] = f"{server.private_address}:{REGISTRY_PORT}"
-        # The package cache every GPU node fetches through (apt_cache and apt_proxy roles).
-        variables["trainrig_apt_cache"] = f"{server.private_address}:{APT_CACHE_PORT}"
+        # The private registry that job images travel through (the image_registry role runs it) and
+        # the package cache every GPU node fetches through (apt_cache and apt_proxy roles), both by
+        # the storage node's name, which every node's /etc/hosts maps to its private address (role
+        # cluster_hosts): a GPU node's Docker and apt settings are then the same in every cluster,
+        # so the phases that write them stay done on a node started from a baked image.
+        variables["trainrig_registry"] = f"{server.name}:{REGISTRY_PORT}"
+        variables["trainrig_apt_cache"] = f"{server.name}:{APT_CACHE_PORT}"
         variables["trainrig_storage"] = {
             "server": server.name,
             "server_address": str(server.private_address),
@@ -476,14 +479,19 @@ def _phase_plan(
     inv: Inventory, host_vars: dict[str, dict] | None, extra: dict
 ) -> tuple[dict[str, list[str]], dict[str, dict[str, str]]]:
     """(phases due per node, digests to record per node): what each node's records say against today's inputs."""
-    ansible = ansible_inventory(inv, host_vars)["all"]
-    roles = {role: sorted(ansible["children"][role]["hosts"]) for role in ("gpu", "storage")}
-    variables = {
-        name: {**ansible["vars"], **hostvars, **extra, "groups": roles} for name, hostvars in ansible["hosts"].items()
-    }
     states = phases_mod.read_state(inv, inv.nodes)
     _forget_stale_facts(inv, {name: found.host_facts for name, found in states.items() if found is not None})
-    return phases_mod.due(inv, PHASES, variables, states)
+    return phases_mod.due(inv, PHASES, phase_variables(inv, host_vars, extra), states)
+
+
+def phase_variables(inv: Inventory, host_vars: dict[str, dict] | None = None, extra: dict | None = None) -> dict:
+    """Each node's variables as its phases see them (the inventory's, then its own, then extra vars)."""
+    ansible = ansible_inventory(inv, host_vars)["all"]
+    roles = {role: sorted(ansible["children"][role]["hosts"]) for role in ("gpu", "storage")}
+    return {
+        name: {**ansible["vars"], **hostvars, **(extra or {}), "groups": roles}
+        for name, hostvars in ansible["hosts"].items()
+    }
 
 
 def facts_dir(cluster: str) -> Path:

@@ -29,7 +29,8 @@ def test_a_node_that_has_not_finished_provisioning_is_refused_before_any_capture
     phases.record(cluster.inv, {"node0": {"common": "x", "docker": "y"}})
     with pytest.raises(TrainrigError) as exc:
         bake.bake(cluster.inv, "node0")
-    assert str(exc.value).startswith("node0 of 'unit' has not finished provisioning (data_disk, apt_cache, ")
+    unfinished = "node0 of 'unit' has not finished provisioning (cluster_hosts, data_disk, apt_cache, "
+    assert str(exc.value).startswith(unfinished)
     assert str(exc.value).endswith("not done); run fab provision --name unit first")
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster import phases, provision
+from cluster import bake, phases, provision
 from infra import keys
-from tests.helpers import make_inventory
+from tests.helpers import make_inventory, make_node
 
 ROOT = Path(__file__).resolve().parents[2]
 SITE = ROOT / "playbooks" / "site.yml"
@@ -36,8 +36,10 @@ def test_the_phases_are_site_ymls_playbooks_in_order_with_their_roles():
     found = phases.phases(SITE)
     assert [p.name for p in found] == [
         "common",
+        "cluster_hosts",
         "data_disk",
         "apt_cache",
+        "apt_proxy",
         "nvidia_driver",
         "image_registry",
         "docker",
@@ -139,3 +141,22 @@ def test_cached_facts_go_when_the_node_is_another_machine_or_boots_another_kerne
     other = inv.model_copy(update={"nodes": [replaced]})
     provision._forget_stale_facts(other)
     assert not (cache / "node0").exists()
+
+
+def test_a_baked_nodes_portable_phases_stay_done_in_another_cluster():
+    # Two clusters of one shape with nothing else alike: names, addresses, host keys, network.
+    one = make_inventory(gpu_nodes=2, cluster="one")
+    nodes = [make_node(n.name, role=n.role, index=40 + i) for i, n in enumerate(one.nodes)]
+    nodes = [n.model_copy(update={"host_key": n.host_key[:-4] + "Zzzz"}) for n in nodes]
+    other = make_inventory(gpu_nodes=2, cluster="other").model_copy(update={"nodes": nodes})
+    seen = {
+        inv.cluster: {
+            p.name: phases.digest(p, provision.phase_variables(inv)["node0"], FACTS) for p in provision.PHASES
+        }
+        for inv in (one, other)
+    }
+    differ = {name for name in seen["one"] if seen["one"][name] != seen["other"][name]}
+    rerun = differ & set(bake.PORTABLE)
+    assert not rerun, f"these phases would run again on a baked node: {rerun}"
+    # What names this cluster runs again: its hosts, its mesh (host keys), its storage.
+    assert {"cluster_hosts", "ssh_mesh", "nfs"} <= differ

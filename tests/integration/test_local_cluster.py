@@ -107,7 +107,7 @@ def test_ansibles_own_linear_strategy_changes_nothing_either(cluster, provisione
 
 def test_gpu_nodes_fetch_packages_through_the_storage_nodes_cache(cluster, provisioned):
     storage = cluster.node("storage")
-    cache = f"http://{storage.private_address}:{provision.APT_CACHE_PORT}"
+    cache = f"http://{storage.name}:{provision.APT_CACHE_PORT}"  # by name: /etc/hosts has it
     assert on(cluster, "node0", "/usr/local/lib/trainrig/apt-proxy").stdout.strip() == cache
     on(cluster, "node0", "apt-get", "update", "-qq")
     log = on(cluster, "storage", "cat", "/var/log/apt-cacher-ng/apt-cacher.log").stdout

@@ -1,7 +1,8 @@
-"""Role common's firewall step on the operator's own machine (connection local) against a stand-in ufw.
+"""Role cluster_hosts's firewall step on the operator's own machine (connection local) against a stand-in ufw.
 
 Where ufw guards a node (IBM classic, which has no security groups), only the cluster's own
-nodes are let in, each by its private address, never the account-wide 10.0.0.0/8.
+nodes are let in, each by its private address, never the account-wide 10.0.0.0/8. ufw is read
+only after cloud-init's first boot ends: on IBM its user data is what turns ufw on.
 """
 
 from __future__ import annotations
@@ -23,13 +24,22 @@ case "$1" in
 esac
 """
 
+FAKE_CLOUD_INIT = """#!/bin/sh
+echo "cloud-init $*" >> "$(dirname "$0")/../ufw.log"
+"""
+
 
 def run_firewall(tmp_path: Path, status: str, admin_cidr: str | None = None, listing: list[str] = ()) -> list[str]:
     log = tmp_path / "ufw.log"
+    before = len(log.read_text().splitlines()) if log.exists() else 0
+    # One log for both stand-ins: the order of the calls is part of what is checked.
     quoted = " ".join(f"'{line}'" for line in listing) or "''"
     extra = {"trainrig_nodes": NODES, **({"trainrig_admin_cidr": admin_cidr} if admin_cidr else {})}
-    run_tasks(tmp_path, "common", "firewall", {"ufw": FAKE_UFW.format(log=log, status=status, listing=quoted)}, extra)
-    return log.read_text().splitlines() if log.exists() else []
+    stand_ins = {"ufw": FAKE_UFW.format(log=log, status=status, listing=quoted), "cloud-init": FAKE_CLOUD_INIT}
+    run_tasks(tmp_path, "cluster_hosts", "firewall", stand_ins, extra)
+    calls = log.read_text().splitlines()[before:]  # this run's
+    assert calls.pop(0) == "cloud-init status --wait"  # first, every time
+    return calls
 
 
 def test_active_ufw_lets_in_exactly_the_cluster_nodes_and_twice_adds_nothing(tmp_path):
@@ -40,7 +50,7 @@ def test_active_ufw_lets_in_exactly_the_cluster_nodes_and_twice_adds_nothing(tmp
         "allow from 10.45.19.40 comment trainrig cluster node",
     ]
     assert not any("10.0.0.0/8" in c for c in calls)
-    again = run_firewall(tmp_path, "active")[len(calls) :]
+    again = run_firewall(tmp_path, "active")
     assert again[0] == "status" and len(again) == 3  # asked again; the rules exist, nothing new
     assert len((tmp_path / "ufw.log.rules").read_text().splitlines()) == 2
 
