@@ -137,16 +137,19 @@ def case(name: str, nodes: int, kind: str | None, label: str, runs: dict[str, Me
 
 
 def on_a_baked_image(inv, nodes: int) -> Measure:
-    """Provisioning a new cluster whose GPU nodes start from this one's node0, baked (fab bake)."""
-    image = bake.bake(inv, "node0", f"{inv.cluster}-bench")
+    """Provisioning a new cluster whose GPU nodes start from this one's node0 and whose storage node
+    from this one's, both baked (fab bake)."""
+    baked = bake.bake(inv, "node0", f"{inv.cluster}-bench")
     twin = f"{inv.cluster}-b"
     try:
-        fresh = lifecycle.up(twin, gpu_nodes=nodes, data_disk_gb=1, image=image)
+        fresh = lifecycle.up(
+            twin, gpu_nodes=nodes, data_disk_gb=1, image=baked.image, storage_image=baked.storage_image
+        )
         return measured(fresh, None, force=False)
     finally:
         if inventory.path_for(twin).is_file():
             lifecycle.down(inventory.load(twin), purge=True)
-        subprocess.run(["docker", "image", "rm", image], capture_output=True)
+        subprocess.run(["docker", "image", "rm", baked.image, baked.storage_image], capture_output=True)
 
 
 def main() -> None:

@@ -1,9 +1,12 @@
-"""`fab bake`: a provisioned GPU node as a machine image that new clusters start from.
+"""`fab bake`: a provisioned GPU node, and the cluster's storage node, as machine images that new
+clusters start from.
 
-A node started from a baked image carries the slow phases done (driver, Docker, toolkit,
+A GPU node started from a baked image carries the slow phases done (driver, Docker, toolkit,
 packages) and their records (cluster/phases.py), so provisioning it runs only the phases whose
 inputs differ on the new cluster (names, addresses, keys) or whose work lives outside the image
-(the data disk, the SSH mesh, the registry login): no-change time, not first-run time.
+(the data disk, the SSH mesh, the registry login): no-change time, not first-run time. A storage
+node from its baked image has its packages (the package cache, the registry, the NFS server) in
+place: its phases run again for the new cluster's addresses, but install nothing.
 
 What belongs to one machine never goes into the image: the mesh key, registry credentials, SSH
 host keys (local) and the machine id, and the records of the phases that made them.
@@ -12,6 +15,7 @@ host keys (local) and the machine id, and the records of the phases that made th
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from cluster import phases, provision
 from infra import clouds, ui
@@ -35,33 +39,45 @@ GENERALIZE = " ; ".join(
 )
 
 
-def bake(inv: Inventory, node_name: str = "node0", name: str | None = None) -> str:
-    """Capture a provisioned GPU node; returns the image to give `fab up --image` or the stack's trainrig:image."""
+@dataclass(frozen=True)
+class Baked:
+    image: str  # the GPU nodes': fab up --image, trainrig:image
+    storage_image: str | None  # the storage node's: fab up --storage-image, trainrig:storage_image (None: EFS)
+
+
+def bake(inv: Inventory, node_name: str = "node0", name: str | None = None) -> Baked:
+    """Capture a provisioned GPU node, and the storage node when the cluster has one, as images."""
     if node_name not in {n.name for n in inv.gpu_nodes}:
         raise TrainrigError(f"{node_name!r} is not a GPU node of {inv.cluster!r}; bake one of: {_names(inv)}")
-    node = inv.node(node_name)
-    found = phases.read_state(inv, [node])[node_name]
-    if found is None:
-        raise TrainrigError(
-            f"{node_name} of {inv.cluster!r} does not answer; start it with: fab up --name {inv.cluster}"
-        )
-    missing = [p.name for p in provision.PHASES if p.name not in found.recorded]
-    if missing:
-        raise TrainrigError(
-            f"{node_name} of {inv.cluster!r} has not finished provisioning ({', '.join(missing)} not done); "
-            f"run fab provision --name {inv.cluster} first"
-        )
+    targets = [inv.node(node_name)] + ([inv.storage_node] if inv.storage_node else [])
+    found = phases.read_state(inv, targets)
+    for node in targets:
+        state = found[node.name]
+        if state is None:
+            raise TrainrigError(
+                f"{node.name} of {inv.cluster!r} does not answer; start it with: fab up --name {inv.cluster}"
+            )
+        missing = [p.name for p in provision.PHASES if p.name not in state.recorded]
+        if missing:
+            raise TrainrigError(
+                f"{node.name} of {inv.cluster!r} has not finished provisioning ({', '.join(missing)} not done); "
+                f"run fab provision --name {inv.cluster} first"
+            )
     name = name or f"{inv.cluster}-{node_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     backend = clouds.get(inv.cloud).backend(inv.stack)
-    with ui.status(f"baking {node_name} of {inv.cluster} into an image"):
-        image, generalized = backend.bake(inv, node, name, GENERALIZE)
+    images, generalized = {}, False
+    for node in targets:
+        image_name = name if node.role == "gpu" else f"{name}-{node.name}"
+        with ui.status(f"baking {node.name} of {inv.cluster} into an image"):
+            images[node.role], changed = backend.bake(inv, node, image_name, GENERALIZE)
+        generalized = generalized or changed
     if generalized:
-        # The node gave up its mesh key and credentials for the capture: the phases that made them run
-        # again, and every node takes the baked node's new mesh key, so the mesh phase runs everywhere.
-        ui.console.print(f"{node_name} was generalized for the capture; provisioning it again")
+        # The nodes gave up their mesh keys and credentials for the capture: the phases that made them
+        # run again, and every node takes the baked nodes' new mesh keys, so the mesh phase runs everywhere.
+        ui.console.print(f"{', '.join(n.name for n in targets)} generalized for the capture; provisioning again")
         phases.forget(inv, inv.nodes, ["ssh_mesh"])
         provision.provision(inv)
-    return image
+    return Baked(images["gpu"], images.get("storage"))
 
 
 def _names(inv: Inventory) -> str:

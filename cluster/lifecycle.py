@@ -25,13 +25,21 @@ def up(
     cloud: str = clouds.DEFAULT,
     image: str | None = None,
     on_idle: OnIdle | None = None,
+    storage_image: str | None = None,
 ) -> Inventory:
-    """Create a cluster (GPU nodes from `image` when given: a baked node), or bring an existing one back.
+    """Create a cluster (GPU nodes from `image` and the storage node from `storage_image` when given:
+    baked nodes, fab bake), or bring an existing one back.
 
     `on_idle` is what its dead-man switch will do (down, the default, or park); given for a cluster
     that exists, it replaces the cluster's choice from the next arming on."""
     request = _request(
-        name=name, cloud=cloud, gpu_nodes=gpu_nodes, data_disk_gb=data_disk_gb, image=image, on_idle=on_idle or "down"
+        name=name,
+        cloud=cloud,
+        gpu_nodes=gpu_nodes,
+        data_disk_gb=data_disk_gb,
+        image=image,
+        storage_image=storage_image,
+        on_idle=on_idle or "down",
     )
     with state.cluster_lock(name, "up"):
         earlier = inventory_mod.load(name) if inventory_mod.path_for(name).is_file() else None

@@ -252,6 +252,8 @@ class HostRecap:
     files: dict[str, str] = field(default_factory=dict)
     # The tasks that changed something, or in check mode would: what a drift check reports.
     changes: list[str] = field(default_factory=list)
+    # The phases run there, in order (all of them when the run did not go by the phase records).
+    phases: list[str] = field(default_factory=list)
 
     @property
     def succeeded(self) -> bool:
@@ -379,7 +381,11 @@ def provision(
         due = None if plan is None or force else plan[0]
         up_to_date = [h for h in targets if due is not None and not due.get(h)]
         targets = [h for h in targets if h not in up_to_date]
-        recap = Recap(hosts={h: HostRecap() for h in targets}, complete=not targets)
+        every = [p.name for p in PHASES] if playbook == "site.yml" else []
+        recap = Recap(
+            hosts={h: HostRecap(phases=every if due is None else due.get(h, every)) for h in targets},
+            complete=not targets,
+        )
         runner_status, error = "successful", ""
         if targets:
             runner_status, error = _run(

@@ -121,11 +121,12 @@ def _inventory(c, name: str | None, inventory: str | None = None):
         "nodes": "number of GPU-role nodes (default 2)",
         "disk_gb": "data disk size per node, GB",
         "image": "start the GPU nodes from this baked node image (fab bake)",
+        "storage_image": "start the storage node from this baked image (fab bake)",
         "on_idle": "what the dead-man switch does to the GPU nodes: down (default: removes them) or park (stops them)",
     }
 )
 @friendly
-def up(c, name=None, nodes=None, disk_gb=None, image=None, on_idle=None):
+def up(c, name=None, nodes=None, disk_gb=None, image=None, on_idle=None, storage_image=None):
     """Create a local cluster (N GPU-role nodes and a storage node as Docker "VMs"); bring back a parked one, or
     the stopped or restarted nodes of one that is up."""
     cfg = c.config.trainrig
@@ -133,7 +134,8 @@ def up(c, name=None, nodes=None, disk_gb=None, image=None, on_idle=None):
     count = _count(nodes, "--nodes", cfg.nodes)
     if nodes is None:  # a cluster that is up keeps its size; --nodes that differs is refused
         count = lifecycle.running_gpu_nodes(cluster) or count
-    inv = lifecycle.up(cluster, count, _count(disk_gb, "--disk-gb", cfg.data_disk_gb), image=image, on_idle=on_idle)
+    disk = _count(disk_gb, "--disk-gb", cfg.data_disk_gb)
+    inv = lifecycle.up(cluster, count, disk, image=image, on_idle=on_idle, storage_image=storage_image)
     ui.console.print(lifecycle.status_table(inv))
     ui.console.print(f"inventory: {inventory_mod.path_for(inv.cluster)}")
 
@@ -466,20 +468,25 @@ def park(c, name=None, stack=None):
     help={
         "name": NAME_HELP,
         "node": "the GPU node to capture (default node0); it must be provisioned",
-        "image_name": "name of the image (default: <cluster>-<node>-<time>)",
+        "image_name": "the GPU node's image name (default: <cluster>-<node>-<time>); the storage node's adds -storage",
         "inventory": INVENTORY_HELP,
     }
 )
 @friendly
 def bake(c, name=None, node="node0", image_name=None, inventory=None):
-    """Capture a provisioned GPU node as an image new clusters start from (local image, AMI, IBM template)."""
+    """Capture a provisioned GPU node and the storage node as images new clusters start from (local images,
+    AMIs, IBM image templates)."""
     inv = inventory_mod.require_running(_inventory(c, name, inventory))
-    image = bake_mod.bake(inv, node, image_name)
-    ui.console.print(f"baked {image}")
+    baked = bake_mod.bake(inv, node, image_name)
+    ui.console.print(f"baked {baked.image}" + (f" and {baked.storage_image}" if baked.storage_image else ""))
     if "create" in clouds.get(inv.cloud).capabilities:  # clusters that fab up makes
-        ui.console.print(f"start a cluster from it with: fab up --name NEW --image {image}")
+        storage = f" --storage-image {baked.storage_image}" if baked.storage_image else ""
+        ui.console.print(f"start a cluster from them with: fab up --name NEW --image {baked.image}{storage}")
     else:
-        ui.console.print(f"start clusters from it with `trainrig:image: {image}` in their stack, then pulumi up")
+        storage = f" and `trainrig:storage_image: {baked.storage_image}`" if baked.storage_image else ""
+        ui.console.print(
+            f"start clusters from them with `trainrig:image: {baked.image}`{storage} in their stack, then pulumi up"
+        )
 
 
 @task(

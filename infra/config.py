@@ -142,6 +142,7 @@ class MachineStack(StackBase):
     storage_flavor: str | None = None
     storage_disk_gb: int = Field(description="NFS disk size; with a managed file system, the GB the estimate assumes")
     image: str | None = None
+    storage_image: str | None = Field(default=None, description="a baked storage node (fab bake); default: Ubuntu")
     ssh_public_key: str = Field(pattern=SSH_PUBLIC_KEY)
     ssh_private_key_file: str = "~/.ssh/id_ed25519"
     ssh_user: str | None = None

@@ -93,6 +93,7 @@ class ClusterRequest(Strict):
     gpu_nodes: int = Field(ge=1, le=16)
     data_disk_gb: int = Field(default=2, ge=1, le=64)
     image: str | None = Field(default=None, description="a baked node image for the GPU nodes (fab bake)")
+    storage_image: str | None = Field(default=None, description="a baked image for the storage node (fab bake)")
     on_idle: OnIdle = Field(default="down", description="what the dead-man switch does to the GPU nodes")
 
 

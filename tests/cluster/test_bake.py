@@ -44,3 +44,41 @@ def test_the_generalizing_script_keeps_only_the_portable_phase_records(tmp_path)
     subprocess.run(["sh", "-c", records_part], check=True)
     assert sorted(p.name for p in folder.iterdir()) == sorted(bake.PORTABLE)
     assert set(bake.PORTABLE) <= {p.name for p in provision.PHASES}
+
+
+class Capturing:
+    """A cloud backend that records what it was asked to capture (a stack cloud: it generalizes the node)."""
+
+    def __init__(self):
+        self.captured = []
+
+    def bake(self, inv, node, name, generalize):
+        self.captured.append((node.name, name))
+        return f"img-{name}", True
+
+
+def test_the_gpu_node_and_the_storage_node_are_baked_and_provisioned_again_once(ssh_cluster, records, monkeypatch):
+    cluster = ssh_cluster(2)
+    done = {p.name: "x" for p in provision.PHASES}
+    phases.record(cluster.inv, {n.name: done for n in cluster.inv.nodes})
+    backend = Capturing()
+    monkeypatch.setattr(bake.clouds, "get", lambda name: type("Cloud", (), {"backend": lambda self, stack: backend})())
+    provisioned = []
+    monkeypatch.setattr(bake.provision, "provision", lambda inv: provisioned.append(inv.cluster))
+    baked = bake.bake(cluster.inv, "node1", "nightly")
+    assert backend.captured == [("node1", "nightly"), ("storage", "nightly-storage")]
+    assert baked == bake.Baked("img-nightly", "img-nightly-storage")
+    # Both gave up their mesh keys: the mesh phase runs again on every node, in one provisioning.
+    assert provisioned == ["unit"]
+    assert all("ssh_mesh" not in phases.read_state(cluster.inv, [n])[n.name].recorded for n in cluster.inv.nodes)
+
+
+def test_an_unfinished_storage_node_is_refused_before_any_capture(ssh_cluster, monkeypatch):
+    cluster = ssh_cluster(1)
+    monkeypatch.setattr(bake.clouds, "get", lambda name: pytest.fail("a cloud was asked to capture"))
+    # The in-process sshd gives every node this machine's one records folder: each node's state is given here.
+    done = phases.NodeState("facts", {p.name: "x" for p in provision.PHASES})
+    started = phases.NodeState("facts", {"common": "x"})
+    monkeypatch.setattr(bake.phases, "read_state", lambda inv, nodes: {"node0": done, "storage": started})
+    with pytest.raises(TrainrigError, match=r"^storage of 'unit' has not finished provisioning \(cluster_hosts, "):
+        bake.bake(cluster.inv, "node0")

@@ -184,3 +184,38 @@ def test_bake_captures_the_nodes_instance_as_a_tagged_ami_and_waits_for_it(aws):
     assert {"Key": "trainrig:baked-from", "Value": "imagenet/node0"} in image["Tags"]
     with pytest.raises(TrainrigError, match=r"^AWS lists no instance imagenet-node7 to bake$"):
         AWS.capture("imagenet", REGION, "node7", "x", endpoint_url=aws, timeout=60)
+
+
+def test_the_storage_nodes_ami_leaves_its_data_volume_out(aws, monkeypatch):
+    ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url=aws)
+    ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    ec2.run_instances(
+        ImageId=ami,
+        InstanceType="m5.xlarge",
+        MinCount=1,
+        MaxCount=1,
+        BlockDeviceMappings=[{"DeviceName": "/dev/sdf", "Ebs": {"VolumeSize": 500}}],
+        TagSpecifications=[
+            {
+                "ResourceType": "instance",
+                "Tags": [
+                    {"Key": "trainrig:cluster", "Value": "imagenet"},
+                    {"Key": "Name", "Value": "imagenet-storage"},
+                ],
+            }
+        ],
+    )
+    # moto's AMI lists no volumes either way: what is checked is what the capture asks AWS for.
+    asked = []
+    real_client = boto3.client
+
+    def recording_client(*args, **kwargs):
+        client = real_client(*args, **kwargs)
+        client.meta.events.register("provide-client-params.ec2.CreateImage", lambda params, **_: asked.append(params))
+        return client
+
+    monkeypatch.setattr(boto3, "client", recording_client)
+    baked = AWS.capture("imagenet", REGION, "storage", "imagenet-node0-1-storage", endpoint_url=aws, timeout=60)
+    assert ec2.describe_images(ImageIds=[baked])["Images"][0]["State"] == "available"
+    # The cluster's shared files (the NFS volume) never go into an image: only the root volume.
+    assert asked[0]["BlockDeviceMappings"] == [{"DeviceName": "/dev/sdf", "NoDevice": ""}]

@@ -260,3 +260,29 @@ def test_zero_gpu_nodes_keeps_storage(mocks, path):
     check()
     assert not [r for r in mocks.resources if "-node" in r.name]
     assert [r for r in mocks.resources if ("storage" in r.name or "-efs" in r.name) and r.protect]
+
+
+@pytest.mark.parametrize("path", [p for p in CLOUD_STACKS if p.stem in ("Pulumi.aws-16-gpu", "Pulumi.ibm-dal10-v100")])
+def test_baked_images_start_the_nodes_of_their_own_role(mocks, path):
+    aws = "aws" in path.stem
+    gpu_image, storage_image = ("ami-0baked0gpu", "ami-0baked0storage") if aws else ("1911", "1912")
+    cfg, cluster = build(path, image=gpu_image, storage_image=storage_image)
+    pulumi.runtime.test(lambda: outputs(cluster))()
+    if aws:
+        by_role = {
+            i.inputs["tags"]["trainrig:role"]: i.inputs["ami"] for i in mocks.of_type("aws:ec2/instance:Instance")
+        }
+    else:
+        by_role = {
+            "storage" if s.inputs["hostname"] == "storage" else "gpu": s.inputs.get("image_id")
+            for s in mocks.of_type("ibm:VirtualServer")
+        }
+    assert by_role == {"gpu": gpu_image, "storage": storage_image}
+
+
+def test_an_ibm_gpu_nodes_baked_image_never_starts_the_storage_node(mocks):
+    path = next(p for p in CLOUD_STACKS if p.stem == "Pulumi.ibm-dal10-v100")
+    cfg, cluster = build(path, image="1911")
+    pulumi.runtime.test(lambda: outputs(cluster))()
+    (storage,) = [s for s in mocks.of_type("ibm:VirtualServer") if s.inputs["hostname"] == "storage"]
+    assert storage.inputs.get("image_id") is None and storage.inputs["os_code"] == "UBUNTU_22_64"

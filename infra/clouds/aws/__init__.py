@@ -13,6 +13,7 @@ from pydantic import Field, model_validator
 from infra.clouds import Billable
 from infra.config import ConfigError, MachineStack
 from infra.errors import TrainrigError
+from infra.inventory import STORAGE_NODE
 
 
 class AwsConfig(MachineStack):
@@ -89,6 +90,8 @@ class AwsConfig(MachineStack):
             notes.append("spot instances: priced here at on-demand rates, the most they can cost")
         choice = self.image_choice
         notes.append(f"GPU node image: {choice.describe() if choice else self.image}")
+        if self.storage_image and not self.shared_fs:
+            notes.append(f"storage node image: {self.storage_image}")
         return notes
 
     def check_credentials(self, environ: Mapping[str, str] = os.environ) -> None:
@@ -204,8 +207,9 @@ class AwsCloud:
     ) -> str:
         """An AMI of the node's instance (its root and data volumes), tagged with the cluster; waits until available.
 
-        AWS reboots the instance for a consistent file system (NoReboot false): the node answers again
-        a few minutes later, as it was.
+        The storage node's AMI holds its root volume only: the cluster's shared files on its data
+        volume never go into an image. AWS reboots the instance for a consistent file system
+        (NoReboot false): the node answers again a few minutes later, as it was.
         """
         import boto3
         from botocore.exceptions import BotoCoreError, ClientError
@@ -222,8 +226,17 @@ class AwsCloud:
             found = [i for r in ec2.describe_instances(Filters=filters)["Reservations"] for i in r["Instances"]]
             if not found:
                 raise TrainrigError(f"AWS lists no instance {cluster}-{node} to bake")
+            instance = found[0]
+            left_out = []
+            if node == STORAGE_NODE:
+                left_out = [
+                    {"DeviceName": m["DeviceName"], "NoDevice": ""}
+                    for m in instance.get("BlockDeviceMappings", [])
+                    if m["DeviceName"] != instance.get("RootDeviceName")
+                ]
             image = ec2.create_image(
-                InstanceId=found[0]["InstanceId"],
+                InstanceId=instance["InstanceId"],
+                **({"BlockDeviceMappings": left_out} if left_out else {}),
                 Name=f"trainrig-{name}",
                 Description=f"trainrig node baked from {cluster}/{node}",
                 NoReboot=False,

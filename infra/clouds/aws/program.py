@@ -168,7 +168,7 @@ def _nfs_server(name, cfg, blueprint, subnet_id, group, key, parent, provider, i
     storage = aws.ec2.Instance(
         f"{name}-{STORAGE_NODE}",
         instance_type=cfg.storage_flavor,
-        ami=_ami(images.UBUNTU, invoke),
+        ami=cfg.storage_image or _ami(images.UBUNTU, invoke),
         subnet_id=subnet_id,
         vpc_security_group_ids=[group.id],
         key_name=key.key_name,

@@ -45,7 +45,7 @@ def verify(cfg: AwsConfig, bp: Blueprint, session: Any = None, endpoint_url: str
     gpu_image = _image(ec2, cfg.image, images.image_for(cfg.flavor, cfg.gpus), "GPU nodes", found)
     storage_image = None
     if not cfg.shared_fs:
-        storage_image = _image(ec2, None, images.UBUNTU, "the storage node", found)
+        storage_image = _image(ec2, cfg.storage_image, images.UBUNTU, "the storage node", found)
     zone = _zone(ec2, cfg, found)
     launches = [(cfg.flavor, gpu_image)] + ([(cfg.storage_flavor, storage_image)] if storage_image else [])
     for instance_type, image in launches:

@@ -77,9 +77,14 @@ def _server_props(cfg: IbmConfig, planned: PlannedNode, key: SshKey, host_key: p
 
 def order_props(cfg: IbmConfig, planned: PlannedNode) -> dict:
     """What a server is ordered with, but its SSH key and user data (made by Pulumi): `fab plan --verify` sends it."""
-    image = {"os_code": cfg.image or "UBUNTU_22_64", "image_id": None}
-    if cfg.image and not OS_CODE.match(cfg.image):
-        image = {"os_code": None, "image_id": cfg.image}
+    chosen = cfg.image
+    if planned.role == "storage":
+        # A GPU node's baked image is not the storage node's; an OS code is the whole cluster's.
+        same_os = cfg.image if cfg.image and OS_CODE.match(cfg.image) else None
+        chosen = cfg.storage_image or same_os
+    image = {"os_code": chosen or "UBUNTU_22_64", "image_id": None}
+    if chosen and not OS_CODE.match(chosen):
+        image = {"os_code": None, "image_id": chosen}
     return {
         "hostname": planned.name,
         "domain": f"{cfg.cluster}.{cfg.domain}",

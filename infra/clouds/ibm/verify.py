@@ -27,21 +27,21 @@ def verify(cfg: IbmConfig, bp: Blueprint, transport=None) -> Findings:
     provider._stack_credentials = cfg.stack_credentials
     client = provider.client()
     vs = SoftLayer.VSManager(client)
-    image_guid = None
-    image_id = order_props(cfg, bp.nodes[-1])["image_id"]
-    if image_id:
-        try:
-            image_guid = provider._global_identifier(int(image_id)) if str(image_id).isdigit() else image_id
-        except IbmError as exc:
-            found.problems.append(str(exc))
-            return found
     groups: dict[str, list[str]] = {}
     for node in bp.nodes:
         groups.setdefault(node.role, []).append(node.name)
-    for names in groups.values():
+    guids: dict[str, str | None] = {}  # each role's private image (trainrig:image, trainrig:storage_image)
+    for role, names in groups.items():
+        image_id = order_props(cfg, bp.node(names[0]))["image_id"]
+        try:
+            guids[role] = provider._global_identifier(int(image_id)) if str(image_id).isdigit() else image_id
+        except IbmError as exc:
+            found.problems.append(str(exc))
+            return found
+    for role, names in groups.items():
         planned = bp.node(names[0])
         who = names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}"
-        order = create_order(vs, order_props(cfg, planned), image_guid)
+        order = create_order(vs, order_props(cfg, planned), guids[role])
         try:
             template = vs.guest.generateOrderTemplate(order)
             client.call("SoftLayer_Product_Order", "verifyOrder", template)

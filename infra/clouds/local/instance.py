@@ -117,11 +117,13 @@ class LocalBackend:
             reaper.stop(cluster)
             self._remove_compute(cluster)
         node_image = image.ensure_image()
-        if request.image and not image.exists(request.image):
-            raise TrainrigError(
-                f"no local node image {request.image!r}; bake one from a provisioned node with fab bake --name CLUSTER"
-            )
-        gpu_image = request.image or node_image  # the storage node always starts from the plain node image
+        for flag, baked in (("--image", request.image), ("--storage-image", request.storage_image)):
+            if baked and not image.exists(baked):
+                raise TrainrigError(
+                    f"{flag}: no local node image {baked!r}; "
+                    "bake one from a provisioned cluster with fab bake --name CLUSTER"
+                )
+        gpu_image, storage_image = request.image or node_image, request.storage_image or node_image
         running = run(["docker", "ps", "--quiet"], what="listing running containers").stdout.split()
         engine.ensure_inotify_instances(len(running) + request.gpu_nodes + 1)
         cdir = state.cluster_dir(cluster)
@@ -140,7 +142,12 @@ class LocalBackend:
             nodes = ssh.on_nodes_by_name(
                 names,
                 lambda n: self._create_node(
-                    cluster, n, node_image if n == STORAGE_NODE else gpu_image, login_pub, request.data_disk_gb, board
+                    cluster,
+                    n,
+                    storage_image if n == STORAGE_NODE else gpu_image,
+                    login_pub,
+                    request.data_disk_gb,
+                    board,
                 ),
             )
         except BaseException:
