@@ -40,10 +40,14 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 class Phase:
     name: str  # the playbook's stem, also its inventory group: phase_<name>
     files: tuple[Path, ...]
+    roles: tuple[str, ...] = ("all",)  # the node roles its plays run on (gpu, storage; all)
 
     @property
     def group(self) -> str:
         return f"phase_{self.name}"
+
+    def applies_to(self, role: str) -> bool:
+        return "all" in self.roles or role in self.roles
 
     def text(self) -> str:
         return "".join(path.read_text() for path in self.files)
@@ -63,7 +67,9 @@ def phases(site: Path) -> list[Phase]:
     found = []
     for play in plays:
         playbook = site.parent / play["ansible.builtin.import_playbook"]
-        found.append(Phase(playbook.stem, tuple(_files(playbook, roles_dir, roles))))
+        # Each play's hosts are "<role>:&phase_<name>": the role part says which nodes it is for.
+        targets = tuple(dict.fromkeys(p["hosts"].split(":&")[0] for p in yaml.safe_load(playbook.read_text())))
+        found.append(Phase(playbook.stem, tuple(_files(playbook, roles_dir, roles)), targets))
     return found
 
 
@@ -120,16 +126,21 @@ def read_state(inv: Inventory, nodes: list[Node]) -> dict[str, NodeState | None]
 def due(
     inv: Inventory, all_phases: list[Phase], variables: dict[str, dict], states: dict[str, NodeState | None]
 ) -> tuple[dict[str, list[str]], dict[str, dict[str, str]]]:
-    """(phases to run per node, the digests to record per node once they succeed)."""
+    """(phases to run per node, the digests to record per node once they succeed).
+
+    A phase none of whose plays is for the node's role (the package cache on a GPU node) never runs
+    there; its digest is recorded all the same, so every node's records name every phase.
+    """
     to_run: dict[str, list[str]] = {}
     digests: dict[str, dict[str, str]] = {}
     for node in inv.nodes:
         state = states.get(node.name)
+        its_own = [p for p in all_phases if p.applies_to(node.role)]
         if state is None:
-            to_run[node.name] = [p.name for p in all_phases]
+            to_run[node.name] = [p.name for p in its_own]
             continue
         digests[node.name] = {p.name: digest(p, variables[node.name], state.host_facts) for p in all_phases}
-        to_run[node.name] = [p.name for p in all_phases if state.recorded.get(p.name) != digests[node.name][p.name]]
+        to_run[node.name] = [p.name for p in its_own if state.recorded.get(p.name) != digests[node.name][p.name]]
     return to_run, digests
 
 

@@ -252,8 +252,10 @@ class HostRecap:
     files: dict[str, str] = field(default_factory=dict)
     # The tasks that changed something, or in check mode would: what a drift check reports.
     changes: list[str] = field(default_factory=list)
-    # The phases run there, in order (all of them when the run did not go by the phase records).
+    # The phases run there, in order (all of the node's when the run did not go by the phase
+    # records), and those its records showed up to date.
     phases: list[str] = field(default_factory=list)
+    up_to_date: list[str] = field(default_factory=list)
 
     @property
     def succeeded(self) -> bool:
@@ -381,18 +383,17 @@ def provision(
         due = None if plan is None or force else plan[0]
         up_to_date = [h for h in targets if due is not None and not due.get(h)]
         targets = [h for h in targets if h not in up_to_date]
-        every = [p.name for p in PHASES] if playbook == "site.yml" else []
-        recap = Recap(
-            hosts={h: HostRecap(phases=every if due is None else due.get(h, every)) for h in targets},
-            complete=not targets,
-        )
+        recap = Recap(hosts={h: _host_recap(inv, h, playbook, due) for h in targets}, complete=not targets)
         runner_status, error = "successful", ""
         if targets:
             runner_status, error = _run(
                 inv, playbook, targets, recap, host_vars, extra, tags, check, due, keep_artifacts, settings, interrupted
             )
         for host in up_to_date:
-            recap.hosts[host] = HostRecap(message=f"up to date: its {len(PHASES)} phases' inputs are unchanged")
+            its_own = [p.name for p in PHASES if p.applies_to(inv.node(host).role)]
+            recap.hosts[host] = HostRecap(
+                message=f"up to date: its {len(its_own)} phases' inputs are unchanged", up_to_date=its_own
+            )
         _print_recap(recap)
         # Without Ansible's final counts (interrupted, or Ansible died) no host is known to be
         # done: all of them are left for --retry-failed, never an empty list that resumes nothing.
@@ -608,11 +609,21 @@ def _runner_error(runner) -> str:
     return line[:300]
 
 
+def _host_recap(inv: Inventory, host: str, playbook: str, due: dict[str, list[str]] | None) -> HostRecap:
+    """A host's recap before the run: which of its phases run (site.yml), and which are up to date."""
+    if playbook != "site.yml":
+        return HostRecap()
+    its_own = [p.name for p in PHASES if p.applies_to(inv.node(host).role)]
+    running = its_own if due is None else due.get(host, its_own)
+    return HostRecap(phases=running, up_to_date=[p for p in its_own if p not in running])
+
+
 def _print_recap(recap: Recap) -> None:
     table = Table(title="recap", title_justify="left")
     for column in ("host", "ok", "changed", "failed", "unreachable", "skipped", "note"):
         table.add_column(column, justify="right" if column not in ("host", "note") else "left")
     for host, r in recap.hosts.items():
-        row = (host, str(r.ok), str(r.changed), str(r.failed), str(r.unreachable), str(r.skipped), r.message)
+        note = r.message or (f"{len(r.up_to_date)} phases up to date" if r.up_to_date else "")
+        row = (host, str(r.ok), str(r.changed), str(r.failed), str(r.unreachable), str(r.skipped), note)
         table.add_row(*(Text(cell) for cell in row))  # Ansible's words, shown as they are: never markup
     ui.console.print(table)

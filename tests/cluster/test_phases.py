@@ -88,8 +88,17 @@ def test_due_runs_what_a_node_has_no_matching_record_for():
         "storage": None,  # did not answer: Ansible runs everything and reports it
     }
     to_run, digests = phases.due(inv, site, variables, states)
-    assert to_run == {"node0": [], "node1": ["docker"], "storage": [p.name for p in site]}
+    # The storage node runs its own phases only: not the driver's, Docker's, the GPU side's of the cache.
+    storage = [
+        p.name
+        for p in site
+        if p.name not in ("apt_proxy", "nvidia_driver", "docker", "nvidia_container_toolkit", "registry_login")
+    ]
+    assert to_run == {"node0": [], "node1": ["docker"], "storage": storage}
     assert digests["node1"] == current and "storage" not in digests
+    # A phase whose plays are all for the other role is never due: the package cache on a GPU node.
+    states["node1"] = phases.NodeState(FACTS, {**current, "apt_cache": "old", "image_registry": "old"})
+    assert phases.due(inv, site, variables, states)[0]["node1"] == []
 
 
 def test_records_are_read_back_as_written_on_a_node(ssh_cluster, monkeypatch, tmp_path):
