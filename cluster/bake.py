@@ -65,18 +65,22 @@ def bake(inv: Inventory, node_name: str = "node0", name: str | None = None) -> B
             )
     name = name or f"{inv.cluster}-{node_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     backend = clouds.get(inv.cloud).backend(inv.stack)
-    images, generalized = {}, False
-    for node in targets:
-        image_name = name if node.role == "gpu" else f"{name}-{node.name}"
-        with ui.status(f"baking {node.name} of {inv.cluster} into an image"):
-            images[node.role], changed = backend.bake(inv, node, image_name, GENERALIZE)
-        generalized = generalized or changed
-    if generalized:
-        # The nodes gave up their mesh keys and credentials for the capture: the phases that made them
-        # run again, and every node takes the baked nodes' new mesh keys, so the mesh phase runs everywhere.
-        ui.console.print(f"{', '.join(n.name for n in targets)} generalized for the capture; provisioning again")
-        phases.forget(inv, inv.nodes, ["ssh_mesh"])
-        provision.provision(inv)
+    images: dict[str, str] = {}
+    generalized: list[str] = []
+    try:
+        for node in targets:
+            image_name = name if node.role == "gpu" else f"{name}-{node.name}"
+            with ui.status(f"baking {node.name} of {inv.cluster} into an image"):
+                images[node.role], changed = backend.bake(inv, node, image_name, GENERALIZE)
+            generalized += [node.name] if changed else []
+    finally:
+        # Also when a later capture failed: a node generalized for an earlier one must not stay so.
+        if generalized:
+            # The nodes gave up their mesh keys and credentials for the capture: the phases that made
+            # them run again, and every node takes their new mesh keys, so the mesh phase runs everywhere.
+            ui.console.print(f"{', '.join(generalized)} generalized for the capture; provisioning again")
+            phases.forget(inv, inv.nodes, ["ssh_mesh"])
+            provision.provision(inv)
     return Baked(images["gpu"], images.get("storage"))
 
 

@@ -82,3 +82,22 @@ def test_an_unfinished_storage_node_is_refused_before_any_capture(ssh_cluster, m
     monkeypatch.setattr(bake.phases, "read_state", lambda inv, nodes: {"node0": done, "storage": started})
     with pytest.raises(TrainrigError, match=r"^storage of 'unit' has not finished provisioning \(cluster_hosts, "):
         bake.bake(cluster.inv, "node0")
+
+
+def test_a_failed_storage_capture_still_provisions_the_generalized_gpu_node_again(ssh_cluster, records, monkeypatch):
+    cluster = ssh_cluster(1)
+    phases.record(cluster.inv, {n.name: {p.name: "x" for p in provision.PHASES} for n in cluster.inv.nodes})
+
+    class RefusesStorage(Capturing):
+        def bake(self, inv, node, name, generalize):
+            if node.name == "storage":
+                raise TrainrigError("cannot bake unit-storage into an AMI: quota")
+            return super().bake(inv, node, name, generalize)
+
+    backend = RefusesStorage()
+    monkeypatch.setattr(bake.clouds, "get", lambda name: type("Cloud", (), {"backend": lambda self, stack: backend})())
+    provisioned = []
+    monkeypatch.setattr(bake.provision, "provision", lambda inv: provisioned.append(inv.cluster))
+    with pytest.raises(TrainrigError, match="quota"):
+        bake.bake(cluster.inv, "node0", "nightly")
+    assert provisioned == ["unit"]  # node0 got its mesh key and credentials back

@@ -263,3 +263,11 @@ def test_fab_plan_verify_prints_one_line_per_problem_or_that_the_clouds_accept(a
         "offered in one zone",
     ]
     assert refused.stderr.strip() == "error: the clouds would refuse this stack: 2 problem(s) above"
+
+
+def test_aws_a_baked_storage_image_that_is_gone_is_one_line(aws, tmp_path):
+    ec2 = boto3.client("ec2", region_name="us-east-1")
+    image = register(ec2, "my-ubuntu")
+    _, cfg = stack("aws-16-gpu", tmp_path, image=image, storage_image="ami-0123456789abcdef0")
+    problems = [p for p in verify_aws(cfg).problems if p.startswith("image for ")]
+    assert len(problems) == 1 and problems[0].startswith("image for the storage node: ami-0123456789abcdef0 cannot be")
