@@ -149,7 +149,8 @@ def on_a_baked_image(inv, nodes: int) -> Measure:
     finally:
         if inventory.path_for(twin).is_file():
             lifecycle.down(inventory.load(twin), purge=True)
-        subprocess.run(["docker", "image", "rm", baked.image, baked.storage_image], capture_output=True)
+        images = [i for i in (baked.image, baked.storage_image) if i]
+        subprocess.run(["docker", "image", "rm", *images], capture_output=True)
 
 
 def main() -> None:

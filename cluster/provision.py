@@ -390,7 +390,7 @@ def provision(
                 inv, playbook, targets, recap, host_vars, extra, tags, check, due, keep_artifacts, settings, interrupted
             )
         for host in up_to_date:
-            its_own = [p.name for p in PHASES if p.applies_to(inv.node(host).role)]
+            its_own = _phases_of(inv, host)
             recap.hosts[host] = HostRecap(
                 message=f"up to date: its {len(its_own)} phases' inputs are unchanged", up_to_date=its_own
             )
@@ -609,11 +609,16 @@ def _runner_error(runner) -> str:
     return line[:300]
 
 
+def _phases_of(inv: Inventory, host: str) -> list[str]:
+    """The phases whose plays are for this node's role, in order."""
+    return [p.name for p in PHASES if p.applies_to(inv.node(host).role)]
+
+
 def _host_recap(inv: Inventory, host: str, playbook: str, due: dict[str, list[str]] | None) -> HostRecap:
     """A host's recap before the run: which of its phases run (site.yml), and which are up to date."""
     if playbook != "site.yml":
         return HostRecap()
-    its_own = [p.name for p in PHASES if p.applies_to(inv.node(host).role)]
+    its_own = _phases_of(inv, host)
     running = its_own if due is None else due.get(host, its_own)
     return HostRecap(phases=running, up_to_date=[p for p in its_own if p not in running])
 

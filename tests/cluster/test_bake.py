@@ -57,12 +57,20 @@ class Capturing:
         return f"img-{name}", True
 
 
+class StandInCloud:
+    def __init__(self, backend):
+        self._backend = backend
+
+    def backend(self, stack):
+        return self._backend
+
+
 def test_the_gpu_node_and_the_storage_node_are_baked_and_provisioned_again_once(ssh_cluster, records, monkeypatch):
     cluster = ssh_cluster(2)
     done = {p.name: "x" for p in provision.PHASES}
     phases.record(cluster.inv, {n.name: done for n in cluster.inv.nodes})
     backend = Capturing()
-    monkeypatch.setattr(bake.clouds, "get", lambda name: type("Cloud", (), {"backend": lambda self, stack: backend})())
+    monkeypatch.setattr(bake.clouds, "get", lambda name: StandInCloud(backend))
     provisioned = []
     monkeypatch.setattr(bake.provision, "provision", lambda inv: provisioned.append(inv.cluster))
     baked = bake.bake(cluster.inv, "node1", "nightly")
@@ -95,7 +103,7 @@ def test_a_failed_storage_capture_still_provisions_the_generalized_gpu_node_agai
             return super().bake(inv, node, name, generalize)
 
     backend = RefusesStorage()
-    monkeypatch.setattr(bake.clouds, "get", lambda name: type("Cloud", (), {"backend": lambda self, stack: backend})())
+    monkeypatch.setattr(bake.clouds, "get", lambda name: StandInCloud(backend))
     provisioned = []
     monkeypatch.setattr(bake.provision, "provision", lambda inv: provisioned.append(inv.cluster))
     with pytest.raises(TrainrigError, match="quota"):

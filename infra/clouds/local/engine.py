@@ -7,7 +7,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from infra import state
+from infra import state, ui
 from infra.commands import run, wait_until
 from infra.errors import TrainrigError
 
@@ -62,4 +62,4 @@ def ensure_inotify_instances(nodes: int, limit: Path = INOTIFY_INSTANCES) -> Non
             f"{nodes} local nodes need about {need} inotify instances and this host allows {have}: "
             f"run sysctl -w fs.inotify.max_user_instances={need} as root"
         ) from None
-    print(f"raised fs.inotify.max_user_instances from {have} to {need} for {nodes} local nodes")
+    ui.console.print(f"raised fs.inotify.max_user_instances from {have} to {need} for {nodes} local nodes")
