@@ -123,7 +123,9 @@ def _inventory(c, name: str | None, inventory: str | None = None):
         "image": "start the GPU nodes from this baked node image (fab bake)",
         "storage_image": "start the storage node from this baked image (fab bake)",
         "on_idle": "what the dead-man switch does to the GPU nodes: down (default: removes them) or park (stops them)",
-    }
+    },
+    # Long flags only: with -n and -o taken, invoke's next pick for --on-idle is "-_", shown as "--=".
+    auto_shortflags=False,
 )
 @friendly
 def up(c, name=None, nodes=None, disk_gb=None, image=None, on_idle=None, storage_image=None):

@@ -1,6 +1,7 @@
 """The `fab` command line: every task listed with help, and bad input gives one line, no traceback."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -61,6 +62,8 @@ def test_every_flag_has_help(tmp_path):
         text = fab("--help", name, home=tmp_path).stdout
         options = [line for line in text.splitlines() if line.strip().startswith("-")]
         assert options and all(len(opt.split(None, 1)) == 2 for opt in options), f"{name}: {options}"
+        # A short flag is a dash and a letter; "--=STRING" (invoke's pick of "_") is no flag a user could type.
+        assert not [opt for opt in options if re.search(r"(^|\s)--?[=_]", opt)], f"{name}: {options}"
 
 
 @pytest.mark.parametrize(
