@@ -69,6 +69,8 @@ class Measure:
     controller_cpu: float
     node_cpu: dict[str, float]
     changed: int
+    # The most tasks one node ran or skipped: the controller pays for each (a forked worker).
+    tasks: int
 
     def total_cpu(self) -> float:
         return self.controller_cpu + sum(self.node_cpu.values())
@@ -107,7 +109,8 @@ def measured(inv, settings, force) -> Measure:
     recap = provision.provision(inv, settings=settings, force=force)
     wall, controller = time.monotonic() - start, controller_cpu() - controller_before
     nodes = {name: used - nodes_before[name] for name, used in cpu_of_nodes(inv).items()}
-    return Measure(wall, controller, nodes, sum(r.changed for r in recap.hosts.values()))
+    tasks = max((r.ok + r.skipped + r.failed for r in recap.hosts.values()), default=0)
+    return Measure(wall, controller, nodes, sum(r.changed for r in recap.hosts.values()), tasks)
 
 
 def case(name: str, nodes: int, kind: str | None, label: str, runs: dict[str, Measure]) -> None:
@@ -120,7 +123,7 @@ def case(name: str, nodes: int, kind: str | None, label: str, runs: dict[str, Me
         print(
             f"{nodes:>2} nodes, {label}, {what}: {m.wall:.1f}s wall, controller {m.controller_cpu:.1f} CPU-s, "
             f"nodes {sum(m.node_cpu.values()):.1f} CPU-s (busiest {max(m.node_cpu.values()):.1f}), "
-            f"changed {m.changed}",
+            f"changed {m.changed}, at most {m.tasks} tasks on a node",
             flush=True,
         )
 
@@ -179,14 +182,14 @@ def main() -> None:
 def report(results: dict[tuple[int, str], dict[str, Measure]], cores: int, compare_at: int) -> None:
     print(
         f"\n{'nodes':>5} {'settings':<17} {'run':<10} {'wall s':>7} {'ctl CPU s':>9} "
-        f"{'node CPU s':>10} {'max node':>8} {'projected s':>11} {'changed':>7}"
+        f"{'node CPU s':>10} {'max node':>8} {'projected s':>11} {'changed':>7} {'tasks/node':>10}"
     )
     for (n, label), runs in results.items():
         for run, m in runs.items():
             print(
                 f"{n:>5} {label:<17} {run:<10} {m.wall:>7.1f} {m.controller_cpu:>9.1f} "
                 f"{sum(m.node_cpu.values()):>10.1f} {max(m.node_cpu.values()):>8.1f} "
-                f"{m.projected(cores):>11.1f} {m.changed:>7}"
+                f"{m.projected(cores):>11.1f} {m.changed:>7} {m.tasks:>10}"
             )
     ours = {n: runs for (n, label), runs in results.items() if label == "trainrig" and "first" in runs}
     print()
@@ -205,6 +208,12 @@ def report(results: dict[tuple[int, str], dict[str, Measure]], cores: int, compa
         small, large = min(ours), max(ours)
         ratio = ours[large]["first"].projected(cores) / ours[small]["first"].projected(cores)
         print(f"projected t({large})/t({small}), first run = {ratio:.2f} (goal <= 1.3)")
+        first_small, first_large = ours[small]["first"], ours[large]["first"]
+        per_node = (first_large.controller_cpu - first_small.controller_cpu) / (large - small)
+        print(
+            f"controller CPU per extra node, first run = {per_node:.2f} s "
+            f"({per_node / max(first_large.tasks, 1) * 1000:.0f} ms per task, {first_large.tasks} tasks on a node)"
+        )
     for label in ("ansible defaults", "trainrig, linear"):
         other = results.get((compare_at, label))
         if other and compare_at in ours:
