@@ -127,15 +127,22 @@ def reachable(peer):
         return False
 
 
+def stop_local_ranks(run, proc):
+    """End the run's container here and the process group of its command (the docker exec client)."""
+    # A signal to `docker exec` does not reach the process it started: removing the container
+    # ends mpirun, and with it the daemons on the other nodes.
+    if run.get("container"):
+        subprocess.run(["docker", "rm", "-f", run["container"]], capture_output=True, timeout=120)
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:  # already gone: `systemctl stop` signals the unit's every process at once
+        pass
+
+
 def stop_ranks(run, proc, skip=()):
     """End the run's ranks everywhere a node answers: removing a container ends what runs in it."""
     name = run.get("container")
-    if name:
-        subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=120)
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)  # the docker exec client here, which mpirun's end also ends
-    except ProcessLookupError:
-        pass
+    stop_local_ranks(run, proc)
     for peer in run.get("peers", []) if name else []:
         if peer not in skip:
             try:
@@ -208,11 +215,7 @@ def supervise(run, run_dir, status, status_path):
 
     def cancel(signum, _frame):
         cancelled.append(signum)
-        # A signal to `docker exec` does not reach the process it started: removing the container
-        # ends mpirun, and with it the daemons on the other nodes.
-        if run.get("container"):
-            subprocess.run(["docker", "rm", "-f", run["container"]], capture_output=True, timeout=120)
-        os.killpg(proc.pid, signal.SIGTERM)
+        stop_local_ranks(run, proc)
 
     signal.signal(signal.SIGTERM, cancel)
     signal.signal(signal.SIGINT, cancel)

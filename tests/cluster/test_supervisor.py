@@ -70,6 +70,46 @@ def test_the_supervisors_own_failure_is_a_final_status_with_a_reason(tmp_path):
     assert "the supervisor on" in status["reason"] and "FileNotFoundError" in status["reason"]
 
 
+def test_a_cancel_is_a_cancel_when_the_command_has_already_gone(tmp_path):
+    # `systemctl stop` signals every process of the unit at once: the run's command can be gone
+    # (and reaped) before the supervisor handles its own SIGTERM. Here the command leaves at once
+    # while a process of another session keeps its output open, as the ranks' output would be.
+    script = (
+        "import os, subprocess, sys; "
+        "holder = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True); "
+        "print('step 1 loss 1 pid', os.getpid(), 'holder', holder.pid, flush=True)"
+    )
+    (tmp_path / "run.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-c", script],
+                "workdir": str(tmp_path),
+                "metrics": MetricPatterns().model_dump(),
+                "health": {"stall_timeout": 50, "startup_grace": 0},  # the watchdog looks every second
+            }
+        )
+    )
+    proc = subprocess.Popen([sys.executable, str(SUPERVISOR), str(tmp_path)])
+    log = tmp_path / "train.log"
+    pids = wait_for(lambda: log.is_file() and re.search(r"pid (\d+) holder (\d+)", log.read_text()))
+    try:
+        wait_for(lambda: not Path(f"/proc/{pids.group(1)}").exists())  # exited and reaped
+        proc.terminate()  # handled at once: the supervisor waits in a read that the signal interrupts
+    finally:
+        os.kill(int(pids.group(2)), 9)  # the output's last holder: the supervisor reads to its end
+    assert proc.wait(timeout=60) == 1
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert (status["state"], status["reason"]) == ("cancelled", "cancelled by fab cancel")
+
+
+def wait_for(condition, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not (found := condition()):
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+    return found
+
+
 def test_a_run_without_new_steps_is_stalled_and_stopped(tmp_path):
     script = "import time; print('step 1 loss 1', flush=True); time.sleep(60)"
     start = time.monotonic()
