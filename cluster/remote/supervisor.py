@@ -106,13 +106,21 @@ def parse_metrics(line, patterns):
     return own or None
 
 
+def best_effort(argv, timeout):
+    """Run a clean-up command; one that hangs (a stuck engine, a peer gone quiet) is left, not raised."""
+    try:
+        subprocess.run(argv, capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+
+
 def remove_containers(run):
     """The run's container here and on its other nodes; the secrets file. Best effort: cancel checks again."""
     name = run.get("container")
     if name:
-        subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=120)
+        best_effort(["docker", "rm", "-f", name], timeout=120)
         for peer in run.get("peers", []):
-            subprocess.run([*SSH, peer, "docker", "rm", "-f", name], capture_output=True, timeout=120)
+            best_effort([*SSH, peer, "docker", "rm", "-f", name], timeout=120)
     if run.get("secrets_file"):
         try:
             os.unlink(run["secrets_file"])
@@ -132,7 +140,7 @@ def stop_local_ranks(run, proc):
     # A signal to `docker exec` does not reach the process it started: removing the container
     # ends mpirun, and with it the daemons on the other nodes.
     if run.get("container"):
-        subprocess.run(["docker", "rm", "-f", run["container"]], capture_output=True, timeout=120)
+        best_effort(["docker", "rm", "-f", run["container"]], timeout=120)
     try:
         os.killpg(proc.pid, signal.SIGTERM)
     except ProcessLookupError:  # already gone: `systemctl stop` signals the unit's every process at once
@@ -145,10 +153,7 @@ def stop_ranks(run, proc, skip=()):
     stop_local_ranks(run, proc)
     for peer in run.get("peers", []) if name else []:
         if peer not in skip:
-            try:
-                subprocess.run([*SSH, peer, "docker", "rm", "-f", name], capture_output=True, timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
+            best_effort([*SSH, peer, "docker", "rm", "-f", name], timeout=30)
 
 
 def watchdog(run, watch, status, status_path, proc):

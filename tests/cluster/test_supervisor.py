@@ -102,6 +102,13 @@ def test_a_cancel_is_a_cancel_when_the_command_has_already_gone(tmp_path):
     assert (status["state"], status["reason"]) == ("cancelled", "cancelled by fab cancel")
 
 
+def test_a_clean_up_command_that_hangs_is_left_not_raised():
+    # A stuck engine must not turn a cancel or a run's end into the supervisor's own failure.
+    start = time.monotonic()
+    assert supervisor.best_effort(["sleep", "30"], timeout=0.2) is None
+    assert time.monotonic() - start < 10
+
+
 def wait_for(condition, timeout=30.0):
     deadline = time.monotonic() + timeout
     while not (found := condition()):
