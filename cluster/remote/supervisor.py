@@ -114,13 +114,19 @@ def best_effort(argv, timeout):
         pass
 
 
+def on_each_peer(peers, argv, timeout):
+    """Run argv on every peer at once over SSH, best effort: a quiet peer costs its timeout once, not in turn."""
+    if peers:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(peers), 32)) as pool:
+            list(pool.map(lambda peer: best_effort([*SSH, peer, *argv], timeout), peers))
+
+
 def remove_containers(run):
     """The run's container here and on its other nodes; the secrets file. Best effort: cancel checks again."""
     name = run.get("container")
     if name:
         best_effort(["docker", "rm", "-f", name], timeout=120)
-        for peer in run.get("peers", []):
-            best_effort([*SSH, peer, "docker", "rm", "-f", name], timeout=120)
+        on_each_peer(run.get("peers", []), ["docker", "rm", "-f", name], timeout=120)
     if run.get("secrets_file"):
         try:
             os.unlink(run["secrets_file"])
@@ -151,9 +157,8 @@ def stop_ranks(run, proc, skip=()):
     """End the run's ranks everywhere a node answers: removing a container ends what runs in it."""
     name = run.get("container")
     stop_local_ranks(run, proc)
-    for peer in run.get("peers", []) if name else []:
-        if peer not in skip:
-            best_effort([*SSH, peer, "docker", "rm", "-f", name], timeout=30)
+    if name:
+        on_each_peer([p for p in run.get("peers", []) if p not in skip], ["docker", "rm", "-f", name], timeout=30)
 
 
 def watchdog(run, watch, status, status_path, proc):

@@ -12,6 +12,7 @@ import pytest
 
 from cluster.jobs import MetricPatterns
 from cluster.remote import supervisor
+from infra.commands import wait_until
 
 SUPERVISOR = Path(supervisor.__file__)
 
@@ -91,9 +92,16 @@ def test_a_cancel_is_a_cancel_when_the_command_has_already_gone(tmp_path):
     )
     proc = subprocess.Popen([sys.executable, str(SUPERVISOR), str(tmp_path)])
     log = tmp_path / "train.log"
-    pids = wait_for(lambda: log.is_file() and re.search(r"pid (\d+) holder (\d+)", log.read_text()))
+    pids = wait_until(
+        lambda: log.is_file() and re.search(r"pid (\d+) holder (\d+)", log.read_text()),
+        timeout=30,
+        interval=0.05,
+        what="the run's first line",
+    )
     try:
-        wait_for(lambda: not Path(f"/proc/{pids.group(1)}").exists())  # exited and reaped
+        wait_until(
+            lambda: not Path(f"/proc/{pids.group(1)}").exists(), timeout=30, interval=0.05, what="the command's end"
+        )
         proc.terminate()  # handled at once: the supervisor waits in a read that the signal interrupts
     finally:
         os.kill(int(pids.group(2)), 9)  # the output's last holder: the supervisor reads to its end
@@ -109,12 +117,21 @@ def test_a_clean_up_command_that_hangs_is_left_not_raised():
     assert time.monotonic() - start < 10
 
 
-def wait_for(condition, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not (found := condition()):
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
-    return found
+def test_the_peers_are_cleaned_at_once_not_in_turn(tmp_path, monkeypatch):
+    # A stand-in ssh that finishes only once every peer's command has started: one at a time, the
+    # first would give up waiting for the others and leave no mark.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ssh").write_text(
+        "#!/bin/sh\nfor a; do case $a in node*) peer=$a;; esac; done\n"
+        f"touch {tmp_path}/started-$peer\n"
+        f"for i in $(seq 50); do [ $(ls {tmp_path} | grep -c started-) -eq 3 ] "
+        f"&& touch {tmp_path}/done-$peer && exit 0; sleep 0.1; done; exit 1\n"
+    )
+    (bin_dir / "ssh").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    supervisor.on_each_peer(["node1", "node2", "node3"], ["docker", "rm", "-f", "trainrig-x"], timeout=30)
+    assert sorted(p.name for p in tmp_path.glob("done-*")) == ["done-node1", "done-node2", "done-node3"]
 
 
 def test_a_run_without_new_steps_is_stalled_and_stopped(tmp_path):
