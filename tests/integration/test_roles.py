@@ -429,6 +429,23 @@ def test_efs_mount_in_check_mode(cluster, provisioned):
         assert f"10.42.0.99:/ /data nfs {provision.EFS_MOUNT_OPTIONS} 0 0" in fstab
 
 
+def test_nfs_not_asked_for_ends_the_client_role_before_any_probe(cluster, provisioned, tmp_path):
+    # nfs_client_enabled=false (provision-vars.yml): the GPU nodes neither probe the kernel nor mount.
+    recap = provision.provision(
+        cluster,
+        tags="nfs",
+        check=True,
+        keep_artifacts=tmp_path,
+        extravars={"nfs_client_enabled": False, "nfs_client_kernel_support": True},
+    )
+    for name in GPU_NODES:
+        assert recap.hosts[name].succeeded and "/etc/fstab" not in recap.hosts[name].files
+        for task in ("Check whether the kernel can mount NFS", "Mount the share at boot, on first access"):
+            assert task_results(tmp_path, name, task) == [], task
+        [(event, _)] = task_results(tmp_path, name, "Fail early on a platform this role does not support")
+        assert event == "runner_on_ok"  # the role did start
+
+
 def test_raid0_in_check_mode(cluster, provisioned):
     disks = [{"device": f"/dev/nvme{i}n1", "fstype": "", "label": "", "uuid": ""} for i in (1, 2)]
     recap = provision.provision(
