@@ -24,6 +24,9 @@ import time
 SSH = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=5"]
 # Open MPI's --tag-output: "[job,rank]<stdout>:text" (4) or "[job,rank]<stdout>: text" (5).
 TAG = re.compile(r"^\[\d+,(\d+)\]<(?:stdout|stderr)>: ?")
+# A tag again at a line's end: Open MPI tags each piece it forwards, so a line that reached it in two
+# writes (its text, then the newline) comes out as "<tag>text<tag>".
+TAG_INSIDE = re.compile(r"\[\d+,\d+\]<(?:stdout|stderr)>: ?(?=\n?$)")
 # What mpirun says about the first rank that failed.
 FIRST_FAILED = re.compile(r"Process name:\s*\[\[?\d+,\d+\]?,?(\d+)\]")
 EXIT_CODE = re.compile(r"Exit code:\s*(-?\d+)")
@@ -237,7 +240,7 @@ def supervise(run, run_dir, status, status_path):
     ):
         for raw in proc.stdout:
             tag = TAG.match(raw)
-            line = raw[tag.end() :] if tag else raw
+            line = TAG_INSIDE.sub("", raw[tag.end() :]) if tag else raw
             if tag:
                 watch.tails[int(tag.group(1))].append(line.rstrip()[:200])
             elif line.strip():

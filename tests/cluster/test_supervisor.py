@@ -59,6 +59,12 @@ def test_failed_run_keeps_its_output(tmp_path):
     assert "boom" in (tmp_path / "train.log").read_text()
 
 
+def test_a_line_open_mpi_forwarded_in_two_pieces_is_logged_once_untagged(tmp_path):
+    script = "print('[1,0]<stdout>:ranks: 0@node0 1@node1[1,0]<stdout>:'); print('[1,1]<stdout>: step 1 loss 1')"
+    code, status = run_supervised(tmp_path, script)
+    assert code == 0 and (tmp_path / "train.log").read_text() == "ranks: 0@node0 1@node1\nstep 1 loss 1\n"
+
+
 def test_a_garbage_metrics_line_never_ends_the_run(tmp_path):
     script = "print('step 8: loss estimate 3'); print('step x loss y'); print('step 2 loss nope samples/s 1e999x')"
     code, status = run_supervised(tmp_path, script)
